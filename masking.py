@@ -1,0 +1,411 @@
+"""masking.py — which tokens the encoder sees: the two-stage masking of M²IM.
+
+MaskMentor's pre-training input is masked twice (paper §3.3, Algorithm 1):
+
+  stage 1, modality level (Algorithm 1, lines 1-16): whole modalities are dropped at
+           random, never all of them — `sample_modality_keep`;
+  stage 2, patch level (line 17-19): the surviving modalities share a fixed budget of
+           visible tokens, split by a Dirichlet draw as in MultiMAE (the default), or
+           each keeps the same ratio as in MAE (an option) — `dirichlet_visible_counts`,
+           `mae_visible_counts`;
+  stage 3, the gather: each modality keeps its tokens of lowest random noise, which are
+           gathered into one short sequence for the encoder — `mask_gather`.
+
+Stages 1 and 2 are B×K work (batch × modalities) and stay in readable Python.
+Stage 3 touches every token; it has a pure-PyTorch reference here
+(`mask_gather_reference`, the MAE argsort + gather recipe) and a fused C++/CUDA op from
+`csrc/` that computes exactly the same thing in one pass. `mask_gather` uses the op
+when the extension is built, the reference otherwise (set MASKMENTOR_REFERENCE=1 to
+force the reference); `backend()` says which.
+
+Nothing here knows about images or networks: the inputs are a batch size, the number of
+modalities K, the tokens per modality N, and a `torch.Generator`, so every draw is
+reproducible. Read SPEC.md §3 beside this file.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Stage 1 — Algorithm 1: which modalities survive
+
+
+def sample_modality_keep(batch_size: int, num_modalities: int, p_drop: float = 0.5,
+                         generator: Optional[torch.Generator] = None,
+                         at_least_one_dropped: bool = False,
+                         device=None) -> torch.Tensor:
+    """Algorithm 1, lines 1-16, for a whole batch at once. Returns Bool[B, K], True = kept.
+
+    Per sample:
+      line 2      put the K modalities in a random order;
+      lines 3-8   each of the first K-1 is kept when a uniform draw v >= p_drop;
+                  g records whether any of them was kept (the listing's `q` is a typo
+                  for `g`, SPEC.md §3);
+      lines 9-16  if none was kept, the last one is kept unconditionally, so a sample
+                  never loses every modality; otherwise it too is kept iff v >= p_drop.
+    The random order (line 2) is what makes every modality equally likely to be
+    dropped; `modality_drop_marginal` gives that probability exactly.
+
+    `at_least_one_dropped=True` is Figure 2's caption ("at least one modality is masked")
+    rather than the algorithm: draws that keep all K are redrawn, i.e. Algorithm 1
+    conditioned on dropping something. The default follows Algorithm 1 (SPEC.md §3).
+    """
+    K = num_modalities
+    if K < 1:
+        raise ValueError(f"num_modalities must be >= 1, got {K}")
+    if not 0.0 <= p_drop <= 1.0:
+        raise ValueError(f"p_drop must be in [0, 1], got {p_drop}")
+    if at_least_one_dropped and (K == 1 or p_drop == 0.0):
+        raise ValueError("at_least_one_dropped needs K >= 2 and p_drop > 0: "
+                         "otherwise no draw can drop a modality")
+    keep = _algorithm1(batch_size, K, p_drop, generator, device)
+    if at_least_one_dropped:
+        # Rejection sampling, vectorised: redraw only the rows that kept everything.
+        while True:
+            redo = keep.all(dim=1)
+            n = int(redo.sum())
+            if n == 0:
+                break
+            keep[redo] = _algorithm1(n, K, p_drop, generator, device)
+    return keep
+
+
+def _algorithm1(B: int, K: int, p: float, generator, device) -> torch.Tensor:
+    order = torch.argsort(torch.rand(B, K, generator=generator, device=device), dim=1)  # line 2
+    v = torch.rand(B, K, generator=generator, device=device)   # one uniform per slot (lines 4, 12)
+    kept_sorted = torch.empty(B, K, dtype=torch.bool, device=device)
+    kept_sorted[:, :K - 1] = v[:, :K - 1] >= p                  # lines 3-8
+    g = kept_sorted[:, :K - 1].any(dim=1)                       # "some modality kept so far"
+    kept_sorted[:, K - 1] = torch.where(g, v[:, K - 1] >= p, True)  # lines 9-16
+    # Slot j of the sorted list holds modality order[:, j]: undo the sort.
+    return torch.empty_like(kept_sorted).scatter_(1, order, kept_sorted)
+
+
+def modality_drop_marginal(num_modalities: int, p_drop: float,
+                           at_least_one_dropped: bool = False) -> float:
+    """Exact P(a given modality is dropped) under Algorithm 1 (SPEC.md §3).
+
+    After the random sort a modality sits in one of the first K-1 slots with probability
+    (K-1)/K, where it is dropped with probability p; or in the last slot, where it is
+    dropped only if some earlier one was kept (1 - p^(K-1)) and then its own draw drops
+    it (p):  P(drop) = [(K-1) p + (1 - p^(K-1)) p] / K   (K=3, p=0.5: 11/24).
+    With `at_least_one_dropped` the draw is conditioned on "not all kept", whose
+    probability is 1 - (1-p)^K; dropping a modality implies that event, so the marginal
+    is simply divided by it.
+    """
+    K, p = num_modalities, p_drop
+    marginal = ((K - 1) * p + (1 - p ** (K - 1)) * p) / K
+    if at_least_one_dropped:
+        marginal /= 1 - (1 - p) ** K
+    return marginal
+
+
+def kept_count_distribution(num_modalities: int, p_drop: float) -> list[float]:
+    """Exact distribution of M, the number of kept modalities: P(M = m) for m = 0..K.
+
+    The first K-1 slots keep X ~ Binomial(K-1, 1-p) modalities. If X = 0 the last is kept
+    (M = 1); otherwise the last is kept with probability 1-p (M = X or X+1).
+    P(M = 0) is always 0 and P(M = K) = (1-p)^K.
+    """
+    K, p = num_modalities, p_drop
+    probs = [0.0] * (K + 1)
+    for x in range(K):
+        px = math.comb(K - 1, x) * (1 - p) ** x * p ** (K - 1 - x)
+        if x == 0:
+            probs[1] += px
+        else:
+            probs[x] += px * p
+            probs[x + 1] += px * (1 - p)
+    return probs
+
+
+# -----------------------------------------------------------------------------
+# Stage 2 — how many visible tokens each surviving modality gets
+
+
+def dirichlet_visible_counts(keep: torch.Tensor, budget: int, alpha: float = 1.0,
+                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """MultiMAE's multi-modal token sampling over the kept modalities. Long[B, K].
+
+    A fixed budget of visible tokens (98 of 3x196 at 224/16) is split between the kept
+    modalities by proportions p ~ Dirichlet(alpha) (MultiMAE §3.2); a dropped modality
+    gets 0. n_k = p_k * budget is rounded by largest remainder, so that every row sums to
+    exactly `budget` (MultiMAE instead rounds each n_k and fixes the total afterwards by
+    random re-selection; SPEC.md §3 asks for the exact budget). The caller must ensure
+    budget <= tokens per modality, so that one modality alone can hold the whole budget.
+    """
+    if keep.dtype != torch.bool or keep.dim() != 2:
+        raise ValueError("keep must be a Bool[B, K] tensor")
+    if not keep.any(dim=1).all():
+        raise ValueError("every sample needs at least one kept modality")
+    # A Dirichlet draw over the kept subset = independent Gamma(alpha) draws, zeroed
+    # for the dropped modalities, normalised to sum to one.
+    g = _sample_gamma(alpha, keep.shape, generator, keep.device).clamp_min(1e-30) * keep
+    share = g / g.sum(dim=1, keepdim=True)
+    exact = share * budget
+    counts = exact.floor().long()
+    missing = budget - counts.sum(dim=1, keepdim=True)          # 0 .. K-1 tokens lost to floor
+    remainder = (exact - counts).masked_fill(~keep, -1.0)       # dropped ones never get one
+    # rank of each modality's remainder within its row (0 = largest); ties by index.
+    rank = torch.argsort(torch.argsort(-remainder, dim=1, stable=True), dim=1)
+    return counts + (rank < missing).long()
+
+
+def mae_visible_counts(keep: torch.Tensor, num_tokens: int, mask_ratio: float = 0.75) -> torch.Tensor:
+    """MAE's patch masking applied per modality (the option Algorithm 1 line 17 cites).
+
+    Every modality keeps round(N * (1 - mask_ratio)) tokens — dropped ones included, so
+    that every row of the batch has the same length; `apply_masking` then marks the
+    dropped modalities' tokens as padding that attention ignores and the loss treats as
+    masked. Long[B, K].
+    """
+    n = int(round(num_tokens * (1.0 - mask_ratio)))
+    if not 0 <= n <= num_tokens:
+        raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
+    return torch.full(keep.shape, n, dtype=torch.long, device=keep.device)
+
+
+def _sample_gamma(alpha: float, shape, generator, device) -> torch.Tensor:
+    """Gamma(alpha, 1) samples drawn from `generator` (torch's own sampler takes none).
+
+    alpha = 1 (MultiMAE's value) is the exponential distribution, -log(1 - U). Other
+    alphas use Marsaglia & Tsang's squeeze method (2000), boosted by U^(1/alpha) below 1.
+    """
+    if alpha <= 0:
+        raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
+    if alpha == 1.0:
+        return -torch.log1p(-torch.rand(shape, generator=generator, device=device))
+    a = alpha if alpha >= 1 else alpha + 1
+    d = a - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.empty(shape, device=device)
+    todo = torch.ones(shape, dtype=torch.bool, device=device)
+    while todo.any():
+        x = torch.randn(shape, generator=generator, device=device)
+        u = torch.rand(shape, generator=generator, device=device)
+        v = (1 + c * x) ** 3
+        ok = (v > 0) & (torch.log(u) < 0.5 * x * x + d - d * v + d * torch.log(v.clamp_min(1e-30)))
+        take = todo & ok
+        out[take] = (d * v)[take]
+        todo &= ~take
+    if alpha < 1:
+        out = out * torch.rand(shape, generator=generator, device=device) ** (1.0 / alpha)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Stage 3 — the gather: keep each modality's lowest-noise tokens
+
+
+def _check_mask_gather_args(x: torch.Tensor, noise: torch.Tensor, num_visible: torch.Tensor) -> None:
+    """The contract of mask_gather, checked with one clear message per violation."""
+    if x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"mask_gather: x must be a float [B, K*N, D] tensor, got {tuple(x.shape)} {x.dtype}")
+    if noise.dtype != torch.float32 or noise.shape != x.shape[:2]:
+        raise ValueError(f"mask_gather: noise must be float32 of shape {tuple(x.shape[:2])}, "
+                         f"got {tuple(noise.shape)} {noise.dtype}")
+    if num_visible.dtype != torch.int64 or num_visible.dim() != 2 or num_visible.shape[0] != x.shape[0]:
+        raise ValueError(f"mask_gather: num_visible must be int64 [B, K], got {tuple(num_visible.shape)} "
+                         f"{num_visible.dtype}")
+    if noise.device != x.device or num_visible.device != x.device:
+        raise ValueError("mask_gather: x, noise and num_visible must be on the same device")
+    K = num_visible.shape[1]
+    if K == 0 or x.shape[1] % K != 0:
+        raise ValueError(f"mask_gather: {x.shape[1]} tokens cannot be split into K={K} equal modalities")
+    N = x.shape[1] // K
+    if x.shape[0] > 0:
+        if (num_visible < 0).any() or (num_visible > N).any():
+            raise ValueError(f"mask_gather: num_visible must be in [0, N={N}]")
+        sums = num_visible.sum(dim=1)
+        if (sums != sums[0]).any():
+            raise ValueError("mask_gather: every row of num_visible must have the same sum "
+                             f"(the visible budget V), got {sums.tolist()}")
+
+
+def mask_gather_reference(x: torch.Tensor, noise: torch.Tensor, num_visible: torch.Tensor):
+    """The pure-PyTorch definition of the fused op (MAE's `random_masking`, per modality).
+
+    x            [B, K*N, D]  patch tokens of K modalities, modality k at k*N .. (k+1)*N-1
+    noise        [B, K*N]     float32 random score per token
+    num_visible  [B, K]       int64 tokens to keep per modality; rows sum to the same V
+    returns
+    visible      [B, V, D]    the kept tokens, ordered by modality, then ascending noise
+    ids_keep     [B, V]       int64 their flat positions in x
+    mask         [B, K*N]     bool, True where a token was NOT kept
+
+    Within each modality a stable argsort orders the tokens by noise (ties by index);
+    the first num_visible[b, k] of that order are kept.
+    """
+    _check_mask_gather_args(x, noise, num_visible)
+    B, L, D = x.shape
+    K = num_visible.shape[1]
+    N = L // K
+    V = int(num_visible[0].sum()) if B > 0 else 0
+    order = torch.argsort(noise.view(B, K, N), dim=2, stable=True)          # ascending: small = keep
+    keep_slot = torch.arange(N, device=x.device) < num_visible.unsqueeze(2)  # first n_k of each order
+    flat = order + N * torch.arange(K, device=x.device).view(1, K, 1)       # positions in x
+    # Boolean indexing reads [B, K, N] row-major: by sample, then modality, then rank.
+    ids_keep = flat[keep_slot].view(B, V)
+    visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(B, V, D))
+    mask = torch.ones(B, L, dtype=torch.bool, device=x.device).scatter_(1, ids_keep, False)
+    return visible, ids_keep, mask
+
+
+# The fused op (csrc/) -----------------------------------------------------------
+# `_load_fused_op` imports the compiled extension, which registers
+# torch.ops.maskmentor.mask_gather (schema + CPU kernel, and a CUDA kernel when built),
+# and adds its autograd formula and fake (meta) implementation on the Python side.
+
+_FUSED_LOADED = False
+_FUSED_WHY = "not tried"
+
+
+def _load_fused_op() -> None:
+    global _FUSED_LOADED, _FUSED_WHY
+    if os.environ.get("MASKMENTOR_REFERENCE", "") not in ("", "0"):
+        _FUSED_WHY = "MASKMENTOR_REFERENCE is set"
+        return
+    try:
+        import maskmentor_C  # noqa: F401  (registers the schema and the CPU kernel)
+    except ImportError as e:
+        _FUSED_WHY = f"extension not built ({e.msg})"
+        return
+    try:
+        import maskmentor_cuda  # noqa: F401  (registers the CUDA kernel, when built)
+    except ImportError:
+        pass
+
+    @torch.library.register_fake("maskmentor::mask_gather")
+    def _(x, noise, num_visible):
+        # Shapes only: V is data-dependent (a row sum of num_visible), so it is a new
+        # symbolic size, which lets torch.compile(fullgraph=True) trace through the op.
+        ctx = torch.library.get_ctx()
+        V = ctx.new_dynamic_size()
+        B, L, D = x.shape
+        return (x.new_empty(B, V, D), x.new_empty(B, V, dtype=torch.long),
+                x.new_empty(B, L, dtype=torch.bool))
+
+    def setup_context(ctx, inputs, output):
+        x, _, _ = inputs
+        _, ids_keep, _ = output
+        ctx.save_for_backward(ids_keep)
+        ctx.x_shape = x.shape
+
+    def backward(ctx, grad_visible, _grad_ids, _grad_mask):
+        # The forward copies x[b, ids_keep[b, v]] to visible[b, v]; its gradient scatters
+        # grad_visible back into zeros at those positions (positions are unique).
+        (ids_keep,) = ctx.saved_tensors
+        grad_x = grad_visible.new_zeros(ctx.x_shape)
+        grad_x.scatter_(1, ids_keep.unsqueeze(-1).expand_as(grad_visible), grad_visible)
+        return grad_x, None, None
+
+    torch.library.register_autograd("maskmentor::mask_gather", backward, setup_context=setup_context)
+    _FUSED_LOADED = True
+    _FUSED_WHY = "maskmentor_C"
+
+
+_load_fused_op()
+
+
+def backend() -> str:
+    """One line saying which implementation of stage 3 runs, for the CLIs' start-up."""
+    if _FUSED_LOADED:
+        return "masking: fused mask_gather op (csrc/, maskmentor_C)"
+    return f"masking: pure-PyTorch reference ({_FUSED_WHY})"
+
+
+def mask_gather(x: torch.Tensor, noise: torch.Tensor, num_visible: torch.Tensor):
+    """Stage 3 — the fused op when it is built, else the reference. Same results either way."""
+    if _FUSED_LOADED:
+        return torch.ops.maskmentor.mask_gather(x, noise, num_visible)
+    return mask_gather_reference(x, noise, num_visible)
+
+
+# -----------------------------------------------------------------------------
+# Putting it together: a plan per batch, then the masked token sequence
+
+
+@dataclass
+class MaskingConfig:
+    """Every knob of M²IM's masking; defaults are the paper's (SPEC.md §3)."""
+    budget: int = 98                 # visible tokens over all modalities (MultiMAE: 98 of 3x196)
+    alpha: float = 1.0               # Dirichlet concentration (MultiMAE)
+    p_drop: float = 0.5              # p_m, modality masking probability (paper §4.1)
+    patch_masking: str = "dirichlet"  # "dirichlet" (MultiMAE, default) or "mae" (per-modality ratio)
+    mask_ratio: float = 0.75         # only for patch_masking="mae" (MAE's default ratio)
+    at_least_one_dropped: bool = False  # Figure 2's caption instead of Algorithm 1
+
+
+@dataclass
+class MaskPlan:
+    """What to hide in one batch, decided before any token exists (B×K work)."""
+    keep: torch.Tensor         # Bool[B, K]   modality survives stage 1
+    num_visible: torch.Tensor  # Long[B, K]   visible tokens per modality (stage 2)
+    noise: torch.Tensor        # Float[B, K*N] one random score per token (stage 3)
+
+
+def plan_masking(batch_size: int, num_modalities: int, num_tokens: int, cfg: MaskingConfig,
+                 drop_modalities: bool, generator: Optional[torch.Generator] = None,
+                 device=None) -> MaskPlan:
+    """Draw stages 1 and 2 and the token noise for a batch.
+
+    drop_modalities=False is the teacher / plain MIM (complete modalities, patch masking
+    only); True is the student / M²IM (Algorithm 1 first).
+    """
+    B, K, N = batch_size, num_modalities, num_tokens
+    if drop_modalities:
+        keep = sample_modality_keep(B, K, cfg.p_drop, generator, cfg.at_least_one_dropped, device)
+    else:
+        keep = torch.ones(B, K, dtype=torch.bool, device=device)
+    if cfg.patch_masking == "dirichlet":
+        if not 0 < cfg.budget <= N:
+            raise ValueError(f"the visible budget must be in [1, N={N}] so that one modality "
+                             f"can hold it, got {cfg.budget}")
+        num_visible = dirichlet_visible_counts(keep, cfg.budget, cfg.alpha, generator)
+    elif cfg.patch_masking == "mae":
+        num_visible = mae_visible_counts(keep, N, cfg.mask_ratio)
+    else:
+        raise ValueError(f"patch_masking must be 'dirichlet' or 'mae', got {cfg.patch_masking!r}")
+    noise = torch.rand(B, K * N, generator=generator, device=device)
+    return MaskPlan(keep, num_visible, noise)
+
+
+@dataclass
+class Masked:
+    """Everything the model needs after masking (MAE's naming)."""
+    visible: torch.Tensor      # [B, V, D] tokens given to the encoder
+    ids_keep: torch.Tensor     # Long[B, V] their positions in the full K*N sequence
+    ids_restore: torch.Tensor  # Long[B, K*N] unshuffles cat([visible, hidden]) to the full order
+    mask: torch.Tensor         # Bool[B, K*N] True = hidden from the encoder = reconstruction target
+    pad: Optional[torch.Tensor]  # Bool[B, V] True = token of a dropped modality kept only to
+                                 # keep rows equally long ("mae" scheme); attention ignores it
+
+
+def apply_masking(tokens: torch.Tensor, plan: MaskPlan) -> Masked:
+    """Stage 3 on real tokens [B, K*N, D]: gather the visible ones, build the index maps."""
+    B, L, _ = tokens.shape
+    K = plan.keep.shape[1]
+    N = L // K
+    visible, ids_keep, hidden = mask_gather(tokens, plan.noise, plan.num_visible)
+    V = ids_keep.shape[1]
+    # ids_shuffle lists the kept positions, then the hidden ones (ascending); ids_restore
+    # is its inverse permutation, so gather(cat([visible, hidden]), ids_restore) puts every
+    # token back in place (MAE's unshuffle).
+    hidden_first = torch.argsort((~hidden).to(torch.uint8), dim=1, stable=True)
+    ids_shuffle = torch.cat([ids_keep, hidden_first[:, :L - V]], dim=1)
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(
+        1, ids_shuffle, torch.arange(L, device=tokens.device).expand(B, L))
+    pad = None
+    mask = hidden
+    dropped = ~plan.keep
+    if dropped.any() and (plan.num_visible * dropped).any():
+        # "mae" scheme: dropped modalities still occupy slots; mark them so the encoder
+        # ignores them and the loss reconstructs all of their patches.
+        pad = dropped.gather(1, ids_keep // N)
+        mask = hidden | dropped.repeat_interleave(N, dim=1)
+    return Masked(visible, ids_keep, ids_restore, mask, pad)
