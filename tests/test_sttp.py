@@ -1,0 +1,165 @@
+"""sttp.py: the schedule of teacher and student steps, the losses, and that the teacher's
+targets carry no gradient."""
+import dataclasses
+
+import pytest
+import torch
+
+import masking
+import model as M
+import sttp
+from test_model import smooth_batch
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    net = M.MaskMentor(dataclasses.replace(M.PRESETS["tiny"], num_classes=7))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32))
+    return net, opt, cfg, torch.Generator().manual_seed(seed)
+
+
+class Spy:
+    """Records optimiser steps and, for each, whether its masking dropped modalities."""
+
+    def __init__(self, monkeypatch, opt):
+        self.plans, self.steps = [], []
+        real_plan, real_step = masking.plan_masking, opt.step
+
+        def plan(*a, **k):
+            drop = a[4] if len(a) > 4 else k["drop_modalities"]
+            self.plans.append(drop)
+            return real_plan(*a, **k)
+
+        def step(*a, **k):
+            self.steps.append(self.plans[-1])
+            return real_step(*a, **k)
+
+        monkeypatch.setattr(masking, "plan_masking", plan)
+        monkeypatch.setattr(opt, "step", step)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("sttp", [False, False, False, True]),      # 3 teacher (complete) + 1 student (Algorithm 1)
+    ("token", [False, False, False, True]),
+    ("mim", [False]),
+    ("m2im", [True]),
+])
+def test_optimiser_steps_per_batch(monkeypatch, name, expected):
+    net, opt, cfg, g = setup()
+    spy = Spy(monkeypatch, opt)
+    sttp.OBJECTIVES[name](net, opt, smooth_batch(), cfg, g)
+    assert spy.steps == expected
+    sttp.OBJECTIVES[name](net, opt, smooth_batch(), cfg, g)
+    assert spy.steps == expected * 2
+    assert opt.state[net.global_tokens]["step"].item() == 2 * len(expected)
+
+
+def test_teacher_targets_carry_no_gradient(monkeypatch):
+    net, opt, cfg, g = setup()
+    seen = {}
+    real = sttp.token_loss
+
+    def spy(student, teacher):
+        seen["teacher"] = teacher
+        seen["student"] = student
+        return real(student, teacher)
+
+    monkeypatch.setattr(sttp, "token_loss", spy)
+    sttp.sttp(net, opt, smooth_batch(), cfg, g)
+    assert set(seen["teacher"]) == set(M.MODALITIES)
+    assert all(not t.requires_grad and t.grad_fn is None for t in seen["teacher"].values())
+    assert all(s.requires_grad for s in seen["student"].values())
+
+
+def test_token_loss_values():
+    a = {m: torch.randn(2, 5, 8, requires_grad=True) for m in M.MODALITIES}
+    same = {m: t.detach().clone() for m, t in a.items()}
+    assert sttp.token_loss(a, same).item() == pytest.approx(0.0, abs=1e-6)
+    scaled = {m: 3 * t for m, t in same.items()}                          # cosine ignores scale
+    assert sttp.token_loss(a, scaled).item() == pytest.approx(0.0, abs=1e-6)
+    opposite = {m: -t for m, t in same.items()}
+    assert sttp.token_loss(a, opposite).item() == pytest.approx(2.0, abs=1e-6)
+    other = {m: torch.randn(2, 5, 8) for m in M.MODALITIES}
+    loss = sttp.token_loss(a, other)
+    assert 0 < loss.item() < 2
+    loss.backward()
+    assert all(t.grad is not None for t in a.values())
+
+
+def test_token_mode_student_has_token_loss_only():
+    net, opt, cfg, g = setup()
+    logs = sttp.token(net, opt, smooth_batch(), cfg, g)
+    assert logs["loss"] == pytest.approx(logs["token"])
+    logs = sttp.sttp(net, opt, smooth_batch(), cfg, g)
+    pixel = sum(v for k, v in logs.items() if k.startswith("student_"))
+    assert logs["loss"] == pytest.approx(pixel + logs["token"], rel=1e-5)
+
+
+def test_kd_teacher_stays_frozen():
+    net, opt, cfg, g = setup()
+    teacher = M.MaskMentor(net.cfg).requires_grad_(False).eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = net.global_tokens.detach().clone()
+    logs = sttp.kd(net, opt, smooth_batch(), cfg, g, teacher=teacher)
+    assert logs["token"] > 0
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not torch.equal(student_before, net.global_tokens)
+    with pytest.raises(ValueError):
+        sttp.kd(net, opt, smooth_batch(), cfg, g)
+
+
+def test_pixel_loss_counts_masked_patches_only():
+    net, _, _, g = setup()
+    b = smooth_batch(2)
+    inputs = M.prepare_inputs(b)
+    plan = masking.plan_masking(2, 3, 64, masking.MaskingConfig(budget=32), True, g)
+    with torch.no_grad():
+        preds, _, masked = net(inputs, plan)
+    base = sttp.pixel_losses(preds, inputs, masked.mask, net)
+    # Change the predictions at visible patches only: the loss must not move.
+    vis = (~masked.mask).view(2, 3, 8, 8)
+    px = vis[:, :, :, None, :, None].expand(2, 3, 8, 8, 8, 8).reshape(2, 3, 64, 64)
+    px4 = vis[:, :, :, None, :, None].expand(2, 3, 8, 2, 8, 2).reshape(2, 3, 16, 16)
+    changed = {"rgb": torch.where(px[:, None, 0], 5.0, preds["rgb"]),
+               "norm_rgb": torch.where(px[:, None, 0], 5.0, preds["norm_rgb"]),
+               "depth": torch.where(px[:, None, 1], 5.0, preds["depth"]),
+               "semseg": torch.where(px4[:, None, 2], 5.0, preds["semseg"])}
+    same = sttp.pixel_losses(changed, inputs, masked.mask, net)
+    for k in base:
+        assert same[k].item() == pytest.approx(base[k].item(), rel=1e-6), k
+    # ... and at the masked ones it must.
+    moved = sttp.pixel_losses({k: v + 1.0 if k != "semseg" else v for k, v in preds.items()} |
+                              {"semseg": torch.where(px4[:, None, 2], preds["semseg"], -preds["semseg"])},
+                              inputs, masked.mask, net)
+    for k in base:
+        assert moved[k].item() != pytest.approx(base[k].item(), rel=1e-3), k
+
+
+def test_masked_mean_skips_samples_without_masked_pixels():
+    loss = torch.tensor([[[1.0, 1.0]], [[7.0, 7.0]]])
+    w = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])
+    assert sttp._masked_mean(loss, w).item() == 1.0         # not (1 + 0) / 2
+    assert sttp._masked_mean(loss, torch.zeros_like(w)).item() == 0.0
+
+
+def test_patch_normalize():
+    x = torch.randn(2, 3, 16, 16) * 4 + 2
+    y = sttp.patch_normalize(x, 8)
+    patches = y.view(2, 3, 2, 8, 2, 8).permute(0, 2, 4, 1, 3, 5).reshape(2, 4, -1)
+    torch.testing.assert_close(patches.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(patches.var(-1), torch.ones(2, 4), atol=1e-4, rtol=0)
+
+
+def test_sttp_loss_goes_down():
+    net, opt, cfg, g = setup()
+    for group in opt.param_groups:
+        group["lr"] = 2e-3
+    b = smooth_batch()
+    first = sttp.sttp(net, opt, b, cfg, g)
+    for _ in range(30):
+        last = sttp.sttp(net, opt, b, cfg, g)
+    assert last["teacher_loss"] < 0.6 * first["teacher_loss"]
+    student_first = sum(v for k, v in first.items() if k.startswith("student_"))
+    student_last = sum(v for k, v in last.items() if k.startswith("student_"))
+    assert student_last < 0.75 * student_first
