@@ -136,12 +136,18 @@ def _numbers(losses: dict, prefix: str = "") -> dict:
     return {prefix + k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
 
 
+# Logged names: pixel losses on complete modalities are "rgb", "depth", ...; on Algorithm 1
+# (missing-modality) input they are "m2im_rgb", "m2im_depth", ..., whichever objective ran,
+# so one loss curve spans the MIM warm-up and the later epochs.
+M2IM = "m2im_"
+
+
 def _pixel_objective(model, optimizer, batch, cfg, generator, drop_modalities: bool) -> dict:
     inputs = prepare_inputs(batch, model.cfg.semseg_stride)
     losses, _ = _forward(model, inputs, cfg, drop_modalities, generator)
     loss = sum(losses.values())
     _step(model, optimizer, loss, cfg)
-    return {"loss": float(loss.detach()), **_numbers(losses)}
+    return {"loss": float(loss.detach()), **_numbers(losses, M2IM if drop_modalities else "")}
 
 
 # -----------------------------------------------------------------------------
@@ -166,7 +172,7 @@ def _self_teaching(model, optimizer, batch, cfg, generator, student_pixel_loss: 
         losses, tokens = _forward(model, inputs, cfg, False, generator)
         loss = sum(losses.values())
         _step(model, optimizer, loss, cfg)
-        for k, v in _numbers({"loss": loss, **losses}, "teacher_").items():
+        for k, v in _numbers({"teacher_loss": loss, **losses}).items():
             logs[k] = logs.get(k, 0.0) + v / cfg.teacher_iters
     # The token targets are the last teacher iteration's output token embeddings, detached:
     # they were computed on complete modalities for this same batch, and reusing them costs
@@ -177,7 +183,7 @@ def _self_teaching(model, optimizer, batch, cfg, generator, student_pixel_loss: 
     tok = token_loss(tokens, targets)
     loss = cfg.token_weight * tok + (sum(losses.values()) if student_pixel_loss else 0.0)
     _step(model, optimizer, loss, cfg)
-    return {**logs, "loss": float(loss.detach()), "token": float(tok.detach()), **_numbers(losses, "student_")}
+    return {**logs, "loss": float(loss.detach()), "token": float(tok.detach()), **_numbers(losses, M2IM)}
 
 
 def sttp(model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=None) -> dict:
@@ -202,7 +208,7 @@ def kd(model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=No
     tok = token_loss(tokens, targets)
     loss = sum(losses.values()) + cfg.token_weight * tok
     _step(model, optimizer, loss, cfg)
-    return {"loss": float(loss.detach()), "token": float(tok.detach()), **_numbers(losses, "student_")}
+    return {"loss": float(loss.detach()), "token": float(tok.detach()), **_numbers(losses, M2IM)}
 
 
 OBJECTIVES = {"mim": mim, "m2im": m2im, "sttp": sttp, "token": token, "kd": kd}

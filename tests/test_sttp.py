@@ -92,7 +92,7 @@ def test_token_mode_student_has_token_loss_only():
     logs = sttp.token(net, opt, smooth_batch(), cfg, g)
     assert logs["loss"] == pytest.approx(logs["token"])
     logs = sttp.sttp(net, opt, smooth_batch(), cfg, g)
-    pixel = sum(v for k, v in logs.items() if k.startswith("student_"))
+    pixel = sum(v for k, v in logs.items() if k.startswith(sttp.M2IM))
     assert logs["loss"] == pytest.approx(pixel + logs["token"], rel=1e-5)
 
 
@@ -160,6 +160,6 @@ def test_sttp_loss_goes_down():
     for _ in range(30):
         last = sttp.sttp(net, opt, b, cfg, g)
     assert last["teacher_loss"] < 0.6 * first["teacher_loss"]
-    student_first = sum(v for k, v in first.items() if k.startswith("student_"))
-    student_last = sum(v for k, v in last.items() if k.startswith("student_"))
+    student_first = sum(v for k, v in first.items() if k.startswith(sttp.M2IM))
+    student_last = sum(v for k, v in last.items() if k.startswith(sttp.M2IM))
     assert student_last < 0.75 * student_first

@@ -1,0 +1,178 @@
+"""finetune.py — fine-tune for RGB-D segmentation with missing modalities (paper §3.2, §3.5).
+
+    python finetune.py                          # from out/pretrain/ckpt.pt (train.py's output)
+    python finetune.py --pretrained none        # Table 3's "baseline": no multimodal pre-training
+    python finetune.py --dataset nyu --config base
+
+The MIM heads and the semseg input adapter are discarded; the encoder, global token and
+rgb/depth input adapters come from the pre-training checkpoint, and a randomly
+initialised ConvNeXt head is added (model.Segmenter). Each training sample independently
+sees rgb only, depth only, or both (`--p_missing`, default 2/3: one third each), so one
+network learns every input condition; the loss is cross-entropy with 255 ignored.
+The checkpoint goes to `<out_dir>/ckpt.pt`; evaluate.py finds it there by default.
+Same loop, checkpoints and resume as train.py (see `train.Loop`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import data
+import masking
+import model as M
+from train import Loop, arg, load_checkpoint, param_groups, pick_device, run_cli, start_run, training_set
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune encoder + ConvNeXt head on rgb-only / depth-only / rgb+depth samples."""
+    dataset: str = arg("synthetic", "dataset to fine-tune on", data.DATASETS)
+    data_root: str = arg("", "dataset folder (default: data/<dataset>)")
+    subset: int = arg(0, "use only the first N training images (0 = all)")
+    pretrained: str = arg("out/pretrain/ckpt.pt", "pre-training checkpoint, or 'none' for the baseline")
+    config: str = arg("tiny", "model preset (default: the pre-training checkpoint's)", tuple(M.PRESETS))
+    epochs: int = arg(6, "epochs (paper: 500)")
+    batch_size: int = arg(32, "images per batch (paper: 2)")
+    lr: float = arg(1e-3, "peak learning rate (paper: 3e-5)")
+    min_lr: float = arg(0.0, "final learning rate of the cosine schedule")
+    lr_warmup_epochs: float = arg(0.5, "linear learning-rate warm-up from 0, in epochs")
+    weight_decay: float = arg(0.05, "AdamW weight decay (MultiMAE)")
+    layer_decay: float = arg(0.75, "lr factor per encoder block towards the input (MultiMAE: 0.75)")
+    drop_path: float = arg(0.0, "stochastic depth in the encoder (MultiMAE: 0.1)")
+    image_size: int = arg(64, "training crop size")
+    p_missing: float = arg(2 / 3, "probability that a sample misses rgb or depth (either, equally)")
+    seed: int = arg(0, "seed of data order, modality choice and head initialisation")
+    out_dir: str = arg("out/finetune", "where ckpt.pt, log.jsonl and loss_curve.png go")
+    resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt")
+    stop_after: int = arg(0, "stop (with a checkpoint) after this many batches; 0 = run to the end")
+    ckpt_every: int = arg(0, "also checkpoint every N batches (0 = at the end of each epoch)")
+    workers: int = arg(0, "DataLoader worker processes")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    amp: bool = arg(False, "bfloat16 autocast (GPU)")
+
+
+FINETUNE_PRESETS = {
+    "tiny": dict(epochs=6, batch_size=32, lr=1e-3, image_size=64, drop_path=0.0, lr_warmup_epochs=0.5),
+    # Paper §4.1 / SPEC.md §5: 500 epochs, lr 3e-5 cosine, batch 2; MultiMAE's 640 crops,
+    # layer decay 0.75 and drop path 0.1 for what the paper leaves unsaid.
+    "base": dict(epochs=500, batch_size=2, lr=3e-5, image_size=640, drop_path=0.1, lr_warmup_epochs=1.0),
+}
+RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume"}
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(cfg, name) <= 0:
+            raise data.UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("subset", "stop_after", "ckpt_every", "workers"):
+        if getattr(cfg, name) < 0:
+            raise data.UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.p_missing <= 1.0:
+        raise data.UserError(f"--p_missing must be in [0, 1], got {cfg.p_missing}")
+    if not 0.0 < cfg.layer_decay <= 1.0:
+        raise data.UserError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
+    if not 0.0 <= cfg.drop_path < 1.0:
+        raise data.UserError(f"--drop_path must be in [0, 1), got {cfg.drop_path}")
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.lr_warmup_epochs < 0:
+        raise data.UserError("--lr must be positive, --min_lr and --lr_warmup_epochs >= 0")
+    patch = M.PRESETS[cfg.config].patch_size
+    if cfg.image_size % patch:
+        raise data.UserError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch}")
+
+
+def sample_present(batch_size: int, p_missing: float, generator, device) -> torch.Tensor:
+    """Which of (rgb, depth) each sample shows: Bool[B, 2]. With probability p_missing/2
+    rgb only, p_missing/2 depth only, else both (never neither)."""
+    u = torch.rand(batch_size, generator=generator, device=device)
+    rgb = u >= p_missing / 2                                   # not "depth only"
+    depth = (u < p_missing / 2) | (u >= p_missing)             # not "rgb only"
+    return torch.stack([rgb, depth], dim=1)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over labelled pixels (255 ignored); 0 for a batch with none."""
+    if not (target != M.IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX)
+
+
+def load_pretrained(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise data.UserError(f"{path}: no pre-training checkpoint there; run `python train.py` first, "
+                             f"or pass --pretrained none for the baseline")
+    ckpt = load_checkpoint(path, "pre-training")
+    if ckpt.get("kind") != "pretrain":
+        raise data.UserError(f"{path}: a {ckpt.get('kind', 'unknown')} checkpoint, not a pre-training one "
+                             f"(train.py writes those)")
+    return ckpt
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, ckpt = start_run(FinetuneConfig, argv, FINETUNE_PRESETS, RUN_CONTROL, "fine-tuning")
+    pre = None
+    if ckpt is None and cfg.pretrained.lower() != "none":
+        pre = load_pretrained(cfg.pretrained)
+        preset = pre["config"]["config"]
+        if preset != cfg.config:
+            if any(a.split("=")[0] == "--config" for a in argv):
+                raise data.UserError(f"--config {cfg.config} but {cfg.pretrained} is a {preset} model")
+            # The model comes from the checkpoint: so do that preset's training defaults.
+            cfg, _ = start_run(FinetuneConfig, ["--config", preset] + argv, FINETUNE_PRESETS, RUN_CONTROL,
+                               "fine-tuning")
+    validate(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    dataset = training_set(cfg)
+    if ckpt is not None:
+        model_cfg = M.ModelConfig(**ckpt["model_config"])
+    else:
+        base = M.ModelConfig(**pre["model_config"]) if pre else M.PRESETS[cfg.config]
+        model_cfg = dataclasses.replace(base, image_size=cfg.image_size, drop_path=cfg.drop_path,
+                                        num_classes=data.num_classes(cfg.dataset))
+    net = M.Segmenter(model_cfg)
+    if pre is not None:
+        trunk = M.trunk_state_dict(pre["model"])
+        missing, unexpected = net.load_state_dict(trunk, strict=False)
+        assert not unexpected, unexpected
+        assert all(k.startswith("output_adapters.semseg.") for k in missing), missing
+        print(f"loaded the pre-trained encoder from {cfg.pretrained} ({len(trunk)} tensors; "
+              f"new: the ConvNeXt head)")
+    else:
+        print("no pre-training (--pretrained none): the baseline, encoder randomly initialised")
+    net.to(device)
+    optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
+    loop = Loop(cfg, net, optimizer, dataset, generator, device,
+                extra={"kind": "finetune", "model_config": dataclasses.asdict(model_cfg),
+                       "dataset": cfg.dataset})
+    if ckpt is not None:
+        loop.resume(ckpt)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+    print(f"fine-tuning on {cfg.dataset} ({len(dataset)} images) on {device}, "
+          f"p_missing={cfg.p_missing:.2f}; {masking.backend()}")
+
+    def step(batch, epoch):
+        inputs = M.prepare_inputs({"rgb": batch["rgb"], "depth": batch["depth"]})
+        present = sample_present(batch["rgb"].shape[0], cfg.p_missing, generator, device)
+        with amp:
+            logits = net(inputs, present)
+        loss = segmentation_loss(logits, batch["semseg"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": float(loss.detach())}
+
+    net.train()
+    loop.run(step)
+    return net
+
+
+if __name__ == "__main__":
+    run_cli(main)

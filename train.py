@@ -1,0 +1,515 @@
+"""train.py — MaskMentor pre-training (paper §3.5): a MIM warm-up, then STTP.
+
+    python train.py                                 # tiny model on the embedded synthetic data
+    python train.py --dataset nyu --config base     # the paper's setting (GPU)
+    python train.py --mode m2im                     # an ablation row of Table 3
+    python train.py --resume                        # continue out/pretrain/ckpt.pt exactly
+
+Every flag is a field of `TrainConfig` below (`python train.py --help`); `--config`
+picks the model preset and that preset's training defaults, other flags override them.
+The first `warmup_epochs` epochs train plain MIM on complete modalities, the rest use
+`--mode` (default sttp). Checkpoints go to `<out_dir>/ckpt.pt`, written atomically, with
+the config, optimiser, RNG states and position inside the epoch, so an interrupted run
+(Ctrl-C, `--stop_after`, a crash after a checkpoint) resumes bit for bit.
+
+The top of this file also holds what the three scripts share — command-line parsing,
+checkpoints, the learning-rate schedule, parameter groups — so finetune.py and
+evaluate.py import it from here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+import data
+import masking
+import model as M
+import sttp
+
+VERSION = 1
+
+# -----------------------------------------------------------------------------
+# Shared by train.py, finetune.py and evaluate.py
+
+
+def arg(default, help: str, choices=None):
+    """A config field with its one-line help (and allowed values) for the command line."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                       # one line, no usage dump
+        raise data.UserError(f"{self.prog}: {message} (see --help)")
+
+
+def parse_config(cls, argv=None, presets: Optional[dict] = None):
+    """Build a `cls` instance from `--name value` flags. With `presets`, the `config`
+    field picks a dict of defaults that explicit flags override. Returns (cfg, names of
+    the flags given explicitly)."""
+    parser = _Parser(prog=os.path.basename(sys.argv[0]), description=(cls.__doc__ or "").strip())
+    for f in fields(cls):
+        meta = dict(f.metadata)
+        if f.type in ("bool", bool):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+                                default=None, help=meta.get("help"))
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(f"--{f.name}", type=typ, default=None, choices=meta.get("choices"),
+                                help=f"{meta.get('help')} (default: {f.default})")
+    ns = parser.parse_args(argv)
+    given = {k: v for k, v in vars(ns).items() if v is not None}
+    values = {}
+    if presets is not None:
+        name = given.get("config", cls.config)
+        values.update(presets[name])
+    values.update(given)
+    return cls(**values), set(given)
+
+
+def run_cli(main):
+    """Run a script's main(); a UserError is printed as one line, exit status 2."""
+    try:
+        main()
+    except data.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise data.UserError(f"--device {name}: no CUDA device is visible")
+    return torch.device(name)
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise data.UserError(f"{path}: no {what} checkpoint there")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise data.UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})".splitlines()[0])
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise data.UserError(f"{path}: not a MaskMentor checkpoint (no model/config inside)")
+    return ckpt
+
+
+def lr_at(it: int, total: int, warmup: int, base: float, minimum: float) -> float:
+    """Linear warm-up from 0, then cosine decay to `minimum` (MultiMAE / MAE)."""
+    if it < warmup:
+        return base * it / warmup
+    progress = (it - warmup) / max(1, total - warmup)
+    return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list:
+    """AdamW groups: no weight decay on biases, norms and embeddings/tokens; with
+    layer_decay < 1 the lr shrinks by that factor per encoder block going down to the
+    input (BEiT/MultiMAE fine-tuning: adapters and global token are layer 0, the head
+    is layer depth+1)."""
+    depth = len(model.encoder)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(("input_adapters.", "global_tokens")):
+            layer = 0
+        elif name.startswith("encoder."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        no_wd = p.dim() == 1 or name.endswith(("global_tokens", "mask_token")) or "task_embeddings" in name \
+            or "class_emb" in name
+        scale = layer_decay ** (depth + 1 - layer)
+        key = (scale, no_wd)
+        groups.setdefault(key, {"params": [], "lr_scale": scale, "weight_decay": 0.0 if no_wd else weight_decay})
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list:
+    """This epoch's batches of indices: a permutation that depends only on (seed, epoch),
+    so a resumed run sees exactly the batches an uninterrupted one would."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)[: n // batch_size * batch_size]
+    return perm.view(-1, batch_size).tolist()
+
+
+class Subset(torch.utils.data.Dataset):
+    """The first n samples of a dataset (--subset), keeping set_epoch."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, min(n, len(dataset))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def training_set(cfg):
+    """The training split of cfg.dataset with augmentation, cut to --subset if given."""
+    ds = data.build_dataset(cfg.dataset, cfg.data_root or None, "train", train=True,
+                            image_size=cfg.image_size, seed=cfg.seed)
+    return Subset(ds, cfg.subset) if cfg.subset else ds
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "mask": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["mask"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_resume(saved: dict, cfg, given: set, run_control: set) -> None:
+    """--resume continues the saved run; refuse flags that would silently change it."""
+    for name in sorted(given - run_control - {"resume"}):
+        if saved.get(name) != getattr(cfg, name):
+            raise data.UserError(f"--{name} {getattr(cfg, name)} differs from the run being resumed "
+                                 f"({name}={saved.get(name)}); use a new --out_dir to change it")
+
+
+def save_curve(history: list, path: str) -> None:
+    """Line chart of the per-epoch means of every logged loss except the totals (those
+    ending in "loss"): the reconstruction losses per modality over the whole run. PIL only,
+    no plotting dependency."""
+    from PIL import Image, ImageDraw
+    keys = []
+    for h in history:
+        keys += [k for k in h if k not in keys and k not in ("epoch", "mode", "_sums") and not k.endswith("loss")]
+    series = {k: [(h["epoch"], h[k]) for h in history if k in h] for k in keys}
+    if not series:
+        return
+    W, H, left, right, pad = 760, 360, 50, 170, 30
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs = [x for v in series.values() for x, _ in v]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y1 = max(y for v in series.values() for _, y in v) * 1.05 or 1.0
+    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
+    py = lambda y: H - pad - y / y1 * (H - 2 * pad)
+    d.rectangle([left, pad, W - right, H - pad], outline="black")
+    d.text((left, H - pad + 6), f"epoch {x0}", fill="black")
+    d.text((W - right - 50, H - pad + 6), f"epoch {x1}", fill="black")
+    d.text((4, pad - 6), f"{y1:.3g}", fill="black")
+    d.text((4, H - pad - 6), "0", fill="black")
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+    for i, (k, pts) in enumerate(series.items()):
+        c = colours[i % len(colours)]
+        if len(pts) > 1:
+            d.line([(px(x), py(y)) for x, y in pts], fill=c, width=2)
+        for x, y in pts:
+            d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=c)
+        d.text((W - right + 10, pad + 14 * i), k, fill=c)
+    img.save(path)
+
+
+# -----------------------------------------------------------------------------
+# Pre-training configuration
+
+
+@dataclass
+class TrainConfig:
+    """MaskMentor pre-training: MIM warm-up on complete modalities, then --mode."""
+    dataset: str = arg("synthetic", "dataset to pre-train on", data.DATASETS)
+    data_root: str = arg("", "dataset folder (default: data/<dataset>)")
+    subset: int = arg(0, "use only the first N training images (0 = all)")
+    config: str = arg("tiny", "model preset and its training defaults", tuple(M.PRESETS))
+    mode: str = arg("sttp", "objective after the warm-up", tuple(sttp.OBJECTIVES))
+    warmup_epochs: int = arg(1, "epochs of plain MIM on complete modalities first (paper: ~100)")
+    epochs: int = arg(4, "total epochs, warm-up included (paper: 100 + 400)")
+    batch_size: int = arg(32, "images per batch (paper: 12)")
+    lr: float = arg(1e-3, "peak learning rate (paper: 1e-5)")
+    min_lr: float = arg(0.0, "final learning rate of the cosine schedule")
+    lr_warmup_epochs: float = arg(0.5, "linear learning-rate warm-up from 0, in epochs")
+    weight_decay: float = arg(0.05, "AdamW weight decay (MultiMAE)")
+    image_size: int = arg(64, "training crop size")
+    budget: int = arg(32, "visible tokens over all modalities (MultiMAE: 98 of 3x196)")
+    alpha: float = arg(1.0, "Dirichlet concentration of the token split (MultiMAE: 1)")
+    p_drop: float = arg(0.5, "p_m, modality drop probability of Algorithm 1 (paper: 0.5)")
+    patch_masking: str = arg("dirichlet", "patch masking of the kept modalities", ("dirichlet", "mae"))
+    mask_ratio: float = arg(0.75, "per-modality mask ratio, only with --patch_masking mae")
+    at_least_one_dropped: bool = arg(False, "Figure 2's caption: the student always misses a modality")
+    teacher_iters: int = arg(3, "teacher iterations per student iteration (sttp, token)")
+    token_weight: float = arg(1.0, "weight of the token loss")
+    teacher: str = arg("", "--mode kd: checkpoint of the separately pre-trained frozen teacher")
+    clip_grad: float = arg(0.0, "gradient-norm clipping (0 = off)")
+    seed: int = arg(0, "seed of data order, masking and initialisation")
+    out_dir: str = arg("out/pretrain", "where ckpt.pt, log.jsonl and loss_curve.png go")
+    resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt")
+    stop_after: int = arg(0, "stop (with a checkpoint) after this many batches; 0 = run to the end")
+    ckpt_every: int = arg(0, "also checkpoint every N batches (0 = at the end of each epoch)")
+    workers: int = arg(0, "DataLoader worker processes")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    amp: bool = arg(False, "bfloat16 autocast (GPU)")
+
+
+TRAIN_PRESETS = {
+    # Whole pipeline in minutes on 2 CPU cores (README's results table).
+    "tiny": dict(image_size=64, budget=32, batch_size=32, lr=1e-3, epochs=4, warmup_epochs=1,
+                 lr_warmup_epochs=0.5),
+    # The paper's §4.1 / SPEC.md §4: ViT-B at 224, batch 12, lr 1e-5 cosine, 100 + 400 epochs.
+    "base": dict(image_size=224, budget=98, batch_size=12, lr=1e-5, epochs=500, warmup_epochs=100,
+                 lr_warmup_epochs=0.0),
+}
+RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume"}
+
+
+def validate(cfg: TrainConfig) -> None:
+    positive = ["epochs", "batch_size", "image_size", "budget", "teacher_iters"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise data.UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("subset", "stop_after", "ckpt_every", "workers"):
+        if getattr(cfg, name) < 0:
+            raise data.UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
+        raise data.UserError(f"--warmup_epochs must be in [0, --epochs={cfg.epochs}], got {cfg.warmup_epochs}")
+    if not 0.0 <= cfg.p_drop <= 1.0:
+        raise data.UserError(f"--p_drop must be in [0, 1], got {cfg.p_drop}")
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise data.UserError(f"--mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.alpha <= 0 or cfg.lr_warmup_epochs < 0:
+        raise data.UserError("--lr and --alpha must be positive, --min_lr and --lr_warmup_epochs >= 0")
+    patch = M.PRESETS[cfg.config].patch_size
+    if cfg.image_size % patch:
+        raise data.UserError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch}")
+    n = (cfg.image_size // patch) ** 2
+    if cfg.budget > n:
+        raise data.UserError(f"--budget {cfg.budget} exceeds the {n} tokens of one modality")
+    if cfg.at_least_one_dropped and cfg.p_drop == 0:
+        raise data.UserError("--at_least_one_dropped needs --p_drop > 0")
+    if cfg.mode == "kd" and not cfg.teacher:
+        raise data.UserError("--mode kd needs --teacher PATH (a pre-training checkpoint, e.g. from --mode mim)")
+
+
+def objective_config(cfg: TrainConfig, device) -> sttp.ObjectiveConfig:
+    mc = masking.MaskingConfig(budget=cfg.budget, alpha=cfg.alpha, p_drop=cfg.p_drop,
+                               patch_masking=cfg.patch_masking, mask_ratio=cfg.mask_ratio,
+                               at_least_one_dropped=cfg.at_least_one_dropped)
+    amp = torch.bfloat16 if cfg.amp else None
+    return sttp.ObjectiveConfig(masking=mc, teacher_iters=cfg.teacher_iters, token_weight=cfg.token_weight,
+                                clip_grad=cfg.clip_grad, amp_dtype=amp)
+
+
+def load_teacher(path: str, model_cfg: M.ModelConfig, device) -> M.MaskMentor:
+    ckpt = load_checkpoint(path, "teacher (pre-training)")
+    tcfg = M.ModelConfig(**ckpt["model_config"])
+    if tcfg != model_cfg:
+        raise data.UserError(f"{path}: the teacher's model config differs from the student's")
+    teacher = M.MaskMentor(tcfg)
+    teacher.load_state_dict(ckpt["model"])
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# The training loop (shared with finetune.py)
+
+
+class Loop:
+    """Epochs of deterministic batches with the lr schedule, a progress bar, per-epoch
+    logs and a loss curve, atomic checkpoints, exact resume and a graceful stop.
+
+    `cfg` needs the fields epochs, batch_size, lr, min_lr, lr_warmup_epochs, seed,
+    out_dir, stop_after, ckpt_every and workers (TrainConfig and FinetuneConfig have them).
+    `extra` goes into every checkpoint beside the standard keys.
+    """
+
+    def __init__(self, cfg, net, optimizer, dataset, generator, device, extra: dict):
+        self.cfg, self.net, self.optimizer, self.dataset = cfg, net, optimizer, dataset
+        self.generator, self.device, self.extra = generator, device, extra
+        self.path = os.path.join(cfg.out_dir, "ckpt.pt")
+        self.batches_per_epoch = len(dataset) // cfg.batch_size
+        if self.batches_per_epoch == 0:
+            raise data.UserError(f"{len(dataset)} training images is fewer than --batch_size {cfg.batch_size}")
+        self.total_its = cfg.epochs * self.batches_per_epoch
+        self.warmup_its = int(cfg.lr_warmup_epochs * self.batches_per_epoch)
+        self.epoch, self.batch, self.history = 0, 0, []
+
+    def resume(self, ckpt: dict) -> None:
+        self.net.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng_state"], self.generator)
+        self.epoch, self.batch, self.history = ckpt["epoch"], ckpt["batch"], ckpt["history"]
+
+    def checkpoint(self) -> None:
+        it = self.epoch * self.batches_per_epoch + self.batch
+        save_checkpoint({"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "scheduler": {"it": it, "total": self.total_its, "warmup": self.warmup_its},
+                         "epoch": self.epoch, "batch": self.batch, "step": it,
+                         "config": dataclasses.asdict(self.cfg), "rng_state": rng_state(self.generator),
+                         "history": self.history, "version": VERSION, **self.extra}, self.path)
+
+    def run(self, step, phase=lambda epoch: "") -> None:
+        """step(batch on device, epoch) does one batch's optimiser step(s) and returns a dict
+        of numbers, "loss" among them; phase(epoch) names the epoch's stage for the logs."""
+        cfg = self.cfg
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        done_here = 0
+        with GracefulStop() as stop:
+            while self.epoch < cfg.epochs:
+                epoch, name = self.epoch, phase(self.epoch)
+                self.dataset.set_epoch(epoch)
+                batches = epoch_batches(len(self.dataset), cfg.batch_size, cfg.seed, epoch)
+                loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[self.batch:],
+                                                     num_workers=cfg.workers, collate_fn=data.collate)
+                resumed = self.history and self.history[-1]["epoch"] == epoch + 1 and self.batch > 0
+                sums = dict(self.history[-1]["_sums"]) if resumed else {}
+                t0 = time.time()
+                bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} {name}".rstrip(), initial=self.batch,
+                           total=self.batches_per_epoch, leave=False, dynamic_ncols=True)
+                for batch in bar:
+                    it = epoch * self.batches_per_epoch + self.batch
+                    set_lr(self.optimizer, lr_at(it, self.total_its, self.warmup_its, cfg.lr, cfg.min_lr))
+                    logs = step(to_device(batch, self.device), epoch)
+                    if not math.isfinite(logs["loss"]):
+                        raise data.UserError(f"the loss became {logs['loss']} at epoch {epoch + 1}, "
+                                             f"batch {self.batch}; try a lower --lr")
+                    for k, v in logs.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    sums["_n"] = sums.get("_n", 0) + 1
+                    bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                    self.batch += 1
+                    done_here += 1
+                    halt = stop.requested or (cfg.stop_after and done_here >= cfg.stop_after)
+                    if self.batch < self.batches_per_epoch and (
+                            halt or (cfg.ckpt_every and self.batch % cfg.ckpt_every == 0)):
+                        self._record(name, sums, partial=True)
+                        self.checkpoint()
+                        if halt:
+                            bar.close()
+                            print(f"stopped at epoch {epoch + 1}, batch {self.batch}; "
+                                  f"--resume continues from {self.path}")
+                            return
+                bar.close()
+                h = self._record(name, sums, partial=False)
+                print(f"epoch {epoch + 1}/{cfg.epochs} {name} ".replace("  ", " ") +
+                      " ".join(f"{k}={v:.4f}" for k, v in h.items() if k not in ("epoch", "mode")) +
+                      f" ({time.time() - t0:.0f}s)")
+                with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(h) + "\n")
+                self.epoch, self.batch = epoch + 1, 0
+                self.checkpoint()
+                save_curve(self.history, os.path.join(cfg.out_dir, "loss_curve.png"))
+                if (stop.requested or (cfg.stop_after and done_here >= cfg.stop_after)) and self.epoch < cfg.epochs:
+                    print(f"stopped at the end of epoch {self.epoch}; --resume continues from {self.path}")
+                    return
+        print(f"done: {self.path}")
+
+    def _record(self, name: str, sums: dict, partial: bool) -> dict:
+        """Per-epoch means of the logged numbers; a partial epoch keeps its running sums."""
+        n = max(1, sums.get("_n", 1))
+        entry = {"epoch": self.epoch + 1, "mode": name, **{k: v / n for k, v in sums.items() if k != "_n"}}
+        if partial:
+            entry["_sums"] = dict(sums)
+        self.history = [h for h in self.history if h["epoch"] != self.epoch + 1] + [entry]
+        return entry
+
+
+class GracefulStop:
+    """The first Ctrl-C asks the loop to stop after the current batch (with a checkpoint,
+    so --resume is exact); a second one interrupts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this batch (Ctrl-C again to abort)", file=sys.stderr)
+
+
+def start_run(cls, argv, presets, run_control: set, what: str):
+    """Parse flags; with --resume, load the checkpoint and take its config, except the
+    run-control flags (how long to run now, workers, device), which belong to this
+    invocation. Returns (cfg, checkpoint or None)."""
+    cfg, given = parse_config(cls, argv, presets)
+    if not cfg.resume:
+        return cfg, None
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), what)
+    check_resume(ckpt["config"], cfg, given, run_control)
+    return dataclasses.replace(cls(**ckpt["config"]), **{k: getattr(cfg, k) for k in run_control}), ckpt
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg, ckpt = start_run(TrainConfig, argv, TRAIN_PRESETS, RUN_CONTROL, "pre-training")
+    validate(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    dataset = training_set(cfg)
+    model_cfg = dataclasses.replace(M.PRESETS[cfg.config], image_size=cfg.image_size,
+                                    num_classes=data.num_classes(cfg.dataset))
+    net = M.MaskMentor(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    teacher = load_teacher(cfg.teacher, model_cfg, device) if cfg.mode == "kd" else None
+    ocfg = objective_config(cfg, device)
+    loop = Loop(cfg, net, optimizer, dataset, generator, device,
+                extra={"kind": "pretrain", "model_config": dataclasses.asdict(model_cfg)})
+    if ckpt is not None:
+        loop.resume(ckpt)
+
+    print(f"pre-training {cfg.config} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters) "
+          f"on {cfg.dataset} ({len(dataset)} images) on {device}; {masking.backend()}")
+    print(f"schedule: {cfg.warmup_epochs} MIM warm-up epoch(s), then {cfg.epochs - cfg.warmup_epochs} "
+          f"epoch(s) of {cfg.mode}; output in {cfg.out_dir}")
+    phase = lambda epoch: "mim" if epoch < cfg.warmup_epochs else cfg.mode
+
+    def step(batch, epoch):
+        return sttp.OBJECTIVES[phase(epoch)](net, optimizer, batch, ocfg, generator, teacher)
+
+    net.train()
+    loop.run(step, phase)
+    return net
+
+
+if __name__ == "__main__":
+    run_cli(main)
