@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import data
 import masking
 import model as M
-from train import Loop, arg, load_checkpoint, param_groups, pick_device, run_cli, start_run, training_set
+from train import (Loop, arg, init_encoder, load_checkpoint, param_groups, pick_device, run_cli, start_run,
+                   training_set)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class FinetuneConfig:
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
     subset: int = arg(0, "use only the first N training images (0 = all)")
     pretrained: str = arg("out/pretrain/ckpt.pt", "pre-training checkpoint, or 'none' for the baseline")
+    init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
     config: str = arg("tiny", "model preset (default: the pre-training checkpoint's)", tuple(M.PRESETS))
     epochs: int = arg(6, "epochs (paper: 500)")
     batch_size: int = arg(32, "images per batch (paper: 2)")
@@ -116,6 +118,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, ckpt = start_run(FinetuneConfig, argv, FINETUNE_PRESETS, RUN_CONTROL, "fine-tuning")
     pre = None
+    if cfg.init and ckpt is None:
+        # --init replaces the default --pretrained; both named explicitly is ambiguous.
+        if cfg.pretrained.lower() != "none" and any(a.split("=")[0] == "--pretrained" for a in argv):
+            raise data.UserError("--init and --pretrained both give the encoder's weights; "
+                                 "pass one of them (or --pretrained none)")
+        cfg = dataclasses.replace(cfg, pretrained="none")
     if ckpt is None and cfg.pretrained.lower() != "none":
         pre = load_pretrained(cfg.pretrained)
         preset = pre["config"]["config"]
@@ -145,6 +153,8 @@ def main(argv=None):
         assert all(k.startswith("output_adapters.semseg.") for k in missing), missing
         print(f"loaded the pre-trained encoder from {cfg.pretrained} ({len(trunk)} tensors; "
               f"new: the ConvNeXt head)")
+    elif cfg.init and ckpt is None:
+        init_encoder(net, cfg.init)
     else:
         print("no pre-training (--pretrained none): the baseline, encoder randomly initialised")
     net.to(device)

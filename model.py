@@ -4,7 +4,8 @@ One batch goes through it like this (paper §3.3, Figure 2; SPEC.md §2):
 
   inputs        rgb [B,3,H,W] (normalised), depth [B,1,H,W] (standardised), semseg [B,H/4,W/4]
   input adapters one per modality: patches -> tokens [B, N, width] + fixed 2D sin-cos position
-                 (no modality embedding: the separate projections already tell modalities apart)
+                 (or the table of loaded ViT weights; no modality embedding: the separate
+                 projections already tell modalities apart)
   masking        masking.apply_masking keeps a few tokens of the surviving modalities
   encoder        ViT blocks on the visible tokens + one learned global token
   MIM heads      per modality (MultiMAE's output adapters): mask tokens are put back in
@@ -22,7 +23,7 @@ This file knows nothing of teachers, losses or schedules: that is sttp.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
 
@@ -216,9 +217,45 @@ class Block(nn.Module):
 # Input adapters: one per modality
 
 
-class PatchedInputAdapter(nn.Module):
+class _InputAdapter(nn.Module):
+    """What the input adapters share: where the positions come from.
+
+    By default the fixed sin-cos embedding, computed for the actual grid. Once ViT weights
+    bringing their own table are loaded (timm's learned `pos_embed`, MultiMAE's stored
+    `pos_emb`; see "Loading ViT-B weights" below), that table [1, width, h, w] (MultiMAE's
+    layout) is used instead, resized to the actual grid as MultiMAE does (bicubic for
+    images, bilinear for semseg). It is a buffer: fixed (MultiMAE keeps pos_emb at
+    requires_grad=False), moved by .to(), saved in the state dict; None by default, so a
+    model without a loaded table has nothing extra in its state dict.
+    """
+    pos_mode = "bicubic"
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("pos_emb", None)
+
+    def positions(self, h: int, w: int, dim: int, device) -> torch.Tensor:
+        """[1, h*w, dim] position embedding for an h x w grid of tokens."""
+        if self.pos_emb is None:
+            return sincos_pos_embed(h, w, dim, device)
+        table = self.pos_emb
+        if table.shape[-2:] != (h, w):
+            table = F.interpolate(table, size=(h, w), mode=self.pos_mode, align_corners=False)
+        return table.flatten(2).transpose(1, 2)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A fresh model has no table: one in the state dict is created here before torch
+        # copies it, so a checkpoint of a model initialised with --init reloads as saved.
+        table = state_dict.get(prefix + "pos_emb")
+        if table is not None and (self.pos_emb is None or self.pos_emb.shape != table.shape):
+            w = self.proj.weight
+            self.pos_emb = torch.empty(table.shape, dtype=w.dtype, device=w.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class PatchedInputAdapter(_InputAdapter):
     """rgb / depth: a patch_size x patch_size convolution with stride patch_size (= a linear
-    map of each patch) plus the fixed position embedding."""
+    map of each patch) plus the position embedding."""
 
     def __init__(self, channels: int, patch: int, width: int):
         super().__init__()
@@ -227,13 +264,14 @@ class PatchedInputAdapter(nn.Module):
     def forward(self, x):
         t = self.proj(x)                                    # [B, width, h, w]
         h, w = t.shape[-2:]
-        return t.flatten(2).transpose(1, 2) + sincos_pos_embed(h, w, t.shape[1], t.device)
+        return t.flatten(2).transpose(1, 2) + self.positions(h, w, t.shape[1], t.device)
 
 
-class SemSegInputAdapter(nn.Module):
+class SemSegInputAdapter(_InputAdapter):
     """semseg at 1/4 resolution: a learned embedding per class (64-d), then a
     (patch/4)x(patch/4) convolution, so it also gives one token per patch (MultiMAE).
     The ignore label 255 gets an extra embedding of its own."""
+    pos_mode = "bilinear"    # MultiMAE's SemSegInputAdapter resizes its pos_emb bilinearly
 
     def __init__(self, num_classes: int, patch: int, stride: int, emb_dim: int, width: int):
         super().__init__()
@@ -245,7 +283,7 @@ class SemSegInputAdapter(nn.Module):
         labels = labels.masked_fill(labels == IGNORE_INDEX, self.num_classes)
         t = self.proj(self.class_emb(labels).permute(0, 3, 1, 2))
         h, w = t.shape[-2:]
-        return t.flatten(2).transpose(1, 2) + sincos_pos_embed(h, w, t.shape[1], t.device)
+        return t.flatten(2).transpose(1, 2) + self.positions(h, w, t.shape[1], t.device)
 
 
 # -----------------------------------------------------------------------------
@@ -484,3 +522,195 @@ def trunk_state_dict(state: dict) -> dict:
     adapter are discarded (paper §3.2)."""
     keep = ("encoder.", "global_tokens", "input_adapters.rgb.", "input_adapters.depth.")
     return {k: v for k, v in state.items() if k.startswith(keep)}
+
+
+# -----------------------------------------------------------------------------
+# Loading ViT-B weights (paper §4.1: "We adopt ViT-B as the encoder, while other network
+# parameters are all randomly initialized"). Pure functions: the scripts read the file.
+#
+# Two key layouts are recognised:
+#   MultiMAE (and this project's own checkpoints): our names already, `encoder.N.*`,
+#     `global_tokens`, `input_adapters.<m>.{proj,class_emb,pos_emb}`; `output_adapters.*`
+#     (MIM heads / task heads) are not the encoder and are ignored.
+#   timm / MAE ViT: `blocks.N.*` -> `encoder.N.*` (same sub-names), `patch_embed.proj` ->
+#     the rgb adapter's `proj`, `cls_token` + its position -> the global token, `pos_embed`
+#     -> the position table; as MultiMAE's tools/vit2multimae_converter.py does. The final
+#     `norm`, `fc_norm`, `head` and MAE's decoder (`decoder_*`, `mask_token`) are ignored.
+
+# Checkpoint keys of a timm/MAE ViT that are not loaded, and why.
+_VIT_IGNORED = ((("norm.", "fc_norm."), "final LayerNorm; MultiMAE has none after the blocks"),
+                (("head.", "head_dist.", "dist_token"), "classifier"),
+                (("decoder_", "mask_token"), "MAE's decoder"))
+
+
+@dataclass
+class InitReport:
+    """What encoder_state_from_checkpoint did; `summary()` gives a few printable lines."""
+    source: str                                      # "MultiMAE" or "timm/MAE ViT"
+    loaded: list = field(default_factory=list)       # our keys given checkpoint values
+    missing: list = field(default_factory=list)      # our keys left as they are (random)
+    ignored: dict = field(default_factory=dict)      # checkpoint key -> why it was not used
+    notes: list = field(default_factory=list)
+
+    def summary(self) -> list:
+        lines = [f"{self.source} checkpoint: {len(self.loaded)} tensors loaded ({_key_groups(self.loaded)})"]
+        if self.missing:
+            lines.append(f"not in it, randomly initialised: {_key_groups(self.missing)}")
+        reasons = {}
+        for key, why in self.ignored.items():
+            reasons.setdefault(why, []).append(key)
+        lines += [f"ignored ({why}): {_key_groups(keys)}" for why, keys in reasons.items()]
+        return lines + self.notes
+
+
+def _key_groups(keys, most: int = 8) -> str:
+    """'encoder (144), input_adapters.rgb (3)': key counts per module, not 200 lines."""
+    counts = {}
+    for k in keys:
+        parts = k.split(".")
+        group = ".".join(parts[:2]) if parts[0].endswith("_adapters") and len(parts) > 2 else parts[0]
+        counts[group] = counts.get(group, 0) + 1
+    items = [f"{g} ({n})" for g, n in counts.items()]
+    return ", ".join(items[:most]) + (f", ... ({len(items) - most} more)" if len(items) > most else "")
+
+
+def _unwrap(state) -> dict:
+    """The tensors of a state dict, whether bare or wrapped in "model" / "state_dict"
+    (MultiMAE, MAE and our scripts save {"model": ...}), without DDP's "module." prefix."""
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"not a state dict (a {type(state).__name__})")
+    state = {k: v for k, v in state.items() if torch.is_tensor(v)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _from_vit(state: dict, report: InitReport):
+    """timm/MAE names -> ours. Returns (tensors under our names, {"*": the table for every adapter})."""
+    if any(k.startswith("norm_pre.") for k in state):   # e.g. CLIP: a norm our encoder lacks
+        raise ValueError("this ViT has a LayerNorm before its blocks (norm_pre, e.g. CLIP); MultiMAE's has none")
+    out, tables = {}, {}
+    for k, v in state.items():
+        if k.startswith("blocks."):
+            out["encoder." + k[len("blocks."):]] = v
+        elif k.startswith("patch_embed.proj."):
+            out["input_adapters.rgb.proj." + k.split(".")[-1]] = v
+        elif k in ("cls_token", "pos_embed"):
+            pass                                         # below: they go together
+        else:
+            report.ignored[k] = next((why for prefixes, why in _VIT_IGNORED if k.startswith(prefixes)),
+                                     "not part of a plain ViT encoder")
+    cls, pos = state.get("cls_token"), state.get("pos_embed")
+    cls_pos = None
+    if pos is not None:
+        n = pos.shape[1] if pos.dim() == 3 else 0
+        # timm: the cls token's entry comes first, then the h*w patch positions
+        has_cls = cls is not None and n > 1 and math.isqrt(n - 1) ** 2 == n - 1
+        side = math.isqrt(n - 1 if has_cls else n)
+        if n < 1 or side * side != (n - 1 if has_cls else n):
+            raise ValueError(f"pos_embed {tuple(pos.shape)} is not a square grid of patch positions (+ cls)")
+        if has_cls:
+            cls_pos, pos = pos[:, :1], pos[:, 1:]
+        # [1, h*w, D] row-major -> MultiMAE's [1, D, h, w]
+        tables["*"] = pos.transpose(1, 2).reshape(1, pos.shape[2], side, side)
+    if cls is not None:
+        # timm adds pos_embed[:, 0] to the cls token; our global token carries no position,
+        # so the sum is the equivalent token (MultiMAE's converter does the same). Attention
+        # is permutation-equivariant: that it sits last here and first in timm is harmless.
+        out["global_tokens"] = cls + cls_pos if cls_pos is not None else cls
+    return out, tables
+
+
+def _from_multimae(state: dict, report: InitReport):
+    """MultiMAE names are ours: split off the position tables and the output adapters."""
+    out, tables = {}, {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if k.startswith("input_adapters.") and parts[-1] == "pos_emb":
+            tables[parts[1]] = v
+        elif k.startswith(("encoder.", "global_tokens", "input_adapters.")):
+            out[k] = v
+        else:
+            report.ignored[k] = "output adapters / heads: not the encoder" \
+                if k.startswith("output_adapters.") else "not part of the encoder"
+    return out, tables
+
+
+def encoder_state_from_checkpoint(state: dict, model: "MultiViT"):
+    """A MultiMAE / MAE / timm ViT checkpoint (state dict, possibly wrapped) -> (a state
+    dict of `model`'s encoder keys for `model.load_state_dict(..., strict=False)`, an
+    InitReport). Raises ValueError (one line) when the checkpoint's ViT does not fit."""
+    state = _unwrap(state)
+    cfg, own = model.cfg, model.state_dict()
+    if any(k.startswith(("blocks.", "patch_embed.")) for k in state):
+        report = InitReport("timm/MAE ViT")
+        src, tables = _from_vit(state, report)
+    elif any(k.startswith(("encoder.", "input_adapters.", "global_tokens")) for k in state):
+        report = InitReport("MultiMAE")
+        src, tables = _from_multimae(state, report)
+    else:
+        raise ValueError("no ViT encoder in it (neither MultiMAE's encoder.N.* nor timm/MAE's blocks.N.* keys)")
+
+    # The architecture first, so that a ViT-L or a /14 model gets one plain sentence.
+    blocks = {int(k.split(".")[1]) for k in src if k.startswith("encoder.")}
+    width = next((v.shape[0] for k, v in src.items() if k.endswith("norm1.weight")), None)
+    proj = src.get("input_adapters.rgb.proj.weight", src.get("input_adapters.depth.proj.weight"))
+    patch = None if proj is None else tuple(proj.shape[-2:])
+    if (len(blocks), width) != (cfg.depth, cfg.width) or patch not in (None, (cfg.patch_size,) * 2):
+        raise ValueError(f"the checkpoint's ViT ({len(blocks)} blocks, width {width}, patch "
+                         f"{'?' if patch is None else patch[0]}) does not fit this encoder ({cfg.depth} "
+                         f"blocks, width {cfg.width}, patch {cfg.patch_size}); ViT-B/16 is 12 x 768, patch 16")
+
+    mapped = {}
+    for k, v in src.items():
+        if k not in own:
+            if k.startswith("encoder."):     # e.g. layer scale (ls1.gamma): not MultiMAE's block
+                raise ValueError(f"{k}: the checkpoint's blocks have parameters MultiMAE's ViT blocks lack")
+            report.ignored[k] = "no such input in this model" if k.startswith("input_adapters.") \
+                else "not part of this encoder"
+        elif v.shape == own[k].shape:
+            mapped[k] = v
+        elif k.endswith("class_emb.weight") and v.shape[0] + 1 == own[k].shape[0]:
+            # The same classes without our extra 'ignore' row: MultiMAE's fine-tuning pads it with zeros.
+            mapped[k] = F.pad(v, (0, 0, 0, 1))
+        elif k.endswith("class_emb.weight"):
+            # Another label set (MultiMAE: COCO's 133 classes): its embeddings mean nothing here.
+            report.ignored[k] = f"semseg class embedding of {v.shape[0]} rows, this model has {own[k].shape[0]}"
+        else:
+            raise ValueError(f"{k}: shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+
+    # Position tables: each adapter takes its own (MultiMAE stores one per adapter, all
+    # the same sin-cos values), else the shared one (timm's pos_embed, or rgb's). Every
+    # modality then has the positions the pre-trained encoder knows. (MultiMAE's converter
+    # gives timm's table to rgb only; sharing it is this project's choice.)
+    shared = tables.get("*", tables.get("rgb", next(iter(tables.values()), None)))
+    for m, adapter in model.input_adapters.items():
+        table = tables.get(m, shared)
+        if table is None:
+            continue
+        if table.dim() != 4 or table.shape[:2] != (1, cfg.width):
+            raise ValueError(f"position table {tuple(table.shape)}: expected [1, {cfg.width}, h, w]")
+        mapped[f"input_adapters.{m}.pos_emb"] = table
+    for m in tables:
+        if m != "*" and m not in model.input_adapters:
+            report.ignored[f"input_adapters.{m}.pos_emb"] = "no such input in this model"
+    if shared is not None:
+        h, w = cfg.grid(cfg.image_size, cfg.image_size)
+        resized = "" if shared.shape[-2:] == (h, w) else f", resized to {h}x{w} at {cfg.image_size}px"
+        report.notes.append(f"position table {shared.shape[2]}x{shared.shape[3]} from the checkpoint replaces "
+                            f"the sin-cos one for {', '.join(model.input_adapters)}{resized}")
+
+    report.loaded = list(mapped)
+    report.missing = [k for k in own if k not in mapped]
+    return mapped, report
+
+
+def load_encoder_weights(model: "MultiViT", state: dict) -> InitReport:
+    """encoder_state_from_checkpoint, then load it into `model` (in place)."""
+    mapped, report = encoder_state_from_checkpoint(state, model)
+    result = model.load_state_dict(mapped, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys   # the mapping names only our keys
+    return report

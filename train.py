@@ -147,6 +147,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
     return list(groups.values())
 
 
+def init_encoder(net: M.MultiViT, path: str) -> M.InitReport:
+    """--init: load a ViT-B checkpoint (MultiMAE, MAE or timm) into net's encoder in place
+    (model.load_encoder_weights) and print what was loaded, what stays random, what was ignored."""
+    if not os.path.isfile(path):
+        raise data.UserError(f"--init {path}: no such file")
+    try:
+        if path.endswith(".safetensors"):                # timm's weights on the Hugging Face hub
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file (or no safetensors package)
+        raise data.UserError(f"--init {path}: not a readable checkpoint ({type(e).__name__}: {e})".splitlines()[0])
+    try:
+        report = M.load_encoder_weights(net, state)
+    except ValueError as e:
+        raise data.UserError(f"--init {path}: {e}")
+    print(f"encoder initialised from {path}:")
+    for line in report.summary():
+        print(f"  {line}")
+    return report
+
+
 def set_lr(optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
@@ -253,6 +276,7 @@ class TrainConfig:
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
     subset: int = arg(0, "use only the first N training images (0 = all)")
     config: str = arg("tiny", "model preset and its training defaults", tuple(M.PRESETS))
+    init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
     mode: str = arg("sttp", "objective after the warm-up", tuple(sttp.OBJECTIVES))
     warmup_epochs: int = arg(1, "epochs of plain MIM on complete modalities first (paper: ~100)")
     epochs: int = arg(4, "total epochs, warm-up included (paper: 100 + 400)")
@@ -489,6 +513,8 @@ def main(argv=None):
     model_cfg = dataclasses.replace(M.PRESETS[cfg.config], image_size=cfg.image_size,
                                     num_classes=data.num_classes(cfg.dataset))
     net = M.MaskMentor(model_cfg).to(device)
+    if cfg.init and ckpt is None:      # a resumed run finds these weights in its own checkpoint
+        init_encoder(net, cfg.init)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     teacher = load_teacher(cfg.teacher, model_cfg, device) if cfg.mode == "kd" else None
     ocfg = objective_config(cfg, device)
