@@ -257,56 +257,96 @@ def mask_gather_reference(x: torch.Tensor, noise: torch.Tensor, num_visible: tor
 
 
 # The fused op (csrc/) -----------------------------------------------------------
-# `_load_fused_op` imports the compiled extension, which registers
-# torch.ops.maskmentor.mask_gather (schema + CPU kernel, and a CUDA kernel when built),
-# and adds its autograd formula and fake (meta) implementation on the Python side.
+# `_load_fused_op` imports the compiled extensions, which register
+#   torch.ops.maskmentor.mask_gather           (x, noise, num_visible) -> (visible, ids_keep, mask)
+#   torch.ops.maskmentor.mask_gather_backward  (grad_visible, ids_keep, num_tokens) -> grad_x
+# (schemas + CPU kernels in maskmentor_C, CUDA kernels in maskmentor_cuda when built), and
+# adds here what torch wants in Python: the fake (shape-only) implementations that let
+# torch.compile trace the ops, and the autograd formulas.
 
 _FUSED_LOADED = False
+_FUSED_CUDA = False
 _FUSED_WHY = "not tried"
 
 
 def _load_fused_op() -> None:
-    global _FUSED_LOADED, _FUSED_WHY
+    global _FUSED_LOADED, _FUSED_CUDA, _FUSED_WHY
     if os.environ.get("MASKMENTOR_REFERENCE", "") not in ("", "0"):
         _FUSED_WHY = "MASKMENTOR_REFERENCE is set"
         return
     try:
-        import maskmentor_C  # noqa: F401  (registers the schema and the CPU kernel)
+        import maskmentor_C  # (registers the schemas and the CPU kernels)
     except ImportError as e:
         _FUSED_WHY = f"extension not built ({e.msg})"
         return
     try:
-        import maskmentor_cuda  # noqa: F401  (registers the CUDA kernel, when built)
+        import maskmentor_cuda  # noqa: F401  (registers the CUDA kernels, when built)
+        _FUSED_CUDA = True
     except ImportError:
         pass
+    # Registering twice is an error, and this module may be imported again (reload, a
+    # second name); the extension module lives once per process, so it holds the flag.
+    if not getattr(maskmentor_C, "python_parts_registered", False):
+        _register_fake_and_autograd()
+        maskmentor_C.python_parts_registered = True
+    _FUSED_LOADED = True
+    _FUSED_WHY = "maskmentor_C"
 
+
+def _register_fake_and_autograd() -> None:
     @torch.library.register_fake("maskmentor::mask_gather")
     def _(x, noise, num_visible):
-        # Shapes only: V is data-dependent (a row sum of num_visible), so it is a new
+        # Shapes only. V is data-dependent (a row sum of num_visible), so it is a new
         # symbolic size, which lets torch.compile(fullgraph=True) trace through the op.
-        ctx = torch.library.get_ctx()
-        V = ctx.new_dynamic_size()
+        # The checks that need no data are made here, at trace time; the kernels check
+        # the rest (sizes, counts, row sums) when they run.
+        torch._check_value(x.dim() == 3 and x.is_floating_point(),
+                           lambda: f"mask_gather: x must be a float [B, K*N, D] tensor, got {x.dtype}")
+        torch._check_value(noise.dtype == torch.float32 and noise.dim() == 2,
+                           lambda: f"mask_gather: noise must be float32 [B, K*N], got {noise.dtype}")
+        torch._check_value(num_visible.dtype == torch.int64 and num_visible.dim() == 2,
+                           lambda: f"mask_gather: num_visible must be int64 [B, K], got {num_visible.dtype}")
+        V = torch.library.get_ctx().new_dynamic_size()
         B, L, D = x.shape
         return (x.new_empty(B, V, D), x.new_empty(B, V, dtype=torch.long),
                 x.new_empty(B, L, dtype=torch.bool))
 
+    @torch.library.register_fake("maskmentor::mask_gather_backward")
+    def _(grad_visible, ids_keep, num_tokens):
+        B, _, D = grad_visible.shape
+        return grad_visible.new_empty(B, num_tokens, D)
+
+    # mask_gather copies x[b, ids_keep[b, v]] to visible[b, v]. Its gradient puts
+    # grad_visible back at those rows of a zero tensor; positions are distinct, so that
+    # is a row copy, done by the C++/CUDA mask_gather_backward (a Python scatter_ would
+    # index every element and dominate the op's cost on CPU). No gradient flows to noise
+    # or num_visible: the selection is piecewise constant in the noise.
     def setup_context(ctx, inputs, output):
         x, _, _ = inputs
         _, ids_keep, _ = output
         ctx.save_for_backward(ids_keep)
-        ctx.x_shape = x.shape
+        ctx.num_tokens = x.shape[1]
 
     def backward(ctx, grad_visible, _grad_ids, _grad_mask):
-        # The forward copies x[b, ids_keep[b, v]] to visible[b, v]; its gradient scatters
-        # grad_visible back into zeros at those positions (positions are unique).
         (ids_keep,) = ctx.saved_tensors
-        grad_x = grad_visible.new_zeros(ctx.x_shape)
-        grad_x.scatter_(1, ids_keep.unsqueeze(-1).expand_as(grad_visible), grad_visible)
+        grad_x = torch.ops.maskmentor.mask_gather_backward(grad_visible, ids_keep, ctx.num_tokens)
         return grad_x, None, None
 
     torch.library.register_autograd("maskmentor::mask_gather", backward, setup_context=setup_context)
-    _FUSED_LOADED = True
-    _FUSED_WHY = "maskmentor_C"
+
+    # The backward is linear in grad_visible, and its own gradient is the gather again:
+    # this is what makes double backward through the op work.
+    def setup_context_bw(ctx, inputs, output):
+        _, ids_keep, _ = inputs
+        ctx.save_for_backward(ids_keep)
+
+    def backward_bw(ctx, grad_grad_x):
+        (ids_keep,) = ctx.saved_tensors
+        index = ids_keep.unsqueeze(-1).expand(-1, -1, grad_grad_x.shape[-1])
+        return torch.gather(grad_grad_x, 1, index), None, None
+
+    torch.library.register_autograd("maskmentor::mask_gather_backward", backward_bw,
+                                    setup_context=setup_context_bw)
 
 
 _load_fused_op()
@@ -315,13 +355,15 @@ _load_fused_op()
 def backend() -> str:
     """One line saying which implementation of stage 3 runs, for the CLIs' start-up."""
     if _FUSED_LOADED:
-        return "masking: fused mask_gather op (csrc/, maskmentor_C)"
+        devices = "CPU and CUDA kernels" if _FUSED_CUDA else "CPU kernel; reference on CUDA"
+        return f"masking: fused mask_gather op (csrc/, maskmentor_C: {devices})"
     return f"masking: pure-PyTorch reference ({_FUSED_WHY})"
 
 
 def mask_gather(x: torch.Tensor, noise: torch.Tensor, num_visible: torch.Tensor):
-    """Stage 3 — the fused op when it is built, else the reference. Same results either way."""
-    if _FUSED_LOADED:
+    """Stage 3 — the fused op when it is built for x's device, else the reference.
+    Same results either way."""
+    if _FUSED_LOADED and (x.device.type == "cpu" or (x.device.type == "cuda" and _FUSED_CUDA)):
         return torch.ops.maskmentor.mask_gather(x, noise, num_visible)
     return mask_gather_reference(x, noise, num_visible)
 
