@@ -18,6 +18,11 @@ a fraction of the GPU's peak (queried, or --peak_gbps).
     python bench.py                      # CPU
     python bench.py --device cuda --reps 200
     python bench.py --threads 1          # single-threaded CPU kernels
+    python bench.py --steps none         # skip the end-to-end pre-training steps
+
+Then, end to end: one pre-training step (sttp.mim: masking, forward, the pixel losses,
+backward, AdamW) of the `tiny` and `base` models with the op and with the reference,
+alternating, so the op's share of a whole training step is visible too.
 
 On CPU, torch allocates with malloc. glibc hands blocks this large (a ViT-B gradient is
 22 MB) back to the kernel when they are freed, or not, depending on the process's
@@ -124,6 +129,10 @@ def main():
                     help="CPU: keep glibc's defaults, page faults on fresh blocks included")
     ap.add_argument("--peak_gbps", type=float, default=None,
                     help="peak memory bandwidth for the CUDA fraction (default: queried)")
+    ap.add_argument("--steps", choices=("none", "tiny", "all"), default="all",
+                    help="end-to-end pre-training steps to time: none, tiny, or tiny and base")
+    ap.add_argument("--step_reps", type=int, default=None,
+                    help="repetitions of the step timing (default: 20 tiny, 3 base)")
     args = ap.parse_args()
 
     if not masking._FUSED_LOADED:
@@ -169,6 +178,47 @@ def main():
                 print(line)
     if peak:
         print(f"peak bandwidth {peak:.0f} GB/s ({'--peak_gbps' if args.peak_gbps else 'queried'})")
+    if args.steps != "none":
+        print()
+        bench_pretrain_steps(["tiny"] if args.steps == "tiny" else ["tiny", "base"], device, args)
+
+
+STEP_SHAPES = {"tiny": dict(B=32, size=64, budget=32, reps=20), "base": dict(B=12, size=224, budget=98, reps=3)}
+
+
+def bench_pretrain_steps(presets, device, args):
+    """Median time of one whole pre-training step (sttp.mim) with the op and with the
+    reference; masking.mask_gather picks the backend from masking._FUSED_LOADED."""
+    import dataclasses
+
+    import model as M
+    import sttp
+
+    print(f"{'pre-training step (sttp.mim)':30} {'reference s':>12} {'op s':>9} {'ref/op':>7}")
+    for name in presets:
+        s = STEP_SHAPES[name]
+        torch.manual_seed(0)
+        net = M.MaskMentor(dataclasses.replace(M.PRESETS[name], num_classes=40)).to(device)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+        cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=s["budget"]))
+        g = torch.Generator(device=device).manual_seed(0)
+        B, H = s["B"], s["size"]
+        batch = {"rgb": torch.randn(B, 3, H, H, device=device),
+                 "depth": torch.rand(B, 1, H, H, device=device) * 5 + 0.5,
+                 "semseg": torch.randint(0, 40, (B, H, H), device=device)}
+
+        def step(fused):
+            def run():
+                masking._FUSED_LOADED = fused
+                try:
+                    sttp.mim(net, opt, batch, cfg, g)
+                finally:
+                    masking._FUSED_LOADED = True
+            return run
+
+        reps = s["reps"] if args.step_reps is None else args.step_reps
+        t_ref, t_op = time_pair([step(False), step(True)], device, reps, warmup=1)
+        print(f"{name + f' (B={B}, {H}x{H})':30} {t_ref:12.3f} {t_op:9.3f} {t_ref / t_op:6.2f}x")
 
 
 if __name__ == "__main__":
