@@ -155,6 +155,18 @@ def _pad_to(x: torch.Tensor, H: int, W: int, value) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, W - w, 0, H - h), value=value)
 
 
+def center_crop(sample: dict, size: int) -> dict:
+    """The central size x size window of a sample's maps (padded with PAD_VALUE first if
+    smaller), for pictures at the training size."""
+    out = dict(sample)
+    H, W = sample["semseg"].shape[-2:]
+    y0, x0 = max(0, (H - size) // 2), max(0, (W - size) // 2)
+    for key, value in PAD_VALUE.items():
+        x = _pad_to(sample[key], max(H, size), max(W, size), value)
+        out[key] = x[..., y0:y0 + size, x0:x0 + size].contiguous()
+    return out
+
+
 def aug_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The augmentation generator of one sample in one epoch: a function of (seed, epoch,
     index) only, so it does not matter which worker process draws it or in what order."""
@@ -740,6 +752,15 @@ def read_depth(path: str, layout: Layout, dataset: str) -> np.ndarray:
         raise UserError(f"{path}: depth up to {depth.max():.1f} m read as the {layout.key} layout's encoding "
                         f"({layout.depth}); NYU's Kinect sees at most ~10 m, so the file uses another encoding")
     return depth
+
+
+def read_depth_file(path: str, metres_per_unit: float = 0.001) -> np.ndarray:
+    """One depth image outside any dataset (evaluate.py's single-image mode): a .npy of
+    metres, or a 16-bit PNG whose values times `metres_per_unit` are metres (0.001 for
+    millimetres, the Kinect/NYU convention). float32 [H, W], 0 = missing."""
+    if path.endswith(".npy"):
+        return read_depth(path, MASKMENTOR, "synthetic")      # metres, checked for NaN / < 0
+    return (_read_uint16(path) * metres_per_unit).astype(np.float32)
 
 
 def read_label(path: str, layout: Layout, classes: int) -> np.ndarray:

@@ -393,14 +393,17 @@ class MaskPlan:
 
 def plan_masking(batch_size: int, num_modalities: int, num_tokens: int, cfg: MaskingConfig,
                  drop_modalities: bool, generator: Optional[torch.Generator] = None,
-                 device=None) -> MaskPlan:
+                 device=None, keep: Optional[torch.Tensor] = None) -> MaskPlan:
     """Draw stages 1 and 2 and the token noise for a batch.
 
     drop_modalities=False is the teacher / plain MIM (complete modalities, patch masking
-    only); True is the student / M²IM (Algorithm 1 first).
+    only); True is the student / M²IM (Algorithm 1 first). `keep` (Bool[B, K]) fixes the
+    outcome of stage 1 instead, e.g. "rgb only" for a picture (vis.py).
     """
     B, K, N = batch_size, num_modalities, num_tokens
-    if drop_modalities:
+    if keep is not None:
+        keep = keep.to(device=device, dtype=torch.bool)
+    elif drop_modalities:
         keep = sample_modality_keep(B, K, cfg.p_drop, generator, cfg.at_least_one_dropped, device)
     else:
         keep = torch.ones(B, K, dtype=torch.bool, device=device)

@@ -10,7 +10,9 @@ picks the model preset and that preset's training defaults, other flags override
 The first `warmup_epochs` epochs train plain MIM on complete modalities, the rest use
 `--mode` (default sttp). Checkpoints go to `<out_dir>/ckpt.pt`, written atomically, with
 the config, optimiser, RNG states and position inside the epoch, so an interrupted run
-(Ctrl-C, `--stop_after`, a crash after a checkpoint) resumes bit for bit.
+(Ctrl-C, `--stop_after`, a crash after a checkpoint) resumes bit for bit. Every
+`--vis_every` epochs it also draws the paper's Figure 4 (vis.py): what the network
+reconstructs from complete, rgb-only and depth-only input, on the same test images.
 
 The top of this file also holds what the three scripts share — command-line parsing,
 checkpoints, the learning-rate schedule, parameter groups — so finetune.py and
@@ -36,6 +38,7 @@ import data
 import masking
 import model as M
 import sttp
+import vis
 
 VERSION = 1
 
@@ -206,6 +209,18 @@ def training_set(cfg):
     return Subset(ds, cfg.subset) if cfg.subset else ds
 
 
+def picture_batch(cfg, device, n: int = 2) -> dict:
+    """The images every reconstruction picture shows: the first n of the test split (the
+    training split if there is no test split), unaugmented, centre-cropped to the
+    training size. The same images every time, so the pictures show training progress."""
+    try:
+        dataset = data.build_dataset(cfg.dataset, cfg.data_root or None, "test", image_size=cfg.image_size)
+    except data.UserError:
+        dataset = data.build_dataset(cfg.dataset, cfg.data_root or None, "train", image_size=cfg.image_size)
+    samples = [data.center_crop(dataset[i], cfg.image_size) for i in range(min(n, len(dataset)))]
+    return to_device(data.collate(samples), device)
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -297,7 +312,8 @@ class TrainConfig:
     teacher: str = arg("", "--mode kd: checkpoint of the separately pre-trained frozen teacher")
     clip_grad: float = arg(0.0, "gradient-norm clipping (0 = off)")
     seed: int = arg(0, "seed of data order, masking and initialisation")
-    out_dir: str = arg("out/pretrain", "where ckpt.pt, log.jsonl and loss_curve.png go")
+    out_dir: str = arg("out/pretrain", "where ckpt.pt, log.jsonl, loss_curve.png and recon_*.png go")
+    vis_every: int = arg(1, "write a reconstruction picture (Figure 4) every N epochs and at the end; 0 = never")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt")
     stop_after: int = arg(0, "stop (with a checkpoint) after this many batches; 0 = run to the end")
     ckpt_every: int = arg(0, "also checkpoint every N batches (0 = at the end of each epoch)")
@@ -312,9 +328,9 @@ TRAIN_PRESETS = {
                  lr_warmup_epochs=0.5),
     # The paper's §4.1 / SPEC.md §4: ViT-B at 224, batch 12, lr 1e-5 cosine, 100 + 400 epochs.
     "base": dict(image_size=224, budget=98, batch_size=12, lr=1e-5, epochs=500, warmup_epochs=100,
-                 lr_warmup_epochs=0.0),
+                 lr_warmup_epochs=0.0, vis_every=20),
 }
-RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume"}
+RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "vis_every"}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -322,7 +338,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise data.UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("subset", "stop_after", "ckpt_every", "workers"):
+    for name in ("subset", "stop_after", "ckpt_every", "workers", "vis_every"):
         if getattr(cfg, name) < 0:
             raise data.UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
@@ -402,9 +418,10 @@ class Loop:
                          "config": dataclasses.asdict(self.cfg), "rng_state": rng_state(self.generator),
                          "history": self.history, "version": VERSION, **self.extra}, self.path)
 
-    def run(self, step, phase=lambda epoch: "") -> None:
+    def run(self, step, phase=lambda epoch: "", after_epoch=lambda epochs_done: None) -> None:
         """step(batch on device, epoch) does one batch's optimiser step(s) and returns a dict
-        of numbers, "loss" among them; phase(epoch) names the epoch's stage for the logs."""
+        of numbers, "loss" among them; phase(epoch) names the epoch's stage for the logs;
+        after_epoch(epochs done) runs after each epoch's checkpoint (pictures)."""
         cfg = self.cfg
         os.makedirs(cfg.out_dir, exist_ok=True)
         done_here = 0
@@ -419,7 +436,7 @@ class Loop:
                 sums = dict(self.history[-1]["_sums"]) if resumed else {}
                 t0 = time.time()
                 bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} {name}".rstrip(), initial=self.batch,
-                           total=self.batches_per_epoch, leave=False, dynamic_ncols=True)
+                           total=self.batches_per_epoch, leave=False, dynamic_ncols=True, disable=None)
                 for batch in bar:
                     it = epoch * self.batches_per_epoch + self.batch
                     set_lr(self.optimizer, lr_at(it, self.total_its, self.warmup_its, cfg.lr, cfg.min_lr))
@@ -453,6 +470,7 @@ class Loop:
                 self.epoch, self.batch = epoch + 1, 0
                 self.checkpoint()
                 save_curve(self.history, os.path.join(cfg.out_dir, "loss_curve.png"))
+                after_epoch(self.epoch)
                 if (stop.requested or (cfg.stop_after and done_here >= cfg.stop_after)) and self.epoch < cfg.epochs:
                     print(f"stopped at the end of epoch {self.epoch}; --resume continues from {self.path}")
                     return
@@ -532,8 +550,18 @@ def main(argv=None):
     def step(batch, epoch):
         return sttp.OBJECTIVES[phase(epoch)](net, optimizer, batch, ocfg, generator, teacher)
 
+    after_epoch = lambda done: None
+    if cfg.vis_every:
+        shown = picture_batch(cfg, device)
+        names, palette = data.CLASS_NAMES[cfg.dataset], data.palette(cfg.dataset)
+
+        def after_epoch(done):
+            if done % cfg.vis_every == 0 or done == cfg.epochs:
+                path = os.path.join(cfg.out_dir, f"recon_epoch{done:03d}.png")
+                vis.reconstruction_figure(net, shown, ocfg.masking, cfg.seed, palette, names).save(path)
+
     net.train()
-    loop.run(step, phase)
+    loop.run(step, phase, after_epoch)
     return net
 
 

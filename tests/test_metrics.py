@@ -1,10 +1,15 @@
-"""evaluate.py's metrics against confusion matrices worked out by hand."""
+"""evaluate.py's metrics against confusion matrices worked out by hand, and its padding."""
 import math
+
+from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from evaluate import confusion_matrix, pad_to_multiple, scores
+import model as M
+
+from evaluate import SETTINGS, confusion_matrix, predict, scores
 
 
 def test_confusion_matrix_by_hand():
@@ -56,10 +61,14 @@ def test_labels_out_of_range_are_an_error():
         confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 5]), 3)
 
 
-def test_pad_to_multiple_pads_with_ignore():
-    b = {"rgb": torch.ones(1, 3, 5, 7), "depth": torch.ones(1, 1, 5, 7), "semseg": torch.zeros(1, 5, 7, dtype=torch.long)}
-    p = pad_to_multiple(b, 4)
-    assert p["rgb"].shape == (1, 3, 8, 8) and p["semseg"].shape == (1, 8, 8)
-    assert (p["semseg"][:, 5:] == 255).all() and (p["semseg"][:, :, 7:] == 255).all()
-    assert (p["depth"][:, :, 5:] == 0).all()
-    assert torch.equal(p["semseg"][:, :5, :7], b["semseg"])
+def test_predict_pads_to_the_patch_grid_and_crops_back():
+    net = M.Segmenter(replace(M.PRESETS["tiny"], num_classes=10)).eval()
+    rgb, depth = torch.randn(2, 3, 13, 21), torch.rand(2, 1, 13, 21) + 0.5
+    out = predict(net, {"rgb": rgb, "depth": depth}, list(SETTINGS))
+    assert set(out) == {"rgbd", "rgb", "depth"}
+    assert all(p.shape == (2, 13, 21) for p in out.values())
+    # = the network on a 16x24 canvas (rgb padded with the mean, depth with "missing"),
+    # cropped back: the padded depth pixels don't enter the depth standardisation.
+    inputs = M.prepare_inputs({"rgb": F.pad(rgb, (0, 3, 0, 3)), "depth": F.pad(depth, (0, 3, 0, 3))})
+    assert torch.equal(out["rgbd"], net(inputs).argmax(1)[:, :13, :21])
+    assert torch.equal(out["depth"], net({"depth": inputs["depth"]}).argmax(1)[:, :13, :21])

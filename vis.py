@@ -1,0 +1,279 @@
+"""vis.py — pictures: what the model sees, reconstructs and predicts (the paper's Figures 3 and 4).
+
+    colours       depth_colours (a rainbow for metres, black = missing), label_colours (the
+                  dataset's palette, black = void)
+    layout        grid: panels with column titles, row titles and an optional class legend
+    Figure 3      segmentation_figure: rgb | depth | ground truth | prediction with rgb+depth |
+                  rgb only | depth only, for one image (evaluate.py --save_vis)
+    Figure 4      reconstruct + reconstruction_figure: per modality the masked input, the
+                  reconstruction and the target, for complete input and for rgb-only and
+                  depth-only input (train.py writes one every --vis_every epochs)
+
+Everything here returns images (numpy uint8 or PIL); the scripts decide where they go. Only
+PIL and numpy are used, no plotting library.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+import masking
+import model as M
+
+# -----------------------------------------------------------------------------
+# Colours
+
+# A rainbow from dark blue (near) through green and yellow to dark red (far), given as
+# anchor colours and interpolated linearly to 256 entries. Its lightness rises then falls,
+# so missing depth (black) never looks like a valid distance.
+_RAINBOW = np.array([(48, 18, 59), (65, 69, 171), (70, 117, 237), (57, 162, 252), (27, 207, 212),
+                     (36, 236, 166), (97, 252, 108), (164, 252, 59), (209, 232, 52), (243, 198, 58),
+                     (254, 155, 45), (243, 99, 21), (217, 56, 6), (177, 26, 1), (122, 4, 3)], dtype=np.float64)
+DEPTH_LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_RAINBOW)), _RAINBOW[:, c])
+                      for c in range(3)], axis=1).round().astype(np.uint8)
+MISSING = (0, 0, 0)          # depth holes and void labels
+HIDDEN = (200, 200, 200)     # patches the encoder did not see (Figure 4)
+
+
+def depth_range(depth: np.ndarray, valid: Optional[np.ndarray] = None) -> tuple[float, float]:
+    """The 2nd and 98th percentiles of the valid pixels: a few outliers don't wash out the map."""
+    valid = (depth > 0) & np.isfinite(depth) if valid is None else valid
+    if not valid.any():
+        return 0.0, 1.0
+    lo, hi = np.percentile(depth[valid], [2, 98])
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def depth_colours(depth, valid=None, lo: Optional[float] = None, hi: Optional[float] = None) -> np.ndarray:
+    """float [H, W] (metres, or standardised depth with `valid`) → uint8 [H, W, 3].
+
+    Values are mapped linearly from [lo, hi] (default: depth_range) onto the rainbow,
+    clipped at both ends; invalid pixels (default: depth <= 0, non-finite) are black.
+    """
+    depth = _map(depth).astype(np.float64)
+    if valid is None:
+        valid = (depth > 0) & np.isfinite(depth)
+    else:
+        valid = _map(valid).astype(bool) & np.isfinite(depth)
+    if lo is None or hi is None:
+        lo, hi = depth_range(depth, valid)
+    t = np.clip((np.nan_to_num(depth) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    out = DEPTH_LUT[(t * 255).round().astype(np.int64)]
+    out[~valid] = MISSING
+    return out
+
+
+def label_colours(label, palette: np.ndarray) -> np.ndarray:
+    """int [H, W] class ids (IGNORE_INDEX = void) → uint8 [H, W, 3] with the dataset's palette."""
+    label = _map(label).astype(np.int64)
+    void = label == data.IGNORE_INDEX
+    if ((label < 0) | (label >= len(palette)))[~void].any():
+        raise ValueError(f"label ids must be in [0, {len(palette)}) or {data.IGNORE_INDEX}")
+    out = palette[np.where(void, 0, label)]
+    out[void] = MISSING
+    return out
+
+
+def _map(x) -> np.ndarray:
+    """A tensor or array [H, W] or [1, H, W] as a numpy [H, W]."""
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    return x.reshape(x.shape[-2:])
+
+
+def rgb_image(rgb) -> np.ndarray:
+    """Normalised float [3, H, W] → uint8 [H, W, 3]."""
+    return data.denormalize_rgb(torch.as_tensor(rgb))
+
+
+def paint_hidden(img: np.ndarray, hidden_patches: np.ndarray) -> np.ndarray:
+    """Grey out the pixels of hidden patches; hidden_patches is Bool[h, w] on the patch grid."""
+    H, W = img.shape[:2]
+    h, w = hidden_patches.shape
+    pix = hidden_patches.repeat(H // h, axis=0).repeat(W // w, axis=1)
+    out = img.copy()
+    out[pix] = HIDDEN
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Layout
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)      # a scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _resize(img: np.ndarray, height: int) -> Image.Image:
+    """Nearest-neighbour, so labels keep their exact colours and patches stay square."""
+    H, W = img.shape[:2]
+    return Image.fromarray(img).resize((max(1, round(W * height / H)), height), Image.NEAREST)
+
+
+def legend(class_ids: Sequence[int], names: Sequence[str], palette: np.ndarray, width: int,
+           font_size: int = 14) -> Image.Image:
+    """Swatch + name for each class, in rows as wide as `width`."""
+    font = _font(font_size)
+    cell_w = 16 + max([int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(names[c], font=font))
+                       for c in class_ids] + [40]) + 14
+    per_row = max(1, width // cell_w)
+    rows = max(1, -(-len(class_ids) // per_row))
+    line = font_size + 8
+    img = Image.new("RGB", (width, rows * line + 6), "white")
+    d = ImageDraw.Draw(img)
+    for i, c in enumerate(class_ids):
+        x, y = 6 + (i % per_row) * cell_w, 4 + (i // per_row) * line
+        d.rectangle([x, y + 2, x + 12, y + 2 + font_size - 2], fill=tuple(int(v) for v in palette[c]),
+                    outline="black")
+        d.text((x + 16, y), names[c], fill="black", font=font)
+    return img
+
+
+def grid(rows: Sequence[Sequence[Optional[np.ndarray]]], col_titles: Sequence[str],
+         row_titles: Sequence[str] = (), cell_height: int = 192, below: Optional[Image.Image] = None,
+         font_size: int = 14) -> Image.Image:
+    """Panels (uint8 [H, W, 3] or None for an empty cell) in rows, each resized to cell_height,
+    with a title above each column, one left of each row and an optional image below."""
+    font = _font(font_size)
+    cells = [[None if p is None else _resize(p, cell_height) for p in row] for row in rows]
+    ncol = max(len(r) for r in cells)
+    col_w = [max([c.width for r in cells for c in r[j:j + 1] if c is not None] + [cell_height])
+             for j in range(ncol)]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 8 + max([int(measure.textlength(t, font=font)) for t in row_titles] + [0]) + (8 if row_titles else 0)
+    top, gap = font_size + 10, 4
+    width = left + sum(col_w) + gap * (ncol + 1)
+    height = top + len(cells) * (cell_height + gap) + gap
+    if below is not None:
+        width = max(width, below.width)
+    canvas = Image.new("RGB", (width, height + (below.height if below is not None else 0)), "white")
+    d = ImageDraw.Draw(canvas)
+    x = left + gap
+    for j, title in enumerate(col_titles):
+        d.text((x + col_w[j] / 2, top - 4), title, fill="black", font=font, anchor="ms")
+        x += col_w[j] + gap
+    for i, row in enumerate(cells):
+        y = top + i * (cell_height + gap)
+        if i < len(row_titles):
+            d.text((8, y + cell_height / 2), row_titles[i], fill="black", font=font, anchor="lm")
+        x = left + gap
+        for j, cell in enumerate(row):
+            if cell is not None:
+                canvas.paste(cell, (x, y))
+            x += col_w[j] + gap
+    if below is not None:
+        canvas.paste(below, (0, height))
+    return canvas
+
+
+def _cell_height(H: int) -> int:
+    """Small images are blown up by a whole factor (crisp pixels), large ones brought to 240."""
+    return H * max(1, 192 // H) if H < 192 else min(H, 240)
+
+
+# -----------------------------------------------------------------------------
+# Figure 3: one image, its ground truth and the predictions of the three input conditions
+
+SETTING_TITLES = {"rgbd": "pred rgb+depth", "rgb": "pred rgb only", "depth": "pred depth only"}
+
+
+def segmentation_figure(sample: dict, preds: dict, names: Sequence[str], palette: np.ndarray) -> Image.Image:
+    """sample: a data sample dict (rgb, depth metres, semseg); preds: {"rgbd"|"rgb"|"depth":
+    Long[H, W]}. The legend lists every class present in the ground truth or a prediction."""
+    lo, hi = depth_range(np.asarray(sample["depth"].squeeze(0)))
+    panels = [rgb_image(sample["rgb"]), depth_colours(sample["depth"], lo=lo, hi=hi),
+              label_colours(sample["semseg"], palette)]
+    titles = ["rgb", f"depth {lo:.1f}-{hi:.1f} m", "ground truth"]
+    present = set(np.unique(np.asarray(sample["semseg"])).tolist())
+    for setting, pred in preds.items():
+        panels.append(label_colours(pred, palette))
+        titles.append(SETTING_TITLES[setting])
+        present |= set(np.unique(np.asarray(pred.cpu())).tolist())
+    classes = sorted(c for c in present if c != data.IGNORE_INDEX)
+    H = panels[0].shape[0]
+    width_guess = 20 + len(panels) * (round(panels[0].shape[1] * _cell_height(H) / H) + 4)
+    return grid([panels], titles, cell_height=_cell_height(H), below=legend(classes, names, palette, width_guess))
+
+
+# -----------------------------------------------------------------------------
+# Figure 4: what the pre-trained network reconstructs from complete and from partial input
+
+# Input conditions of the figure: which of (rgb, depth, semseg) the encoder may see.
+RECON_CONDITIONS = {"complete input": (True, True, True), "rgb only": (True, False, False),
+                    "depth only": (False, True, False)}
+
+
+@torch.no_grad()
+def reconstruct(net: M.MaskMentor, batch: dict, keep: Sequence[bool], mcfg: masking.MaskingConfig,
+                generator: torch.Generator):
+    """One masked forward pass in eval mode with the kept modalities fixed (Algorithm 1's
+    outcome chosen instead of drawn) and patch masking as in pre-training (`mcfg`).
+    Returns (inputs, predictions, hidden Bool[B, K, h, w]). Uses only `generator`, so
+    drawing a picture never changes a training run's random stream."""
+    inputs = M.prepare_inputs(batch, net.cfg.semseg_stride)
+    B, _, H, W = inputs["rgb"].shape
+    h, w = net.cfg.grid(H, W)
+    K = len(M.MODALITIES)
+    device = inputs["rgb"].device
+    plan = masking.plan_masking(B, K, h * w, mcfg, False, generator, device,
+                                keep=torch.tensor(keep, device=device).expand(B, K))
+    was_training = net.training
+    net.eval()
+    preds, _, masked = net(inputs, plan)
+    net.train(was_training)
+    return inputs, preds, masked.mask.view(B, K, h, w)
+
+
+def reconstruction_figure(net: M.MaskMentor, batch: dict, mcfg: masking.MaskingConfig, seed: int,
+                          palette: np.ndarray, names: Sequence[str]) -> Image.Image:
+    """For each image of `batch` and each of RECON_CONDITIONS, one row: per modality the
+    masked input (grey = hidden), the reconstruction (the prediction in hidden patches, the
+    input in visible ones, as MAE shows it) and the target. Depth is shown standardised
+    (the model's target), on the target's colour range."""
+    device = batch["rgb"].device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rows, row_titles, classes = [], [], set()
+    for i in range(batch["rgb"].shape[0]):
+        one = {k: v[i:i + 1] for k, v in batch.items() if torch.is_tensor(v)}
+        for title, keep in RECON_CONDITIONS.items():
+            inputs, preds, hidden = reconstruct(net, one, keep, mcfg, generator)
+            hid = hidden[0].cpu().numpy()
+            k_rgb, k_depth, k_seg = (M.MODALITIES.index(m) for m in ("rgb", "depth", "semseg"))
+            # rgb
+            target = inputs["rgb"][0]
+            mixed = torch.where(_pixels(hidden[0, k_rgb], target.shape[-2:]), preds["rgb"][0].float(), target)
+            row = [paint_hidden(rgb_image(target), hid[k_rgb]), rgb_image(mixed), rgb_image(target)]
+            # depth (standardised; holes black)
+            target, valid = inputs["depth"][0, 0], inputs["depth_valid"][0, 0]
+            lo, hi = depth_range(target.cpu().numpy(), valid.cpu().numpy())
+            mixed = torch.where(_pixels(hidden[0, k_depth], target.shape), preds["depth"][0, 0].float(), target)
+            row += [paint_hidden(depth_colours(target, valid, lo, hi), hid[k_depth]),
+                    depth_colours(mixed, torch.ones_like(valid), lo, hi), depth_colours(target, valid, lo, hi)]
+            # semseg (1/4 resolution: the model's input and target)
+            target = inputs["semseg"][0]
+            pred = preds["semseg"][0].argmax(0)
+            mixed = torch.where(_pixels(hidden[0, k_seg], target.shape), pred, target)
+            classes |= set(torch.unique(mixed).tolist()) | set(torch.unique(target).tolist())
+            row += [paint_hidden(label_colours(target, palette), hid[k_seg]), label_colours(mixed, palette),
+                    label_colours(target, palette)]
+            rows.append(row)
+            row_titles.append(f"#{i} {title}")
+    titles = [f"{m} {t}" for m in ("rgb", "depth", "semseg") for t in ("input", "recon", "target")]
+    H = batch["rgb"].shape[-2]
+    cell = _cell_height(H) // 2 if H < 192 else 160
+    classes.discard(data.IGNORE_INDEX)
+    return grid(rows, titles, row_titles, cell_height=cell,
+                below=legend(sorted(classes), names, palette, 9 * cell + 200))
+
+
+def _pixels(hidden_patches: torch.Tensor, size) -> torch.Tensor:
+    """Bool[h, w] per patch → Bool[H, W] per pixel."""
+    h, w = hidden_patches.shape
+    H, W = size
+    return hidden_patches.repeat_interleave(H // h, 0).repeat_interleave(W // w, 1)
