@@ -1,0 +1,37 @@
+"""The README documents every command-line flag, and CI runs the README's own commands."""
+import os
+import re
+from dataclasses import fields
+
+import pytest
+
+import evaluate
+import finetune
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md")).read()
+
+
+def section(script: str) -> str:
+    """The README's flag table of one script."""
+    m = re.search(rf"^### {re.escape(script)}\n(.*?)(?=^### |^## )", README, re.S | re.M)
+    assert m, f"README has no '### {script}' section"
+    return m.group(1)
+
+
+@pytest.mark.parametrize("script,cls", [("train.py", train.TrainConfig), ("finetune.py", finetune.FinetuneConfig),
+                                        ("evaluate.py", evaluate.EvalConfig)])
+def test_every_flag_is_in_the_readme(script, cls):
+    table = section(script)
+    documented = set(re.findall(r"^\| `--(\w+)", table, re.M))
+    assert documented == {f.name for f in fields(cls)}
+    for f in fields(cls):      # with its one-line help
+        assert f.metadata["help"] in table, f.name
+
+
+def test_ci_runs_the_readme_commands():
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    blocks = re.findall(r"```bash\n(.*?)```", README.split("## Two commands", 1)[1], re.S)[:2]
+    assert len(blocks) == 2 and "pip install" in blocks[0] and "pytest" in blocks[1]
+    assert "README.md" in ci and "Two commands" in ci       # it extracts them, so they can't drift
