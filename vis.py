@@ -2,15 +2,15 @@
 
     colours       depth_colours (a rainbow for metres, black = missing), label_colours (the
                   dataset's palette, black = void)
-    layout        grid: panels with column titles, row titles and an optional class legend
+    layout        grid: panels with column and row titles; with_legend: a class legend below
     Figure 3      segmentation_figure: rgb | depth | ground truth | prediction with rgb+depth |
                   rgb only | depth only, for one image (evaluate.py --save_vis)
     Figure 4      reconstruct + reconstruction_figure: per modality the masked input, the
                   reconstruction and the target, for complete input and for rgb-only and
                   depth-only input (train.py writes one every --vis_every epochs)
 
-Everything here returns images (numpy uint8 or PIL); the scripts decide where they go. Only
-PIL and numpy are used, no plotting library.
+Everything here returns images (numpy uint8 or PIL); the scripts decide where they go. Drawn
+with PIL, no plotting library.
 """
 from __future__ import annotations
 
@@ -135,41 +135,41 @@ def legend(class_ids: Sequence[int], names: Sequence[str], palette: np.ndarray, 
     return img
 
 
-def grid(rows: Sequence[Sequence[Optional[np.ndarray]]], col_titles: Sequence[str],
-         row_titles: Sequence[str] = (), cell_height: int = 192, below: Optional[Image.Image] = None,
-         font_size: int = 14) -> Image.Image:
-    """Panels (uint8 [H, W, 3] or None for an empty cell) in rows, each resized to cell_height,
-    with a title above each column, one left of each row and an optional image below."""
+def grid(rows: Sequence[Sequence[np.ndarray]], col_titles: Sequence[str], row_titles: Sequence[str] = (),
+         cell_height: int = 192, font_size: int = 14) -> Image.Image:
+    """Panels (uint8 [H, W, 3]) in rows, each resized to cell_height, with a title above
+    each column and one left of each row."""
     font = _font(font_size)
-    cells = [[None if p is None else _resize(p, cell_height) for p in row] for row in rows]
-    ncol = max(len(r) for r in cells)
-    col_w = [max([c.width for r in cells for c in r[j:j + 1] if c is not None] + [cell_height])
-             for j in range(ncol)]
+    cells = [[_resize(p, cell_height) for p in row] for row in rows]
+    col_w = [max(row[j].width for row in cells) for j in range(len(cells[0]))]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left = 8 + max([int(measure.textlength(t, font=font)) for t in row_titles] + [0]) + (8 if row_titles else 0)
+    left = max([int(measure.textlength(t, font=font)) + 16 for t in row_titles] + [0])
     top, gap = font_size + 10, 4
-    width = left + sum(col_w) + gap * (ncol + 1)
-    height = top + len(cells) * (cell_height + gap) + gap
-    if below is not None:
-        width = max(width, below.width)
-    canvas = Image.new("RGB", (width, height + (below.height if below is not None else 0)), "white")
+    canvas = Image.new("RGB", (left + sum(col_w) + gap * (len(col_w) + 1),
+                               top + len(cells) * (cell_height + gap) + gap), "white")
     d = ImageDraw.Draw(canvas)
-    x = left + gap
-    for j, title in enumerate(col_titles):
-        d.text((x + col_w[j] / 2, top - 4), title, fill="black", font=font, anchor="ms")
-        x += col_w[j] + gap
-    for i, row in enumerate(cells):
-        y = top + i * (cell_height + gap)
-        if i < len(row_titles):
-            d.text((8, y + cell_height / 2), row_titles[i], fill="black", font=font, anchor="lm")
+    for i, row in enumerate([None] + cells):       # row 0: the column titles
+        y = top + (i - 1) * (cell_height + gap)
+        if 0 < i <= len(row_titles):
+            d.text((8, y + cell_height / 2), row_titles[i - 1], fill="black", font=font, anchor="lm")
         x = left + gap
-        for j, cell in enumerate(row):
-            if cell is not None:
-                canvas.paste(cell, (x, y))
-            x += col_w[j] + gap
-    if below is not None:
-        canvas.paste(below, (0, height))
+        for j, w in enumerate(col_w):
+            if row is None:
+                d.text((x + w / 2, top - 4), col_titles[j], fill="black", font=font, anchor="ms")
+            else:
+                canvas.paste(row[j], (x, y))
+            x += w + gap
     return canvas
+
+
+def with_legend(figure: Image.Image, class_ids: Sequence[int], names: Sequence[str],
+                palette: np.ndarray) -> Image.Image:
+    """The figure with a legend of `class_ids` below it."""
+    key = legend(class_ids, names, palette, figure.width)
+    out = Image.new("RGB", (figure.width, figure.height + key.height), "white")
+    out.paste(figure, (0, 0))
+    out.paste(key, (0, figure.height))
+    return out
 
 
 def _cell_height(H: int) -> int:
@@ -186,19 +186,17 @@ SETTING_TITLES = {"rgbd": "pred rgb+depth", "rgb": "pred rgb only", "depth": "pr
 def segmentation_figure(sample: dict, preds: dict, names: Sequence[str], palette: np.ndarray) -> Image.Image:
     """sample: a data sample dict (rgb, depth metres, semseg); preds: {"rgbd"|"rgb"|"depth":
     Long[H, W]}. The legend lists every class present in the ground truth or a prediction."""
-    lo, hi = depth_range(np.asarray(sample["depth"].squeeze(0)))
+    lo, hi = depth_range(_map(sample["depth"]))
     panels = [rgb_image(sample["rgb"]), depth_colours(sample["depth"], lo=lo, hi=hi),
               label_colours(sample["semseg"], palette)]
     titles = ["rgb", f"depth {lo:.1f}-{hi:.1f} m", "ground truth"]
-    present = set(np.unique(np.asarray(sample["semseg"])).tolist())
+    present = set(np.unique(_map(sample["semseg"])).tolist())
     for setting, pred in preds.items():
         panels.append(label_colours(pred, palette))
         titles.append(SETTING_TITLES[setting])
-        present |= set(np.unique(np.asarray(pred.cpu())).tolist())
+        present |= set(np.unique(_map(pred)).tolist())
     classes = sorted(c for c in present if c != data.IGNORE_INDEX)
-    H = panels[0].shape[0]
-    width_guess = 20 + len(panels) * (round(panels[0].shape[1] * _cell_height(H) / H) + 4)
-    return grid([panels], titles, cell_height=_cell_height(H), below=legend(classes, names, palette, width_guess))
+    return with_legend(grid([panels], titles, cell_height=_cell_height(panels[0].shape[0])), classes, names, palette)
 
 
 # -----------------------------------------------------------------------------
@@ -268,8 +266,7 @@ def reconstruction_figure(net: M.MaskMentor, batch: dict, mcfg: masking.MaskingC
     H = batch["rgb"].shape[-2]
     cell = _cell_height(H) // 2 if H < 192 else 160
     classes.discard(data.IGNORE_INDEX)
-    return grid(rows, titles, row_titles, cell_height=cell,
-                below=legend(sorted(classes), names, palette, 9 * cell + 200))
+    return with_legend(grid(rows, titles, row_titles, cell_height=cell), sorted(classes), names, palette)
 
 
 def _pixels(hidden_patches: torch.Tensor, size) -> torch.Tensor:
