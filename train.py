@@ -330,7 +330,7 @@ TRAIN_PRESETS = {
     "base": dict(image_size=224, budget=98, batch_size=12, lr=1e-5, epochs=500, warmup_epochs=100,
                  lr_warmup_epochs=0.0, vis_every=20),
 }
-RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "vis_every"}
+RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume"}
 
 
 def validate(cfg: TrainConfig) -> None:
