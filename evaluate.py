@@ -89,10 +89,7 @@ class EvalConfig:
 
 
 def load_segmenter(path: str, device) -> tuple[M.Segmenter, dict]:
-    ckpt = load_checkpoint(path, "fine-tuned")
-    if ckpt.get("kind") != "finetune":
-        raise data.UserError(f"{path}: a {ckpt.get('kind', 'unknown')} checkpoint, not a fine-tuned one "
-                             f"(finetune.py writes those)")
+    ckpt = load_checkpoint(path, "finetune")
     net = M.Segmenter(M.ModelConfig(**ckpt["model_config"]))
     net.load_state_dict(ckpt["model"])
     return net.to(device).eval(), ckpt

@@ -107,16 +107,12 @@ def load_pretrained(path: str) -> dict:
     if not os.path.isfile(path):
         raise data.UserError(f"{path}: no pre-training checkpoint there; run `python train.py` first, "
                              f"or pass --pretrained none for the baseline")
-    ckpt = load_checkpoint(path, "pre-training")
-    if ckpt.get("kind") != "pretrain":
-        raise data.UserError(f"{path}: a {ckpt.get('kind', 'unknown')} checkpoint, not a pre-training one "
-                             f"(train.py writes those)")
-    return ckpt
+    return load_checkpoint(path, "pretrain")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg, ckpt = start_run(FinetuneConfig, argv, FINETUNE_PRESETS, RUN_CONTROL, "fine-tuning")
+    cfg, ckpt = start_run(FinetuneConfig, argv, FINETUNE_PRESETS, RUN_CONTROL, "finetune")
     pre = None
     if cfg.init and ckpt is None:
         # --init replaces the default --pretrained; both named explicitly is ambiguous.
@@ -132,7 +128,7 @@ def main(argv=None):
                 raise data.UserError(f"--config {cfg.config} but {cfg.pretrained} is a {preset} model")
             # The model comes from the checkpoint: so do that preset's training defaults.
             cfg, _ = start_run(FinetuneConfig, ["--config", preset] + argv, FINETUNE_PRESETS, RUN_CONTROL,
-                               "fine-tuning")
+                               "finetune")
     validate(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)

@@ -105,15 +105,25 @@ def save_checkpoint(obj: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, what: str) -> dict:
+# What each script writes: kind -> (how messages name it, the script that writes it).
+CHECKPOINT_KINDS = {"pretrain": ("pre-training", "train.py"), "finetune": ("fine-tuned", "finetune.py")}
+
+
+def load_checkpoint(path: str, kind: str) -> dict:
+    """A checkpoint of the given kind ("pretrain" or "finetune"); anything else (no file, an
+    unreadable or foreign file, the other kind) is one clear line."""
+    noun, script = CHECKPOINT_KINDS[kind]
     if not os.path.isfile(path):
-        raise data.UserError(f"{path}: no {what} checkpoint there")
+        raise data.UserError(f"{path}: no {noun} checkpoint there")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file
         raise data.UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})".splitlines()[0])
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise data.UserError(f"{path}: not a MaskMentor checkpoint (no model/config inside)")
+    if ckpt.get("kind") != kind:
+        raise data.UserError(f"{path}: a {ckpt.get('kind', 'unknown')} checkpoint, not a {noun} one "
+                             f"({script} writes those)")
     return ckpt
 
 
@@ -371,7 +381,7 @@ def objective_config(cfg: TrainConfig, device) -> sttp.ObjectiveConfig:
 
 
 def load_teacher(path: str, model_cfg: M.ModelConfig, device) -> M.MaskMentor:
-    ckpt = load_checkpoint(path, "teacher (pre-training)")
+    ckpt = load_checkpoint(path, "pretrain")
     tcfg = M.ModelConfig(**ckpt["model_config"])
     if tcfg != model_cfg:
         raise data.UserError(f"{path}: the teacher's model config differs from the student's")
@@ -505,14 +515,14 @@ class GracefulStop:
         print("\nstopping after this batch (Ctrl-C again to abort)", file=sys.stderr)
 
 
-def start_run(cls, argv, presets, run_control: set, what: str):
+def start_run(cls, argv, presets, run_control: set, kind: str):
     """Parse flags; with --resume, load the checkpoint and take its config, except the
     run-control flags (how long to run now, workers, device), which belong to this
     invocation. Returns (cfg, checkpoint or None)."""
     cfg, given = parse_config(cls, argv, presets)
     if not cfg.resume:
         return cfg, None
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), what)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), kind)
     check_resume(ckpt["config"], cfg, given, run_control)
     return dataclasses.replace(cls(**ckpt["config"]), **{k: getattr(cfg, k) for k in run_control}), ckpt
 
@@ -521,7 +531,7 @@ def start_run(cls, argv, presets, run_control: set, what: str):
 
 
 def main(argv=None):
-    cfg, ckpt = start_run(TrainConfig, argv, TRAIN_PRESETS, RUN_CONTROL, "pre-training")
+    cfg, ckpt = start_run(TrainConfig, argv, TRAIN_PRESETS, RUN_CONTROL, "pretrain")
     validate(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)

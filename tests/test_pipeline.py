@@ -109,10 +109,21 @@ def test_bad_input_gets_one_line(script, args, needle):
     assert "Traceback" not in err
 
 
-def test_evaluate_rejects_a_pretraining_checkpoint(tmp_path):
+def test_checkpoints_of_the_wrong_kind_are_refused(tmp_path):
     run_train(tmp_path / "pre", "--stop_after", "1")
+    pre = str(tmp_path / "pre" / "ckpt.pt")
     with pytest.raises(train.data.UserError, match="not a fine-tuned one"):
-        evaluate.main(["--ckpt", str(tmp_path / "pre" / "ckpt.pt")])
+        evaluate.main(["--ckpt", pre])
+    with pytest.raises(train.data.UserError, match="not a fine-tuned one"):
+        finetune.main(["--resume", "--out_dir", str(tmp_path / "pre")])
+    finetune.main(["--pretrained", pre, "--subset", "24", "--batch_size", "8", "--stop_after", "1",
+                   "--out_dir", str(tmp_path / "ft")])
+    ft = str(tmp_path / "ft" / "ckpt.pt")
+    for wrong in (["--mode", "kd", "--teacher", ft], ["--resume", "--out_dir", str(tmp_path / "ft")]):
+        with pytest.raises(train.data.UserError, match="not a pre-training one"):
+            run_train(tmp_path / "kd", *wrong) if "--teacher" in wrong else train.main(wrong)
+    with pytest.raises(train.data.UserError, match="not a pre-training one"):
+        finetune.main(["--pretrained", ft, "--out_dir", str(tmp_path / "ft2")])
 
 
 def test_lr_schedule():
