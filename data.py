@@ -785,6 +785,14 @@ def read_label(path: str, layout: Layout, classes: int) -> np.ndarray:
     return label
 
 
+def check_same_size(rgb_path: str, rgb: np.ndarray, others: dict) -> None:
+    """rgb [H, W, 3] and every {path: [H, W] map} must have the same H and W."""
+    for path, other in others.items():
+        if other.shape[:2] != rgb.shape[:2]:
+            raise UserError(f"{path}: size {other.shape[1]}x{other.shape[0]} differs from the rgb image "
+                            f"{rgb_path} ({rgb.shape[1]}x{rgb.shape[0]})")
+
+
 @dataclass(frozen=True)
 class Item:
     rgb: str
@@ -821,10 +829,7 @@ class RealRGBD(torch.utils.data.Dataset):
         rgb = read_rgb(item.rgb)
         depth = read_depth(item.depth, self.layout, self.name)
         label = read_label(item.label, self.layout, self.classes)
-        for path, shape in ((item.depth, depth.shape), (item.label, label.shape)):
-            if shape != rgb.shape[:2]:
-                raise UserError(f"{path}: size {shape[1]}x{shape[0]} differs from the rgb image "
-                                f"{item.rgb} ({rgb.shape[1]}x{rgb.shape[0]})")
+        check_same_size(item.rgb, rgb, {item.depth: depth, item.label: label})
         rgb_t = normalize_rgb(rgb)
         depth_t = torch.from_numpy(depth)[None]
         label_t = torch.from_numpy(label)

@@ -137,12 +137,13 @@ def segment_one_image(cfg, net: M.Segmenter, dataset_name: str, device) -> dict:
     """Single-image mode: --rgb and/or --depth in, a palette PNG of class ids out."""
     batch = {}
     if cfg.rgb:
-        batch["rgb"] = data.normalize_rgb(data.read_rgb(cfg.rgb))[None]
+        rgb = data.read_rgb(cfg.rgb)
+        batch["rgb"] = data.normalize_rgb(rgb)[None]
     if cfg.depth:
-        batch["depth"] = torch.from_numpy(data.read_depth_file(cfg.depth, cfg.depth_scale))[None, None]
-    if cfg.rgb and cfg.depth and batch["rgb"].shape[-2:] != batch["depth"].shape[-2:]:
-        (h, w), (hd, wd) = batch["rgb"].shape[-2:], batch["depth"].shape[-2:]
-        raise data.UserError(f"{cfg.depth}: size {wd}x{hd} differs from the rgb image {cfg.rgb} ({w}x{h})")
+        depth = data.read_depth_file(cfg.depth, cfg.depth_scale)
+        if cfg.rgb:
+            data.check_same_size(cfg.rgb, rgb, {cfg.depth: depth})
+        batch["depth"] = torch.from_numpy(depth)[None, None]
     setting = "rgbd" if cfg.rgb and cfg.depth else ("rgb" if cfg.rgb else "depth")
     pred = predict(net, to_device(batch, device), [setting])[setting][0].cpu()
     names = data.CLASS_NAMES[dataset_name]

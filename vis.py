@@ -89,14 +89,18 @@ def rgb_image(rgb) -> np.ndarray:
     return data.denormalize_rgb(torch.as_tensor(rgb))
 
 
-def paint_hidden(img: np.ndarray, hidden_patches: np.ndarray) -> np.ndarray:
-    """Grey out the pixels of hidden patches; hidden_patches is Bool[h, w] on the patch grid."""
-    H, W = img.shape[:2]
-    h, w = hidden_patches.shape
-    pix = hidden_patches.repeat(H // h, axis=0).repeat(W // w, axis=1)
+def paint_hidden(img: np.ndarray, hidden_pixels) -> np.ndarray:
+    """Grey out the hidden pixels (Bool[H, W], from hidden_pixels() of the patch mask)."""
     out = img.copy()
-    out[pix] = HIDDEN
+    out[_map(hidden_pixels)] = HIDDEN
     return out
+
+
+def hidden_pixels(hidden_patches: torch.Tensor, size) -> torch.Tensor:
+    """Bool[h, w] per patch → Bool[H, W] per pixel."""
+    h, w = hidden_patches.shape
+    H, W = size
+    return hidden_patches.repeat_interleave(H // h, 0).repeat_interleave(W // w, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -241,24 +245,25 @@ def reconstruction_figure(net: M.MaskMentor, batch: dict, mcfg: masking.MaskingC
         one = {k: v[i:i + 1] for k, v in batch.items() if torch.is_tensor(v)}
         for title, keep in RECON_CONDITIONS.items():
             inputs, preds, hidden = reconstruct(net, one, keep, mcfg, generator)
-            hid = hidden[0].cpu().numpy()
             k_rgb, k_depth, k_seg = (M.MODALITIES.index(m) for m in ("rgb", "depth", "semseg"))
             # rgb
             target = inputs["rgb"][0]
-            mixed = torch.where(_pixels(hidden[0, k_rgb], target.shape[-2:]), preds["rgb"][0].float(), target)
-            row = [paint_hidden(rgb_image(target), hid[k_rgb]), rgb_image(mixed), rgb_image(target)]
+            pix = hidden_pixels(hidden[0, k_rgb], target.shape[-2:])
+            mixed = torch.where(pix, preds["rgb"][0].float(), target)
+            row = [paint_hidden(rgb_image(target), pix), rgb_image(mixed), rgb_image(target)]
             # depth (standardised; holes black)
             target, valid = inputs["depth"][0, 0], inputs["depth_valid"][0, 0]
             lo, hi = depth_range(target.cpu().numpy(), valid.cpu().numpy())
-            mixed = torch.where(_pixels(hidden[0, k_depth], target.shape), preds["depth"][0, 0].float(), target)
-            row += [paint_hidden(depth_colours(target, valid, lo, hi), hid[k_depth]),
+            pix = hidden_pixels(hidden[0, k_depth], target.shape)
+            mixed = torch.where(pix, preds["depth"][0, 0].float(), target)
+            row += [paint_hidden(depth_colours(target, valid, lo, hi), pix),
                     depth_colours(mixed, torch.ones_like(valid), lo, hi), depth_colours(target, valid, lo, hi)]
             # semseg (1/4 resolution: the model's input and target)
             target = inputs["semseg"][0]
-            pred = preds["semseg"][0].argmax(0)
-            mixed = torch.where(_pixels(hidden[0, k_seg], target.shape), pred, target)
+            pix = hidden_pixels(hidden[0, k_seg], target.shape)
+            mixed = torch.where(pix, preds["semseg"][0].argmax(0), target)
             classes |= set(torch.unique(mixed).tolist()) | set(torch.unique(target).tolist())
-            row += [paint_hidden(label_colours(target, palette), hid[k_seg]), label_colours(mixed, palette),
+            row += [paint_hidden(label_colours(target, palette), pix), label_colours(mixed, palette),
                     label_colours(target, palette)]
             rows.append(row)
             row_titles.append(f"#{i} {title}")
@@ -267,10 +272,3 @@ def reconstruction_figure(net: M.MaskMentor, batch: dict, mcfg: masking.MaskingC
     cell = _cell_height(H) // 2 if H < 192 else 160
     classes.discard(data.IGNORE_INDEX)
     return with_legend(grid(rows, titles, row_titles, cell_height=cell), sorted(classes), names, palette)
-
-
-def _pixels(hidden_patches: torch.Tensor, size) -> torch.Tensor:
-    """Bool[h, w] per patch → Bool[H, W] per pixel."""
-    h, w = hidden_patches.shape
-    H, W = size
-    return hidden_patches.repeat_interleave(H // h, 0).repeat_interleave(W // w, 1)
