@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import data
 import masking
 import model as M
-from train import (Loop, arg, init_encoder, load_checkpoint, param_groups, pick_device, run_cli, start_run,
-                   training_set)
+from train import (Loop, arg, check_common_flags, init_encoder, load_checkpoint, param_groups, pick_device,
+                   run_cli, start_run, training_set)
 
 
 @dataclass
@@ -68,23 +68,13 @@ RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume"}
 
 
 def validate(cfg: FinetuneConfig) -> None:
-    for name in ("epochs", "batch_size", "image_size"):
-        if getattr(cfg, name) <= 0:
-            raise data.UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("subset", "stop_after", "ckpt_every", "workers"):
-        if getattr(cfg, name) < 0:
-            raise data.UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    check_common_flags(cfg)
     if not 0.0 <= cfg.p_missing <= 1.0:
         raise data.UserError(f"--p_missing must be in [0, 1], got {cfg.p_missing}")
     if not 0.0 < cfg.layer_decay <= 1.0:
         raise data.UserError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
     if not 0.0 <= cfg.drop_path < 1.0:
         raise data.UserError(f"--drop_path must be in [0, 1), got {cfg.drop_path}")
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.lr_warmup_epochs < 0:
-        raise data.UserError("--lr must be positive, --min_lr and --lr_warmup_epochs >= 0")
-    patch = M.PRESETS[cfg.config].patch_size
-    if cfg.image_size % patch:
-        raise data.UserError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch}")
 
 
 def sample_present(batch_size: int, p_missing: float, generator, device) -> torch.Tensor:

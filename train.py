@@ -343,25 +343,31 @@ TRAIN_PRESETS = {
 RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume"}
 
 
-def validate(cfg: TrainConfig) -> None:
-    positive = ["epochs", "batch_size", "image_size", "budget", "teacher_iters"]
-    for name in positive:
+def check_common_flags(cfg, positive=(), non_negative=()) -> int:
+    """The checks train.py and finetune.py share (their schedule, run-control and image
+    flags), plus the extra names given; returns the preset's patch size."""
+    for name in ("epochs", "batch_size", "image_size") + tuple(positive):
         if getattr(cfg, name) <= 0:
             raise data.UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("subset", "stop_after", "ckpt_every", "workers", "vis_every"):
+    for name in ("subset", "stop_after", "ckpt_every", "workers") + tuple(non_negative):
         if getattr(cfg, name) < 0:
             raise data.UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.lr_warmup_epochs < 0:
+        raise data.UserError("--lr must be positive, --min_lr and --lr_warmup_epochs >= 0")
+    patch = M.PRESETS[cfg.config].patch_size
+    if cfg.image_size % patch:
+        raise data.UserError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch}")
+    return patch
+
+
+def validate(cfg: TrainConfig) -> None:
+    patch = check_common_flags(cfg, positive=("budget", "teacher_iters", "alpha"), non_negative=("vis_every",))
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise data.UserError(f"--warmup_epochs must be in [0, --epochs={cfg.epochs}], got {cfg.warmup_epochs}")
     if not 0.0 <= cfg.p_drop <= 1.0:
         raise data.UserError(f"--p_drop must be in [0, 1], got {cfg.p_drop}")
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise data.UserError(f"--mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.alpha <= 0 or cfg.lr_warmup_epochs < 0:
-        raise data.UserError("--lr and --alpha must be positive, --min_lr and --lr_warmup_epochs >= 0")
-    patch = M.PRESETS[cfg.config].patch_size
-    if cfg.image_size % patch:
-        raise data.UserError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch}")
     n = (cfg.image_size // patch) ** 2
     if cfg.budget > n:
         raise data.UserError(f"--budget {cfg.budget} exceeds the {n} tokens of one modality")
