@@ -1,4 +1,5 @@
-"""bench.py — how much faster the fused mask_gather op (csrc/) is than the reference.
+"""bench.py — how much faster the fused mask_gather op (csrc/) is than the reference, and
+what the paper's training steps cost.
 
 Times torch.ops.maskmentor.mask_gather against masking.mask_gather_reference on the same
 inputs, in one run: the forward alone, and forward + backward (the gradient w.r.t. x),
@@ -24,6 +25,19 @@ Then, end to end: one pre-training step (sttp.mim: masking, forward, the pixel l
 backward, AdamW) of the `tiny` and `base` models with the op and with the reference,
 alternating, so the op's share of a whole training step is visible too.
 
+With --cost base (or tiny), the paper's training steps at the preset's sizes (base: ViT-B
+at 224/16, batch 12; fine-tuning batch 2 on 640 crops): one MIM, one M²IM and one STTP
+batch (3 teacher + 1 student steps), with the op and with the reference, and one
+fine-tuning step. For each: seconds, images/s, peak memory (GPU: max allocated; CPU: the
+process's max RSS so far), FLOPs (torch.utils.flop_counter), and where the time goes
+(data / forward / backward / optimizer, from a torch.profiler trace of the training
+code's record_function ranges). From these, an ESTIMATE of the paper's whole schedule in
+H100-hours at an assumed utilisation (--peak_tflops, --mfu), and the same schedule
+extrapolated from the step times measured here.
+
+    python bench.py --device cuda --cost base
+    python bench.py --cost base --cost_reps 1 --steps none    # CPU: ~20 min, ~18 GB (fine-tuning)
+
 On CPU, torch allocates with malloc. glibc hands blocks this large (a ViT-B gradient is
 22 MB) back to the kernel when they are freed, or not, depending on the process's
 history; a fresh block costs a page fault per 4 KiB on first write (~5 ms per 22 MB on
@@ -36,10 +50,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import itertools
+import resource
 import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import masking
 
@@ -133,6 +150,13 @@ def main():
                     help="end-to-end pre-training steps to time: none, tiny, or tiny and base")
     ap.add_argument("--step_reps", type=int, default=None,
                     help="repetitions of the step timing (default: 20 tiny, 3 base)")
+    ap.add_argument("--cost", choices=("none", "tiny", "base"), default="none",
+                    help="the paper's training steps at this preset's sizes: time, memory, FLOPs, schedule cost")
+    ap.add_argument("--cost_reps", type=int, default=3, help="timed repetitions per --cost step")
+    ap.add_argument("--peak_tflops", type=float, default=989.0,
+                    help="GPU peak for the schedule estimate (H100 SXM, dense bf16: 989)")
+    ap.add_argument("--mfu", type=float, default=0.35,
+                    help="assumed model FLOP utilisation for the schedule estimate")
     args = ap.parse_args()
 
     if not masking._FUSED_LOADED:
@@ -181,6 +205,9 @@ def main():
     if args.steps != "none":
         print()
         bench_pretrain_steps(["tiny"] if args.steps == "tiny" else ["tiny", "base"], device, args)
+    if args.cost != "none":
+        print()
+        bench_paper_steps(args.cost, device, args)
 
 
 STEP_SHAPES = {"tiny": dict(B=32, size=64, budget=32, reps=20), "base": dict(B=12, size=224, budget=98, reps=3)}
@@ -219,6 +246,152 @@ def bench_pretrain_steps(presets, device, args):
         reps = s["reps"] if args.step_reps is None else args.step_reps
         t_ref, t_op = time_pair([step(False), step(True)], device, reps, warmup=1)
         print(f"{name + f' (B={B}, {H}x{H})':30} {t_ref:12.3f} {t_op:9.3f} {t_ref / t_op:6.2f}x")
+
+
+# -----------------------------------------------------------------------------
+# The paper's training steps at full size: speed, memory, where the time goes, FLOPs, and
+# what the paper's whole schedule would cost
+
+
+# The paper's schedule (§4.1, SPEC.md §4-5): NYU Depth V2's 795 training images; pre-training
+# 100 MIM + 400 STTP epochs at batch 12, fine-tuning 500 epochs at batch 2 (the base presets'
+# batch sizes; with --cost tiny, the tiny presets' sizes on the same schedule).
+PAPER_IMAGES, MIM_EPOCHS, STTP_EPOCHS, FINETUNE_EPOCHS = 795, 100, 400, 500
+LABELS = ("data", "forward", "backward", "optimizer")    # the record_function ranges of the training code
+
+
+def time_split(prof, device) -> dict:
+    """Seconds per label in a profiler trace. CPU: the wall time of the labelled ranges
+    (the backward runs on the calling thread too). CUDA: the GPU time kineto gives each
+    range (its gpu_user_annotation) where it recorded one, else the CPU range."""
+    cpu, gpu = {}, {}
+    for e in prof.events():
+        if e.name in LABELS:
+            where = cpu if e.device_type == torch.autograd.DeviceType.CPU else gpu
+            where[e.name] = where.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e6
+    return {k: (gpu.get(k) if device.type == "cuda" and k in gpu else cpu.get(k, 0.0)) for k in LABELS}
+
+
+def peak_memory(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"   # KiB on Linux
+
+
+def measure(fn, device, reps):
+    """(median seconds of fn over reps runs, the fraction of one profiled run's time in each
+    label and outside them ("other"), peak memory). Run it warm."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    total = time.perf_counter() - t0
+    split = time_split(prof, device)
+    split["other"] = max(0.0, total - sum(split.values()))
+    run = timer(device)
+    return statistics.median(run(fn) for _ in range(reps)), {k: v / total for k, v in split.items()}, \
+        peak_memory(device)
+
+
+def bench_paper_steps(name, device, args):
+    """For the `name` preset at its batch sizes (base: ViT-B at 224/16, batch 12; fine-tuning
+    at batch 2 on 640 crops): one MIM, one M²IM and one STTP batch (3 teacher + 1 student
+    steps) with the fused op and with the reference, and one fine-tuning step (no masking,
+    so one backend). Batches come from the synthetic rooms rendered at the training size,
+    through train.fetch (the loop's "data" range)."""
+    import dataclasses
+
+    import data
+    import finetune
+    import model as M
+    import sttp
+    import train
+
+    pre, ft = train.TRAIN_PRESETS[name], finetune.FINETUNE_PRESETS[name]
+    classes = data.num_classes("nyu")                       # the paper's 40 classes, for the FLOPs
+
+    def batches(image_size, batch_size):
+        """The same images, rendered anew each time (as training renders every batch)."""
+        ds = data.build_dataset("synthetic", None, "train", train=True, image_size=image_size)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=itertools.repeat(list(range(batch_size))),
+                                             collate_fn=data.collate)
+        return train.fetch(loader, device)
+
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def pretraining():
+        """(name, images, one batch's function) for mim, m2im and sttp."""
+        torch.manual_seed(0)
+        net = M.MaskMentor(dataclasses.replace(M.PRESETS[name], image_size=pre["image_size"],
+                                               num_classes=classes)).to(device)
+        opt = torch.optim.AdamW(train.param_groups(net, 0.05), lr=pre["lr"], betas=(0.9, 0.95))
+        ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=pre["budget"]))
+        loader = batches(pre["image_size"], pre["batch_size"])
+        for mode in ("mim", "m2im", "sttp"):
+            yield mode, pre["batch_size"], lambda mode=mode: sttp.OBJECTIVES[mode](net, opt, next(loader), ocfg, g)
+
+    def finetuning():
+        """The same for one fine-tuning step, built once the pre-training steps are measured."""
+        fcfg = finetune.FinetuneConfig(config=name, **ft)
+        seg = M.Segmenter(dataclasses.replace(M.PRESETS[name], image_size=ft["image_size"], num_classes=classes,
+                                              drop_path=ft["drop_path"])).to(device)
+        opt = torch.optim.AdamW(train.param_groups(seg, fcfg.weight_decay, fcfg.layer_decay), lr=ft["lr"])
+        loader = batches(ft["image_size"], ft["batch_size"])
+        yield "finetune", ft["batch_size"], lambda: finetune.train_step(seg, opt, next(loader), fcfg, g)
+
+    print(f"{name} preset: pre-training batch {pre['batch_size']} at {pre['image_size']}px, fine-tuning batch "
+          f"{ft['batch_size']} at {ft['image_size']}px; s/batch: median of {args.cost_reps} after a warm-up, a "
+          f"FLOP-counting and a profiled run, whose time is split by the training code's profiler ranges")
+    head = (f"{'batch':9} {'masking':9} {'s/batch':>8} {'img/s':>7} {'GFLOP':>8} {'TFLOP/s':>8}  "
+            + " ".join(f"{k:>9}" for k in LABELS + ("other",)) + "  peak memory")
+    print(head)
+    print("-" * len(head))
+    cost = {}
+    for step_name, B, fn in itertools.chain(pretraining(), finetuning()):
+        fn()                      # warm-up: first-touch page faults, oneDNN's kernel choices
+        with FlopCounterMode(display=False) as flops:
+            fn()
+        F = flops.get_total_flops()
+        for backend in (("op", "reference") if step_name != "finetune" else ("n/a",)):
+            masking._FUSED_LOADED = backend != "reference"
+            try:
+                t, split, mem = measure(fn, device, args.cost_reps)
+            finally:
+                masking._FUSED_LOADED = True
+            cost.setdefault(step_name, (t, F))              # the op's time: what training uses
+            parts = " ".join(f"{split[k]:9.0%}" for k in LABELS + ("other",))
+            print(f"{step_name:9} {backend:9} {t:8.2f} {B / t:7.2f} {F / 1e9:8.0f} {F / t / 1e12:8.3f}  "
+                  f"{parts}  {mem}")
+    schedule_estimate(cost, pre["batch_size"], ft["batch_size"], device, args)
+
+
+def schedule_estimate(cost, pre_batch, ft_batch, device, args):
+    """The paper's whole schedule, from FLOPs on an H100 at an assumed utilisation, and
+    from the step times measured here."""
+    pre_steps, ft_steps = PAPER_IMAGES // pre_batch, PAPER_IMAGES // ft_batch     # batches per epoch
+    runs = {"pre-training": [("mim", MIM_EPOCHS * pre_steps), ("sttp", STTP_EPOCHS * pre_steps)],
+            "fine-tuning": [("finetune", FINETUNE_EPOCHS * ft_steps)]}
+    rate = args.peak_tflops * 1e12 * args.mfu
+    print(f"\nThe paper's schedule ({MIM_EPOCHS} MIM + {STTP_EPOCHS} STTP epochs at batch {pre_batch}, "
+          f"{FINETUNE_EPOCHS} fine-tuning epochs at batch {ft_batch}, {PAPER_IMAGES} images; the op's step times):")
+    print(f"  ESTIMATE from counted FLOPs (matmuls, convolutions, attention; forward + backward), assuming an "
+          f"H100 at {args.peak_tflops:g} TFLOP/s dense bf16 peak and {args.mfu:.0%} model FLOP utilisation "
+          f"(an assumption, not a measurement):")
+    total_gpu = total_here = 0.0
+    for stage, parts in runs.items():
+        flops = sum(n * cost[s][1] for s, n in parts)
+        here = sum(n * cost[s][0] for s, n in parts)
+        total_gpu, total_here = total_gpu + flops / rate / 3600, total_here + here / 3600
+        batches = " + ".join(f"{n} {s} batches" for s, n in parts)
+        print(f"    {stage:13} {batches}: {flops / 1e15:.4g} PFLOP -> {flops / rate / 3600:.3g} H100-hours; "
+              f"at the step times measured here ({device.type}): {here / 3600:.4g} hours")
+    print(f"    total         {total_gpu:.3g} H100-hours (estimate); {total_here:.4g} hours "
+          f"({total_here / 24:.3g} days) extrapolated from the step times measured here ({device.type})")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ initialised ConvNeXt head is added (model.Segmenter). Each training sample indep
 sees rgb only, depth only, or both (`--p_missing`, default 2/3: one third each), so one
 network learns every input condition; the loss is cross-entropy with 255 ignored.
 The checkpoint goes to `<out_dir>/ckpt.pt`; evaluate.py finds it there by default.
-Same loop, checkpoints and resume as train.py (see `train.Loop`).
+Same loop, checkpoints and resume as train.py (see `train.Loop`), and the same
+`torchrun --nproc_per_node N finetune.py ...` with a global --batch_size.
 """
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 import data
 import masking
 import model as M
-from train import (Loop, arg, check_common_flags, init_encoder, load_checkpoint, param_groups, pick_device,
+import sttp
+from train import (DTYPES, Loop, arg, autocast_dtype, check_common_flags, compile_encoder, data_parallel,
+                   grad_scaler, init_distributed, init_encoder, load_checkpoint, param_groups, pick_device,
                    run_cli, start_run, training_set)
 
 
@@ -39,7 +43,7 @@ class FinetuneConfig:
     init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
     config: str = arg("tiny", "model preset (default: the pre-training checkpoint's)", tuple(M.PRESETS))
     epochs: int = arg(6, "epochs (paper: 500)")
-    batch_size: int = arg(32, "images per batch (paper: 2)")
+    batch_size: int = arg(32, "images per batch, over all processes under torchrun (paper: 2)")
     lr: float = arg(1e-3, "peak learning rate (paper: 3e-5)")
     min_lr: float = arg(0.0, "final learning rate of the cosine schedule")
     lr_warmup_epochs: float = arg(0.5, "linear learning-rate warm-up from 0, in epochs")
@@ -48,6 +52,7 @@ class FinetuneConfig:
     drop_path: float = arg(0.0, "stochastic depth in the encoder (MultiMAE: 0.1)")
     image_size: int = arg(64, "training crop size")
     p_missing: float = arg(2 / 3, "probability that a sample misses rgb or depth (either, equally)")
+    clip_grad: float = arg(0.0, "gradient-norm clipping (0 = off)")
     seed: int = arg(0, "seed of data order, modality choice and head initialisation")
     out_dir: str = arg("out/finetune", "where ckpt.pt, log.jsonl and loss_curve.png go")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt")
@@ -55,7 +60,8 @@ class FinetuneConfig:
     ckpt_every: int = arg(0, "also checkpoint every N batches (0 = at the end of each epoch)")
     workers: int = arg(0, "DataLoader worker processes")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    amp: bool = arg(False, "bfloat16 autocast (GPU)")
+    dtype: str = arg("float32", "autocast dtype; float16 adds loss scaling", tuple(DTYPES))
+    compile: bool = arg(False, "torch.compile the encoder blocks (most of the compute)")
 
 
 FINETUNE_PRESETS = {
@@ -64,7 +70,7 @@ FINETUNE_PRESETS = {
     # layer decay 0.75 and drop path 0.1 for what the paper leaves unsaid.
     "base": dict(epochs=500, batch_size=2, lr=3e-5, image_size=640, drop_path=0.1, lr_warmup_epochs=1.0),
 }
-RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume"}
+RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "compile"}
 
 
 def validate(cfg: FinetuneConfig) -> None:
@@ -79,7 +85,8 @@ def validate(cfg: FinetuneConfig) -> None:
 
 def sample_present(batch_size: int, p_missing: float, generator, device) -> torch.Tensor:
     """Which of (rgb, depth) each sample shows: Bool[B, 2]. With probability p_missing/2
-    rgb only, p_missing/2 depth only, else both (never neither)."""
+    rgb only, p_missing/2 depth only, else both (never neither). Under torchrun drawn for
+    the global batch, each process keeping its rows (sttp.rank_rows)."""
     u = torch.rand(batch_size, generator=generator, device=device)
     rgb = u >= p_missing / 2                                   # not "depth only"
     depth = (u < p_missing / 2) | (u >= p_missing)             # not "rgb only"
@@ -87,10 +94,30 @@ def sample_present(batch_size: int, p_missing: float, generator, device) -> torc
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over labelled pixels (255 ignored); 0 for a batch with none."""
+    """Cross-entropy over labelled pixels (255 ignored); 0 for a batch with none. Under
+    torchrun: over the global batch's labelled pixels (sttp.global_mean)."""
+    if sttp.rank_and_world()[1] > 1:
+        ce = F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX, reduction="sum")
+        return sttp.global_mean(ce, (target != M.IGNORE_INDEX).sum())
     if not (target != M.IGNORE_INDEX).any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX)
+
+
+def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, dtype=None, scaler=None) -> dict:
+    """One fine-tuning step on a batch (this process's rows of it under torchrun): which
+    modalities each sample shows, forward (autocast to `dtype`), cross-entropy, backward,
+    optimiser step. `model` is the Segmenter, or it wrapped in DDP."""
+    device = batch["rgb"].device
+    with record_function("forward"):
+        inputs = M.prepare_inputs({"rgb": batch["rgb"], "depth": batch["depth"]})
+        present = sample_present(batch["rgb"].shape[0] * sttp.rank_and_world()[1], cfg.p_missing, generator,
+                                 device)
+        with sttp.autocast(device, dtype):
+            logits = model(inputs, sttp.rank_rows(present))
+        loss = segmentation_loss(logits, batch["semseg"])
+    sttp.optimizer_step(model, optimizer, loss, cfg.clip_grad, scaler)
+    return {"loss": float(loss.detach())}
 
 
 def load_pretrained(path: str) -> dict:
@@ -120,7 +147,8 @@ def main(argv=None):
             cfg, _ = start_run(FinetuneConfig, ["--config", preset] + argv, FINETUNE_PRESETS, RUN_CONTROL,
                                "finetune")
     validate(cfg)
-    device = pick_device(cfg.device)
+    _, _, device = init_distributed(pick_device(cfg.device))
+    dtype = autocast_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
@@ -145,28 +173,23 @@ def main(argv=None):
         print("no pre-training (--pretrained none): the baseline, encoder randomly initialised")
     net.to(device)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
+    scaler = grad_scaler(dtype, device)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "finetune", "model_config": dataclasses.asdict(model_cfg),
-                       "dataset": cfg.dataset})
+                       "dataset": cfg.dataset}, scaler=scaler)
     if ckpt is not None:
         loop.resume(ckpt)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+    if cfg.compile:
+        compile_encoder(net)
+    # Every parameter gets a gradient in every step, even when no sample of a process shows
+    # one of the modalities: its tokens still run through the encoder (as padding), weighted
+    # by 0 (tests/test_distributed.py checks it). So DDP needs no find_unused_parameters.
+    model = data_parallel(net, device)
     print(f"fine-tuning on {cfg.dataset} ({len(dataset)} images) on {device}, "
           f"p_missing={cfg.p_missing:.2f}; {masking.backend()}")
 
-    def step(batch, epoch):
-        inputs = M.prepare_inputs({"rgb": batch["rgb"], "depth": batch["depth"]})
-        present = sample_present(batch["rgb"].shape[0], cfg.p_missing, generator, device)
-        with amp:
-            logits = net(inputs, present)
-        loss = segmentation_loss(logits, batch["semseg"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return {"loss": float(loss.detach())}
-
     net.train()
-    loop.run(step)
+    loop.run(lambda batch, epoch: train_step(model, optimizer, batch, cfg, generator, dtype, scaler))
     return net
 
 

@@ -28,6 +28,7 @@ from functools import lru_cache
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -190,11 +191,19 @@ class Mlp(nn.Module):
 
 
 def drop_path(x, p: float, training: bool):
-    """Stochastic depth: drop a residual branch for whole samples (timm's DropPath)."""
+    """Stochastic depth: drop a residual branch for whole samples (timm's DropPath). Under
+    torchrun the draw is made for the global batch (every process's generator is seeded
+    alike) and each process keeps its rows, so the processes drop what one process would
+    (sttp.py, "Several processes")."""
     if p == 0.0 or not training:
         return x
-    keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) >= p
-    return x * keep.to(x.dtype) / (1 - p)
+    shape = (x.shape[0], *([1] * (x.dim() - 1)))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        u = torch.rand(shape[0] * world, *shape[1:], device=x.device).chunk(world)[rank]
+    else:
+        u = torch.rand(shape, device=x.device)
+    return x * (u >= p).to(x.dtype) / (1 - p)
 
 
 class Block(nn.Module):

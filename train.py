@@ -4,6 +4,7 @@
     python train.py --dataset nyu --config base     # the paper's setting (GPU)
     python train.py --mode m2im                     # an ablation row of Table 3
     python train.py --resume                        # continue out/pretrain/ckpt.pt exactly
+    torchrun --nproc_per_node 4 train.py --config base --dtype bfloat16   # 4 GPUs
 
 Every flag is a field of `TrainConfig` below (`python train.py --help`); `--config`
 picks the model preset and that preset's training defaults, other flags override them.
@@ -15,12 +16,20 @@ the config, optimiser, RNG states and position inside the epoch, so an interrupt
 reconstructs from complete, rgb-only and depth-only input, on the same test images.
 
 The top of this file also holds what the three scripts share — command-line parsing,
-checkpoints, the learning-rate schedule, parameter groups — so finetune.py and
-evaluate.py import it from here.
+checkpoints, the learning-rate schedule, parameter groups, several processes under
+torchrun, mixed precision — so finetune.py and evaluate.py import it from here.
+
+Under `torchrun --nproc_per_node N` each process drives one GPU (or CPU process) through
+DistributedDataParallel. --batch_size stays the global batch: each process takes its
+contiguous slice of every batch, so the schedule, the checkpoint's position and the
+learning rate don't depend on N, a run resumes on a different N, and N processes compute
+what one does on the same batches (up to float rounding; sttp.py says how).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
+import builtins
 import dataclasses
 import json
 import math
@@ -28,10 +37,14 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from tqdm import tqdm
 
 import data
@@ -95,6 +108,79 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise data.UserError(f"--device {name}: no CUDA device is visible")
     return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join torchrun's process group when it started several processes (WORLD_SIZE > 1):
+    NCCL between GPUs, Gloo between CPU processes, and each process takes the GPU
+    cuda:LOCAL_RANK. Every process runs the same script; from here on only rank 0 prints
+    (as MultiMAE's setup_for_distributed does), errors to stderr excepted. Returns (rank,
+    number of processes, device); without torchrun (0, 1, device), nothing touched."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():               # once per process (finetune.main after train.main)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        atexit.register(dist.destroy_process_group)
+        if dist.get_rank() != 0:
+            builtin_print = builtins.print
+
+            def print_errors_only(*args, **kwargs):
+                if kwargs.get("file") is sys.stderr:
+                    builtin_print(*args, **kwargs)
+
+            builtins.print = print_errors_only
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def data_parallel(net: torch.nn.Module, device: torch.device,
+                  find_unused_parameters: bool = False) -> torch.nn.Module:
+    """The network the training steps run: `net` itself in one process; under torchrun `net`
+    wrapped in DistributedDataParallel, whose backward all-reduces (averages) the gradients.
+    Checkpoints keep saving `net`, so their format doesn't depend on the process count.
+    find_unused_parameters: some parameter may get no gradient in a step (DDP must then
+    look for them after each forward, or it waits for their gradients forever)."""
+    if sttp.rank_and_world()[1] == 1:
+        return net
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
+
+
+def compile_encoder(net: M.MultiViT) -> None:
+    """--compile: torch.compile each encoder block, in place (parameter names don't change).
+    Not the whole network: the masking's visible-token count is data-dependent (the fused
+    op's output size, the Python branches on which modalities were dropped), which breaks
+    the graph; the ViT blocks are most of the compute and have fixed shapes."""
+    for block in net.encoder:
+        block.compile()
+
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """--dtype -> the autocast dtype (None: float32, no autocast). One line when this
+    device's autocast does not support it (torch would only warn and run float32)."""
+    dtype = DTYPES[name]
+    if dtype is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                torch.autocast(device.type, dtype=dtype)
+            except RuntimeError as e:            # e.g. bfloat16 on a GPU without it
+                caught.append(e)
+        if caught:
+            why = str(getattr(caught[0], "message", caught[0])).splitlines()[0]
+            raise data.UserError(f"--dtype {name}: autocast on {device.type} does not support it ({why})")
+    return dtype
+
+
+def grad_scaler(dtype: Optional[torch.dtype], device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """float16 needs loss scaling (its gradients underflow); bfloat16 has float32's range."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 def save_checkpoint(obj: dict, path: str) -> None:
@@ -236,15 +322,22 @@ def to_device(batch: dict, device) -> dict:
 
 
 def rng_state(generator: torch.Generator) -> dict:
+    cuda = torch.cuda.is_available()
     return {"torch": torch.get_rng_state(), "mask": generator.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state_all() if cuda else [],
+            "cuda_device": torch.cuda.current_device() if cuda else None}
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     generator.set_state(state["mask"])
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if sttp.rank_and_world()[1] > 1:
+            # Every process's GPU had the saving process's GPU stream (all draw alike, for
+            # the global batch): each restores that one into its own GPU.
+            torch.cuda.set_rng_state(state["cuda"][state.get("cuda_device") or 0])
+        else:
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def check_resume(saved: dict, cfg, given: set, run_control: set) -> None:
@@ -305,7 +398,7 @@ class TrainConfig:
     mode: str = arg("sttp", "objective after the warm-up", tuple(sttp.OBJECTIVES))
     warmup_epochs: int = arg(1, "epochs of plain MIM on complete modalities first (paper: ~100)")
     epochs: int = arg(4, "total epochs, warm-up included (paper: 100 + 400)")
-    batch_size: int = arg(32, "images per batch (paper: 12)")
+    batch_size: int = arg(32, "images per batch, over all processes under torchrun (paper: 12)")
     lr: float = arg(1e-3, "peak learning rate (paper: 1e-5)")
     min_lr: float = arg(0.0, "final learning rate of the cosine schedule")
     lr_warmup_epochs: float = arg(0.5, "linear learning-rate warm-up from 0, in epochs")
@@ -329,7 +422,8 @@ class TrainConfig:
     ckpt_every: int = arg(0, "also checkpoint every N batches (0 = at the end of each epoch)")
     workers: int = arg(0, "DataLoader worker processes")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    amp: bool = arg(False, "bfloat16 autocast (GPU)")
+    dtype: str = arg("float32", "autocast dtype; float16 adds loss scaling", tuple(DTYPES))
+    compile: bool = arg(False, "torch.compile the encoder blocks (masking breaks whole-model graphs)")
 
 
 TRAIN_PRESETS = {
@@ -340,7 +434,7 @@ TRAIN_PRESETS = {
     "base": dict(image_size=224, budget=98, batch_size=12, lr=1e-5, epochs=500, warmup_epochs=100,
                  lr_warmup_epochs=0.0, vis_every=20),
 }
-RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume"}
+RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "compile"}
 
 
 def check_common_flags(cfg, positive=(), non_negative=()) -> int:
@@ -349,7 +443,7 @@ def check_common_flags(cfg, positive=(), non_negative=()) -> int:
     for name in ("epochs", "batch_size", "image_size") + tuple(positive):
         if getattr(cfg, name) <= 0:
             raise data.UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("subset", "stop_after", "ckpt_every", "workers") + tuple(non_negative):
+    for name in ("subset", "stop_after", "ckpt_every", "workers", "clip_grad") + tuple(non_negative):
         if getattr(cfg, name) < 0:
             raise data.UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.lr_warmup_epochs < 0:
@@ -377,13 +471,13 @@ def validate(cfg: TrainConfig) -> None:
         raise data.UserError("--mode kd needs --teacher PATH (a pre-training checkpoint, e.g. from --mode mim)")
 
 
-def objective_config(cfg: TrainConfig, device) -> sttp.ObjectiveConfig:
+def objective_config(cfg: TrainConfig, dtype: Optional[torch.dtype],
+                     scaler: Optional[torch.amp.GradScaler]) -> sttp.ObjectiveConfig:
     mc = masking.MaskingConfig(budget=cfg.budget, alpha=cfg.alpha, p_drop=cfg.p_drop,
                                patch_masking=cfg.patch_masking, mask_ratio=cfg.mask_ratio,
                                at_least_one_dropped=cfg.at_least_one_dropped)
-    amp = torch.bfloat16 if cfg.amp else None
     return sttp.ObjectiveConfig(masking=mc, teacher_iters=cfg.teacher_iters, token_weight=cfg.token_weight,
-                                clip_grad=cfg.clip_grad, amp_dtype=amp)
+                                clip_grad=cfg.clip_grad, amp_dtype=dtype, scaler=scaler)
 
 
 def load_teacher(path: str, model_cfg: M.ModelConfig, device) -> M.MaskMentor:
@@ -400,18 +494,41 @@ def load_teacher(path: str, model_cfg: M.ModelConfig, device) -> M.MaskMentor:
 # The training loop (shared with finetune.py)
 
 
+def fetch(loader, device):
+    """The loader's batches, on the device; the fetching and the copy under the profiler
+    label "data" (bench.py's time split; a label costs nothing when no profiler runs)."""
+    batches = iter(loader)
+    while True:
+        with record_function("data"):
+            batch = next(batches, None)
+            if batch is None:
+                return
+            batch = to_device(batch, device)
+        yield batch
+
+
 class Loop:
     """Epochs of deterministic batches with the lr schedule, a progress bar, per-epoch
     logs and a loss curve, atomic checkpoints, exact resume and a graceful stop.
 
     `cfg` needs the fields epochs, batch_size, lr, min_lr, lr_warmup_epochs, seed,
     out_dir, stop_after, ckpt_every and workers (TrainConfig and FinetuneConfig have them).
-    `extra` goes into every checkpoint beside the standard keys.
+    `net` is the bare network, the one checkpoints save (the step function may run it
+    wrapped in DDP). `extra` goes into every checkpoint beside the standard keys; so does
+    the state of `scaler` (float16's GradScaler), for an exact resume.
+
+    Under torchrun every process runs the loop on its contiguous slice of each global
+    batch of `epoch_batches` (a per-(seed, epoch) permutation: what DistributedSampler
+    with per-epoch shuffling would do, but independent of the process count). Rank 0
+    alone shows the progress bar and writes logs, checkpoints and pictures.
     """
 
-    def __init__(self, cfg, net, optimizer, dataset, generator, device, extra: dict):
+    def __init__(self, cfg, net, optimizer, dataset, generator, device, extra: dict, scaler=None):
         self.cfg, self.net, self.optimizer, self.dataset = cfg, net, optimizer, dataset
-        self.generator, self.device, self.extra = generator, device, extra
+        self.generator, self.device, self.extra, self.scaler = generator, device, extra, scaler
+        self.rank, self.world = sttp.rank_and_world()
+        if cfg.batch_size % self.world:
+            raise data.UserError(f"--batch_size {cfg.batch_size} is not divisible by the {self.world} processes")
         self.path = os.path.join(cfg.out_dir, "ckpt.pt")
         self.batches_per_epoch = len(dataset) // cfg.batch_size
         if self.batches_per_epoch == 0:
@@ -423,40 +540,60 @@ class Loop:
     def resume(self, ckpt: dict) -> None:
         self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng_state"], self.generator)
         self.epoch, self.batch, self.history = ckpt["epoch"], ckpt["batch"], ckpt["history"]
 
     def checkpoint(self) -> None:
-        it = self.epoch * self.batches_per_epoch + self.batch
-        save_checkpoint({"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                         "scheduler": {"it": it, "total": self.total_its, "warmup": self.warmup_its},
-                         "epoch": self.epoch, "batch": self.batch, "step": it,
-                         "config": dataclasses.asdict(self.cfg), "rng_state": rng_state(self.generator),
-                         "history": self.history, "version": VERSION, **self.extra}, self.path)
+        """Rank 0 writes; under DDP the processes first check that they hold the same weights
+        and afterwards wait for the write, so that none moves on without it on disk."""
+        if self.world > 1:
+            self._check_processes_agree()
+        if self.rank == 0:
+            it = self.epoch * self.batches_per_epoch + self.batch
+            scaler = {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
+            save_checkpoint({"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                             "scheduler": {"it": it, "total": self.total_its, "warmup": self.warmup_its},
+                             "epoch": self.epoch, "batch": self.batch, "step": it,
+                             "config": dataclasses.asdict(self.cfg), "rng_state": rng_state(self.generator),
+                             "history": self.history, "version": VERSION, **scaler, **self.extra}, self.path)
+        if self.world > 1:
+            dist.barrier()
 
     def run(self, step, phase=lambda epoch: "", after_epoch=lambda epochs_done: None) -> None:
         """step(batch on device, epoch) does one batch's optimiser step(s) and returns a dict
         of numbers, "loss" among them; phase(epoch) names the epoch's stage for the logs;
-        after_epoch(epochs done) runs after each epoch's checkpoint (pictures)."""
+        after_epoch(epochs done) runs on rank 0 after each epoch's checkpoint (pictures)."""
         cfg = self.cfg
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        main = self.rank == 0
+        if main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        if self.world > 1:
+            print(f"{self.world} processes: batches of {cfg.batch_size} images in all, "
+                  f"{cfg.batch_size // self.world} per process; lr {cfg.lr:g} as given, not rescaled: "
+                  f"the global batch does not change with the number of processes")
         done_here = 0
         with GracefulStop() as stop:
             while self.epoch < cfg.epochs:
                 epoch, name = self.epoch, phase(self.epoch)
                 self.dataset.set_epoch(epoch)
                 batches = epoch_batches(len(self.dataset), cfg.batch_size, cfg.seed, epoch)
+                if self.world > 1:                           # this process's slice of each batch
+                    per = cfg.batch_size // self.world
+                    batches = [b[self.rank * per:(self.rank + 1) * per] for b in batches]
                 loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[self.batch:],
                                                      num_workers=cfg.workers, collate_fn=data.collate)
                 resumed = self.history and self.history[-1]["epoch"] == epoch + 1 and self.batch > 0
                 sums = dict(self.history[-1]["_sums"]) if resumed else {}
                 t0 = time.time()
-                bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} {name}".rstrip(), initial=self.batch,
-                           total=self.batches_per_epoch, leave=False, dynamic_ncols=True, disable=None)
+                bar = tqdm(fetch(loader, self.device), desc=f"epoch {epoch + 1}/{cfg.epochs} {name}".rstrip(),
+                           initial=self.batch, total=self.batches_per_epoch, leave=False, dynamic_ncols=True,
+                           disable=None if main else True)
                 for batch in bar:
                     it = epoch * self.batches_per_epoch + self.batch
                     set_lr(self.optimizer, lr_at(it, self.total_its, self.warmup_its, cfg.lr, cfg.min_lr))
-                    logs = step(to_device(batch, self.device), epoch)
+                    logs, requested = self._agree(step(batch, epoch), stop.requested)
                     if not math.isfinite(logs["loss"]):
                         raise data.UserError(f"the loss became {logs['loss']} at epoch {epoch + 1}, "
                                              f"batch {self.batch}; try a lower --lr")
@@ -466,7 +603,7 @@ class Loop:
                     bar.set_postfix(loss=f"{logs['loss']:.3f}")
                     self.batch += 1
                     done_here += 1
-                    halt = stop.requested or (cfg.stop_after and done_here >= cfg.stop_after)
+                    halt = requested or (cfg.stop_after and done_here >= cfg.stop_after)
                     if self.batch < self.batches_per_epoch and (
                             halt or (cfg.ckpt_every and self.batch % cfg.ckpt_every == 0)):
                         self._record(name, sums, partial=True)
@@ -481,16 +618,40 @@ class Loop:
                 print(f"epoch {epoch + 1}/{cfg.epochs} {name} ".replace("  ", " ") +
                       " ".join(f"{k}={v:.4f}" for k, v in h.items() if k not in ("epoch", "mode")) +
                       f" ({time.time() - t0:.0f}s)")
-                with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(h) + "\n")
+                if main:
+                    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+                        f.write(json.dumps(h) + "\n")
                 self.epoch, self.batch = epoch + 1, 0
                 self.checkpoint()
-                save_curve(self.history, os.path.join(cfg.out_dir, "loss_curve.png"))
-                after_epoch(self.epoch)
-                if (stop.requested or (cfg.stop_after and done_here >= cfg.stop_after)) and self.epoch < cfg.epochs:
+                if main:
+                    save_curve(self.history, os.path.join(cfg.out_dir, "loss_curve.png"))
+                    after_epoch(self.epoch)
+                requested = self._agree({}, stop.requested)[1]
+                if (requested or (cfg.stop_after and done_here >= cfg.stop_after)) and self.epoch < cfg.epochs:
                     print(f"stopped at the end of epoch {self.epoch}; --resume continues from {self.path}")
                     return
-        print(f"done: {self.path}")
+        agree = f" (the {self.world} processes' weights were equal at every checkpoint)" if self.world > 1 else ""
+        print(f"done: {self.path}{agree}")
+
+    def _agree(self, logs: dict, requested: bool) -> tuple[dict, bool]:
+        """Under DDP, one all-reduce: the logged numbers averaged over the processes (each
+        logs its share of the global-batch losses, sttp.global_mean, so the average is the
+        global batch's), and whether any process was asked to stop (Ctrl-C reaches them in
+        different batches; all must stop after the same one). One process: as given."""
+        if self.world == 1:
+            return logs, requested
+        t = torch.tensor([*logs.values(), float(requested)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(logs, (t[:-1] / self.world).tolist())), bool(t[-1] > 0)
+
+    def _check_processes_agree(self) -> None:
+        """DDP keeps the processes' weights equal (same start, same averaged gradients);
+        checked at every checkpoint from each parameter's sum, gathered from all."""
+        sums = torch.stack([p.detach().double().sum() for p in self.net.parameters()])
+        gathered = [torch.empty_like(sums) for _ in range(self.world)]
+        dist.all_gather(gathered, sums)
+        if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+            raise RuntimeError("the processes' weights differ: DDP lost their synchronisation")
 
     def _record(self, name: str, sums: dict, partial: bool) -> dict:
         """Per-epoch means of the logged numbers; a partial epoch keeps its running sums."""
@@ -529,8 +690,11 @@ def start_run(cls, argv, presets, run_control: set, kind: str):
     if not cfg.resume:
         return cfg, None
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), kind)
-    check_resume(ckpt["config"], cfg, given, run_control)
-    return dataclasses.replace(cls(**ckpt["config"]), **{k: getattr(cfg, k) for k in run_control}), ckpt
+    saved = dict(ckpt["config"])
+    if "amp" in saved:                  # a checkpoint from before --dtype: --amp was bfloat16
+        saved["dtype"] = "bfloat16" if saved.pop("amp") else "float32"
+    check_resume(saved, cfg, given, run_control)
+    return dataclasses.replace(cls(**saved), **{k: getattr(cfg, k) for k in run_control}), ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -539,8 +703,10 @@ def start_run(cls, argv, presets, run_control: set, kind: str):
 def main(argv=None):
     cfg, ckpt = start_run(TrainConfig, argv, TRAIN_PRESETS, RUN_CONTROL, "pretrain")
     validate(cfg)
-    device = pick_device(cfg.device)
+    rank, _, device = init_distributed(pick_device(cfg.device))
+    dtype = autocast_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
+    # Seeded alike in every process: masking is drawn for the global batch (sttp.rank_rows).
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     dataset = training_set(cfg)
@@ -551,11 +717,19 @@ def main(argv=None):
         init_encoder(net, cfg.init)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     teacher = load_teacher(cfg.teacher, model_cfg, device) if cfg.mode == "kd" else None
-    ocfg = objective_config(cfg, device)
+    scaler = grad_scaler(dtype, device)
+    ocfg = objective_config(cfg, dtype, scaler)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
-                extra={"kind": "pretrain", "model_config": dataclasses.asdict(model_cfg)})
+                extra={"kind": "pretrain", "model_config": dataclasses.asdict(model_cfg)}, scaler=scaler)
     if ckpt is not None:
         loop.resume(ckpt)
+    if cfg.compile:
+        compile_encoder(net)
+    # Every parameter gets a gradient in every step, except in --mode token: there the
+    # student's loss is the token loss alone, which reaches neither the MIM heads' pixel
+    # layers (decoder_transformer, out_proj) nor the norm_rgb head (the token loss compares
+    # rgb, depth and semseg tokens). tests/test_distributed.py checks both.
+    model = data_parallel(net, device, find_unused_parameters=cfg.mode == "token")
 
     print(f"pre-training {cfg.config} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters) "
           f"on {cfg.dataset} ({len(dataset)} images) on {device}; {masking.backend()}")
@@ -564,10 +738,10 @@ def main(argv=None):
     phase = lambda epoch: "mim" if epoch < cfg.warmup_epochs else cfg.mode
 
     def step(batch, epoch):
-        return sttp.OBJECTIVES[phase(epoch)](net, optimizer, batch, ocfg, generator, teacher)
+        return sttp.OBJECTIVES[phase(epoch)](model, optimizer, batch, ocfg, generator, teacher)
 
     after_epoch = lambda done: None
-    if cfg.vis_every:
+    if cfg.vis_every and rank == 0:
         shown = picture_batch(cfg, device)
         names, palette = data.CLASS_NAMES[cfg.dataset], data.palette(cfg.dataset)
 
