@@ -554,14 +554,28 @@ def synthetic_scene_rng(split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([_SYNTHETIC_BASE_SEED, _SYNTHETIC_SPLIT_KEY[split], index])
 
 
+# Rendering one 64x64 scene takes ~2 ms, a third of a tiny training step. reproduce.py,
+# which trains dozens of models on the same scenes in one process, sets this to {} so each
+# scene is rendered once; None (the default) keeps no renders.
+render_cache: Optional[dict] = None
+
+
 def render_synthetic(split: str, index: int, size: int = SYNTHETIC_SIZE) -> tuple:
     """Sample `index` of `split` as numpy arrays: (rgb uint8 [H, W, 3], depth float32
-    [H, W] metres, label int64 [H, W] with void boundaries)."""
+    [H, W] metres, label int64 [H, W] with void boundaries). Read-only when cached."""
+    key = (split, index, size)
+    if render_cache is not None and key in render_cache:
+        return render_cache[key]
     rng = synthetic_scene_rng(split, index)
     scene = sample_scene(rng)
     clean = render_scene(scene, size)
     rgb, depth = add_sensor_nuisances(clean, rng)
-    return rgb, depth, boundary_void(clean["label"], clean["depth"])
+    out = (rgb, depth, boundary_void(clean["label"], clean["depth"]))
+    if render_cache is not None:
+        for a in out:
+            a.setflags(write=False)
+        render_cache[key] = out
+    return out
 
 
 class SyntheticRooms(torch.utils.data.Dataset):

@@ -1,0 +1,610 @@
+"""reproduce.py — the paper's ablations (Tables 3 and 4) at toy scale, with seeds, equal
+budgets, the cost of each pre-training, and a robustness table the paper does not have.
+
+    python reproduce.py             # 6 variants x 3 seeds on the synthetic rooms (~35 min on 2 cores)
+    python reproduce.py --quick     # a miniature of everything (~1 min): checks the machinery, not the ordering
+
+The paper's claim is an ordering (SPEC.md §7): on missing-modality input M²IM beats plain
+multi-modal MIM, and STTP's self-teaching beats both, while costing less than a separately
+trained teacher. For every seed, each variant below is pre-trained (train.py), fine-tuned
+(finetune.py) and evaluated on rgb+depth, rgb only and depth only (evaluate.py), in-process,
+with the same data, seeds and budgets:
+
+    variant      pre-training (after the same MIM warm-up)          the paper's row
+    baseline     none                                               Table 3 "baseline"
+    mim          plain MIM on complete modalities throughout        Table 3 "+ MIM"
+    m2im         M²IM (Algorithm 1, then patch masking)             Table 3 "+ M²IM", Table 4 "Pixel-level MIM"
+    maskmentor   STTP: 3 teacher + 1 student step per batch         Table 3 "+ M²IM + STTP", Table 4 "MaskMentor"
+    token        STTP with a token-loss-only student                Table 4 "Token-level MIM"
+    kd           M²IM + the token loss to a separate, frozen        Table 4 "KD + M²IM"
+                 teacher: the `mim` model of the same seed
+
+Equal budgets. STTP makes 4 optimiser steps per batch (§3.4), the others one, so the
+pixel-only variants get 4x as many epochs after the warm-up: every pre-training makes the
+same number of optimiser steps, each on one batch of the same size, i.e. sees the same
+number of images (counted, not assumed: see BudgetCounter), drawn from the same images in
+the same per-epoch orders. Fine-tuning and evaluation are identical for all variants.
+`kd` additionally needs its teacher's pre-training; the cost section says what that costs.
+
+Outputs in --out_dir (default results/): ablation.md (tables laid out like the paper's, its
+NYU numbers beside ours), ablation.json (everything, per seed), ablation.png (grouped bars
+with ± 1 std). Every run keeps its checkpoints and logs under --work_dir; a finished run is
+reused and an interrupted one resumes from its checkpoint (bit for bit), so re-running the
+command after a crash or Ctrl-C picks up where it stopped.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from tqdm import tqdm
+
+import data
+import evaluate
+import finetune
+import masking
+import model as M
+import sttp
+import train
+from train import arg
+
+# -----------------------------------------------------------------------------
+# The variants, and the paper's NYUDepthV2 numbers for them (Tables 3 and 4; mIoU, mAcc)
+
+VARIANTS = {
+    #  name        train.py --mode    label in our tables       paper: rgbd, rgb, depth (mIoU, mAcc)
+    "baseline":   (None,   "baseline (no pre-training)", ((56.0, 68.7), (46.7, 56.3), (33.8, 44.2))),
+    "mim":        ("mim",  "+ MIM",                      ((56.8, 69.9), (47.2, 59.2), (38.9, 50.6))),
+    "m2im":       ("m2im", "+ M²IM (pixel-level)",       ((56.8, 70.0), (52.0, 65.9), (42.5, 55.2))),
+    "maskmentor": ("sttp", "+ M²IM + STTP (MaskMentor)", ((57.9, 70.4), (53.3, 66.5), (44.0, 56.8))),
+    "token":      ("token", "token-level MIM",           ((56.6, 69.2), (50.4, 63.3), (39.5, 50.3))),
+    "kd":         ("kd",   "KD + M²IM (separate teacher)", ((56.8, 69.3), (50.7, 65.1), (43.1, 55.8))),
+}
+TABLE3 = ("baseline", "mim", "m2im", "maskmentor")
+TABLE4 = ("m2im", "token", "kd", "maskmentor")
+SETTINGS = tuple(evaluate.SETTINGS)               # rgbd, rgb, depth
+TEACHER_ITERS = 3                                 # §3.4; train.py's default
+SELF_TEACHING = ("sttp", "token")                 # the modes with TEACHER_ITERS + 1 steps per batch
+ROBUST_VARIANTS = ("mim", "maskmentor")           # the checkpoints the robustness table compares
+
+
+def steps_per_batch(mode: str) -> int:
+    return TEACHER_ITERS + 1 if mode in SELF_TEACHING else 1
+
+
+def pretrain_epochs(mode: str, warmup: int, main: int) -> int:
+    """Total epochs of a variant so that all make the same optimiser steps: the warm-up
+    (plain MIM, one step a batch) plus `main` epochs of STTP-sized work (4 steps a batch)."""
+    return warmup + main * steps_per_batch("sttp") // steps_per_batch(mode)
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ReproConfig:
+    """The paper's ablations at toy scale: variants x seeds, pre-trained, fine-tuned and evaluated."""
+    seeds: int = arg(3, "seeds 0..N-1; tables show mean ± std over them")
+    variants: str = arg(",".join(VARIANTS), "comma-separated variants to run (kd needs mim)")
+    quick: bool = arg(False, "a miniature of everything for CI: checks the machinery, not the ordering")
+    pretrain_images: int = arg(2000, "pre-training images (the first N of the synthetic training split)")
+    finetune_images: int = arg(500, "labelled fine-tuning images (the first N of the training split)")
+    test_images: int = arg(500, "test images (the first N of the synthetic test split)")
+    batch_size: int = arg(32, "images per batch, pre-training and fine-tuning")
+    warmup_epochs: int = arg(1, "MIM warm-up epochs on complete modalities, every pre-trained variant")
+    main_epochs: int = arg(2, "epochs of STTP after the warm-up (pixel-only variants: 4x as many)")
+    finetune_epochs: int = arg(10, "fine-tuning epochs")
+    jobs: int = arg(2, "runs in parallel (processes of --threads threads each)")
+    threads: int = arg(1, "torch threads per run")
+    work_dir: str = arg("out/reproduce", "checkpoints and logs of every run (finished runs are reused)")
+    out_dir: str = arg("results", "where ablation.md, ablation.json and ablation.png go")
+
+
+QUICK = dict(seeds=2, pretrain_images=64, finetune_images=64, test_images=32, batch_size=16, warmup_epochs=1,
+             main_epochs=1, finetune_epochs=2, work_dir="out/reproduce-quick", out_dir="out/reproduce-quick/results")
+
+
+def parse(argv=None) -> ReproConfig:
+    cfg, given = train.parse_config(ReproConfig, argv)
+    if cfg.quick:       # the miniature's defaults; flags given explicitly still win
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in QUICK.items() if k not in given})
+    names = [v for v in cfg.variants.split(",") if v]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise data.UserError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    if "kd" in names and "mim" not in names:
+        raise data.UserError("--variants: kd's teacher is the mim run, so kd needs mim too")
+    for name in ("seeds", "pretrain_images", "finetune_images", "test_images", "batch_size", "main_epochs",
+                 "finetune_epochs", "jobs", "threads"):
+        if getattr(cfg, name) <= 0:
+            raise data.UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.warmup_epochs < 0:
+        raise data.UserError(f"--warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
+    for name in ("pretrain_images", "finetune_images"):
+        if getattr(cfg, name) < cfg.batch_size:
+            raise data.UserError(f"--{name} {getattr(cfg, name)} is fewer than --batch_size {cfg.batch_size}")
+    return dataclasses.replace(cfg, variants=",".join(names))
+
+
+def run_dir(cfg: ReproConfig, variant: str, seed: int) -> str:
+    return os.path.join(cfg.work_dir, variant, f"seed{seed}")
+
+
+def pretrain_argv(cfg: ReproConfig, variant: str, seed: int) -> list:
+    mode = VARIANTS[variant][0]
+    argv = ["--mode", mode, "--epochs", pretrain_epochs(mode, cfg.warmup_epochs, cfg.main_epochs),
+            "--warmup_epochs", cfg.warmup_epochs, "--subset", cfg.pretrain_images,
+            "--batch_size", cfg.batch_size, "--teacher_iters", TEACHER_ITERS, "--seed", seed,
+            "--vis_every", 0, "--device", "cpu", "--out_dir", os.path.join(run_dir(cfg, variant, seed), "pretrain")]
+    if mode == "kd":
+        argv += ["--teacher", os.path.join(run_dir(cfg, "mim", seed), "pretrain", "ckpt.pt")]
+    return [str(a) for a in argv]
+
+
+def finetune_argv(cfg: ReproConfig, variant: str, seed: int) -> list:
+    d = run_dir(cfg, variant, seed)
+    pretrained = "none" if VARIANTS[variant][0] is None else os.path.join(d, "pretrain", "ckpt.pt")
+    return [str(a) for a in ["--pretrained", pretrained, "--subset", cfg.finetune_images,
+                             "--epochs", cfg.finetune_epochs, "--batch_size", cfg.batch_size, "--seed", seed,
+                             "--device", "cpu", "--out_dir", os.path.join(d, "finetune")]]
+
+
+# -----------------------------------------------------------------------------
+# Counting the budget
+
+
+class BudgetCounter:
+    """Counts, inside a `with` block, the optimiser steps taken and the images each one
+    learned from (the batch rows of the training-mode forward passes with gradient since
+    the previous step), with global hooks, so train.py and finetune.py need no change.
+    A frozen teacher (eval mode, no gradient) is not counted: it teaches, it doesn't learn."""
+
+    def __enter__(self):
+        self.steps, self.images, self.per_step, self._pending = 0, 0, set(), 0
+        self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._forward),
+                       register_optimizer_step_pre_hook(self._step)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+    def _forward(self, module, args):
+        if isinstance(module, (M.MaskMentor, M.Segmenter)) and module.training and torch.is_grad_enabled():
+            self._pending += next(iter(args[0].values())).shape[0]
+
+    def _step(self, optimizer, args, kwargs):
+        self.steps += 1
+        self.images += self._pending
+        self.per_step.add(self._pending)
+        self._pending = 0
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "images": self.images, "images_per_step": sorted(self.per_step)}
+
+
+# -----------------------------------------------------------------------------
+# Degraded inputs (the robustness table). Each takes the batch's depth (metres, 0 = missing)
+# or rgb (in [0, 1]) and a generator, and returns the degraded map. The same generator seed
+# is used for every model, so all checkpoints see exactly the same corrupted images.
+
+
+def depth_holes(depth: torch.Tensor, ratio: float, g: torch.Generator) -> torch.Tensor:
+    """Missing depth (0) on `ratio` of each image's pixels, in blobs as a Kinect loses them
+    (dark, shiny or distant surfaces), not salt noise: a coarse random field upsampled and
+    its lowest `ratio` of pixels."""
+    B, _, H, W = depth.shape
+    field = torch.rand(B, 1, max(1, H // 8), max(1, W // 8), generator=g)
+    field = F.interpolate(field, size=(H, W), mode="bilinear", align_corners=False).flatten(1)
+    lowest = field.topk(round(ratio * H * W), dim=1, largest=False).indices   # exactly that many, ties or not
+    holes = torch.zeros_like(field, dtype=torch.bool).scatter_(1, lowest, True)
+    return depth.masked_fill(holes.view(B, 1, H, W), 0.0)
+
+
+def depth_noise(depth: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
+    """Gaussian noise with a standard deviation of `sigma` x depth (it grows with distance);
+    missing pixels stay missing."""
+    noisy = depth * (1 + sigma * torch.randn(depth.shape, generator=g))
+    return torch.where(depth > 0, noisy.clamp_min(0.05), depth)
+
+
+def depth_quantise(depth: torch.Tensor, step: float, g: torch.Generator) -> torch.Tensor:
+    """Depth rounded to multiples of `step` metres (a coarse sensor or a lossy 8-bit export)."""
+    q = (depth / step).round().clamp_min(1) * step
+    return torch.where(depth > 0, q, depth)
+
+
+def rgb_dark(rgb: torch.Tensor, gain: float, g: torch.Generator) -> torch.Tensor:
+    """Under-exposure: intensities times `gain`, then re-quantised to 8 bits (the lost
+    precision is what makes low light hard, not the scale alone)."""
+    return (rgb * gain * 255).round() / 255
+
+
+def rgb_blur(rgb: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
+    """Gaussian blur (defocus / motion) of `sigma` pixels, reflecting at the borders."""
+    r = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-r, r + 1, dtype=rgb.dtype)
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    C = rgb.shape[1]
+    out = F.conv2d(F.pad(rgb, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(F.pad(out, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+#              name                 modality  function, parameter
+DEGRADATIONS = {"depth holes 10%":  ("depth", depth_holes, 0.10),
+                "depth holes 30%":  ("depth", depth_holes, 0.30),
+                "depth holes 50%":  ("depth", depth_holes, 0.50),
+                "depth noise 5%":   ("depth", depth_noise, 0.05),
+                "depth 0.25 m steps": ("depth", depth_quantise, 0.25),
+                "rgb dark x0.2":    ("rgb", rgb_dark, 0.2),
+                "rgb blur 1.5 px":  ("rgb", rgb_blur, 1.5)}
+
+
+def degrade(batch: dict, name: str, g: torch.Generator) -> dict:
+    """The batch with one modality degraded (rgb is un-normalised for it and back)."""
+    modality, fn, param = DEGRADATIONS[name]
+    out = dict(batch)
+    if modality == "depth":
+        out["depth"] = fn(batch["depth"], param, g)
+    else:
+        mean, std = torch.tensor(data.RGB_MEAN).view(1, 3, 1, 1), torch.tensor(data.RGB_STD).view(1, 3, 1, 1)
+        out["rgb"] = (fn((batch["rgb"] * std + mean).clamp(0, 1), param, g) - mean) / std
+    return out
+
+
+@torch.no_grad()
+def evaluate_conditions(net: M.Segmenter, dataset, batch_size: int, robustness: bool) -> dict:
+    """mIoU/mAcc on clean input under the three settings and, with `robustness`, under each
+    degradation with rgb+depth and with the degraded modality alone."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate)
+    C = net.cfg.num_classes
+    conditions = {"clean": SETTINGS}
+    if robustness:
+        conditions.update({name: ("rgbd", mod) for name, (mod, _, _) in DEGRADATIONS.items()})
+    cms = {(c, s): torch.zeros(C, C, dtype=torch.long) for c, ss in conditions.items() for s in ss}
+    for i, (name, settings) in enumerate(conditions.items()):
+        g = torch.Generator().manual_seed(1000 + i)        # the same corruption for every model
+        for batch in loader:
+            if name != "clean":
+                batch = degrade(batch, name, g)
+            for s, pred in evaluate.predict(net, batch, settings).items():
+                cms[name, s] += evaluate.confusion_matrix(pred, batch["semseg"], C)
+    out = {}
+    for (c, s), cm in cms.items():
+        r = evaluate.scores(cm)
+        out.setdefault(c, {})[s] = {"miou": r["miou"], "macc": r["macc"]}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# One run: pre-train (not for the baseline), fine-tune, evaluate. Runs in a worker process.
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    data.render_cache = {}          # every run of this worker reads the same scenes
+
+
+@contextlib.contextmanager
+def _logged(path: str):
+    """Send a sub-run's prints (and its disabled progress bars) to its own log file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+
+
+def _write_json(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _stage(out_dir: str, main, argv: list) -> dict:
+    """Run train.main or finetune.main once into out_dir (resuming its checkpoint if an
+    earlier attempt was interrupted) and record its budget; a finished stage is reused."""
+    done = os.path.join(out_dir, "budget.json")
+    if os.path.isfile(done):
+        return json.load(open(done))
+    resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
+    t0 = time.time()
+    with _logged(os.path.join(out_dir, "output.txt")), BudgetCounter() as count:
+        main(argv + (["--resume"] if resume else []))
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+    steps = int(next(iter(ckpt["optimizer"]["state"].values()))["step"])   # AdamW's own count, resumes included
+    info = {**count.summary(), "optimizer_steps": steps, "seconds": time.time() - t0, "resumed": resume}
+    _write_json(info, done)
+    return info
+
+
+def run_variant(cfg: ReproConfig, variant: str, seed: int, stage: str) -> dict:
+    """stage "pretrain": train.py for this variant and seed. stage "finetune": finetune.py,
+    then evaluation; writes and returns the run's result.json."""
+    d = run_dir(cfg, variant, seed)
+    if stage == "pretrain":
+        return _stage(os.path.join(d, "pretrain"), train.main, pretrain_argv(cfg, variant, seed))
+    result_path = os.path.join(d, "result.json")
+    if os.path.isfile(result_path):
+        return json.load(open(result_path))
+    pre = json.load(open(os.path.join(d, "pretrain", "budget.json"))) if VARIANTS[variant][0] else None
+    fine = _stage(os.path.join(d, "finetune"), finetune.main, finetune_argv(cfg, variant, seed))
+    net, _ = evaluate.load_segmenter(os.path.join(d, "finetune", "ckpt.pt"), "cpu")
+    test = train.Subset(data.build_dataset("synthetic", None, "test", image_size=net.cfg.image_size),
+                        cfg.test_images)
+    t0 = time.time()
+    scores = evaluate_conditions(net, test, 50, robustness=variant in ROBUST_VARIANTS)
+    result = {"variant": variant, "seed": seed, "pretrain": pre, "finetune": fine,
+              "eval_seconds": time.time() - t0, **scores}
+    _write_json(result, result_path)
+    return result
+
+
+def run_all(cfg: ReproConfig) -> list:
+    """Every (variant, seed) run, `--jobs` at a time, pre-training before fine-tuning, the
+    mim runs first (kd's teachers). Returns the result dicts."""
+    names, seeds = cfg.variants.split(","), range(cfg.seeds)
+    order = sorted(names, key=lambda v: (v != "mim", v == "kd"))
+    todo = [(v, s, "pretrain") for v in order if VARIANTS[v][0] for s in seeds] + \
+           [(v, s, "finetune") for v in order for s in seeds]
+
+    def ready(task, done):
+        v, s, stage = task
+        needs = [(v, s, "pretrain")] if stage == "finetune" and VARIANTS[v][0] else []
+        needs += [("mim", s, "pretrain")] if v == "kd" and stage == "pretrain" else []
+        return all(n in done for n in needs)
+
+    results, done, running = [], set(), {}
+    ctx = multiprocessing.get_context("spawn")
+    bar = tqdm(total=len(todo), desc="runs", dynamic_ncols=True)
+    with cf.ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_init_worker, initargs=(cfg.threads,)) as pool:
+        while todo or running:
+            for task in [t for t in todo if ready(t, done)][: cfg.jobs - len(running)]:
+                todo.remove(task)
+                running[pool.submit(run_variant, cfg, *task)] = task
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                task = running.pop(fut)
+                out = fut.result()          # a failed run stops everything, with its traceback
+                done.add(task)
+                if task[2] == "finetune":
+                    results.append(out)
+                bar.set_postfix_str(f"{task[0]} seed {task[1]} {task[2]}")
+                bar.update()
+    bar.close()
+    return results
+
+
+# -----------------------------------------------------------------------------
+# The cost of each pre-training, measured side by side in this process
+
+
+def measure_cost(cfg: ReproConfig, repeats: int = 7) -> dict:
+    """Seconds per pre-training batch of mim, sttp (3 teacher + 1 student steps) and kd
+    (a frozen teacher's forward + 1 student step) on the same batch, interleaved so that
+    load changes hit all three alike; medians. From them the whole pre-training's cost
+    under this script's equal-step budgets, kd including its teacher's pre-training."""
+    torch.manual_seed(0)
+    model_cfg = dataclasses.replace(M.PRESETS["tiny"], num_classes=data.num_classes("synthetic"))
+    net, teacher = M.MaskMentor(model_cfg), M.MaskMentor(model_cfg).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    ds = data.build_dataset("synthetic", None, "train", train=True, image_size=model_cfg.image_size)
+    batch = data.collate([ds[i] for i in range(cfg.batch_size)])
+    ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=train.TRAIN_PRESETS["tiny"]["budget"]),
+                                teacher_iters=TEACHER_ITERS)
+    g = torch.Generator().manual_seed(0)
+    times = {"mim": [], "sttp": [], "kd": []}
+    for r in range(repeats + 1):
+        for mode in times:
+            t0 = time.perf_counter()
+            sttp.OBJECTIVES[mode](net, opt, batch, ocfg, g, teacher)
+            if r:                        # the first round warms up
+                times[mode].append(time.perf_counter() - t0)
+    per_batch = {m: statistics.median(t) for m, t in times.items()}
+    batches = cfg.pretrain_images // cfg.batch_size
+    W, E = cfg.warmup_epochs * batches, cfg.main_epochs * batches           # warm-up / STTP batches
+    S = steps_per_batch("sttp")
+    whole = {"mim": (W + S * E) * per_batch["mim"],
+             "maskmentor": W * per_batch["mim"] + E * per_batch["sttp"],
+             "kd (teacher + student)": (W + S * E) * per_batch["mim"] + W * per_batch["mim"] + S * E * per_batch["kd"]}
+    return {"batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "per_batch_s": per_batch,
+            "per_batch_ratio": {m: t / per_batch["mim"] for m, t in per_batch.items()},
+            "per_step_ratio": {m: per_batch[m] / steps_per_batch(m) / per_batch["mim"] for m in per_batch},
+            "whole_pretraining_s": whole, "whole_ratio": {k: v / whole["mim"] for k, v in whole.items()}}
+
+
+# -----------------------------------------------------------------------------
+# Summaries: mean ± std over seeds, the tables, the chart
+
+
+def mean_std(values: list) -> tuple:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(results: list) -> dict:
+    by_variant = {}
+    for r in sorted(results, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
+        by_variant.setdefault(r["variant"], []).append(r)
+    out = {}
+    for v, runs in by_variant.items():
+        conds = {}
+        for c in runs[0]:
+            if isinstance(runs[0][c], dict) and c not in ("pretrain", "finetune"):
+                conds[c] = {s: {k: mean_std([r[c][s][k] for r in runs]) for k in ("miou", "macc")}
+                            for s in runs[0][c]}
+        out[v] = {"seeds": [r["seed"] for r in runs], **conds,
+                  "pretrain_steps": sorted({r["pretrain"]["steps"] for r in runs if r["pretrain"]}),
+                  "pretrain_images": sorted({r["pretrain"]["images"] for r in runs if r["pretrain"]}),
+                  "finetune_steps": sorted({r["finetune"]["steps"] for r in runs}),
+                  "pretrain_seconds": mean_std([r["pretrain"]["seconds"] for r in runs]) if runs[0]["pretrain"] else None}
+    return out
+
+
+def _pm(ms: tuple) -> str:
+    return f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+
+def _table(summary: dict, rows, label_of) -> list:
+    head = "| variant | rgb+depth mIoU | mAcc | rgb only mIoU | mAcc | depth only mIoU | mAcc | paper NYU mIoU (rgbd / rgb / depth) |"
+    lines = [head, "|" + "---|" * 8]
+    for v in rows:
+        if v not in summary:
+            continue
+        paper = VARIANTS[v][2]
+        cells = [_pm(summary[v]["clean"][s][k]) for s in SETTINGS for k in ("miou", "macc")]
+        lines.append(f"| {label_of(v)} | " + " | ".join(cells) + f" | {' / '.join(str(p[0]) for p in paper)} |")
+    return lines
+
+
+def ordering_checks(summary: dict) -> list:
+    """The paper's claims as comparisons of our means, with the gap in pooled stds."""
+    claims = [("m2im", "mim", "M²IM > MIM"), ("maskmentor", "m2im", "STTP > M²IM"),
+              ("maskmentor", "mim", "MaskMentor > MIM"), ("maskmentor", "token", "pixel + token > token only"),
+              ("maskmentor", "kd", "self-teaching > separate teacher"), ("mim", "baseline", "MIM > no pre-training")]
+    lines = ["| claim | rgb+depth | rgb only | depth only |", "|---|---|---|---|"]
+    for a, b, text in claims:
+        if a not in summary or b not in summary:
+            continue
+        cells = []
+        for s in SETTINGS:
+            (ma, sa), (mb, sb) = summary[a]["clean"][s]["miou"], summary[b]["clean"][s]["miou"]
+            pooled = math.sqrt((sa ** 2 + sb ** 2) / 2)
+            gap = f", {(ma - mb) / pooled:+.1f} σ" if pooled > 0 else ""
+            cells.append(f"{'yes' if ma > mb else '**no**'} ({ma - mb:+.1f}{gap})")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_markdown(cfg: ReproConfig, summary: dict, cost: dict, meta: dict, path: str) -> None:
+    n = cfg.seeds
+    L = [f"# MaskMentor ablations at toy scale (`python reproduce.py{' --quick' if cfg.quick else ''}`)", "",
+         f"Synthetic RGB-D rooms (data.py), tiny model, {n} seed(s), mean ± std (sample std over seeds) of mIoU / "
+         f"mAcc on {cfg.test_images} test images. Pre-training: {cfg.pretrain_images} images, batch {cfg.batch_size}, "
+         f"{cfg.warmup_epochs} MIM warm-up epoch(s) + {cfg.main_epochs} STTP epochs, or 4x that many epochs of a "
+         f"one-step objective — the same optimiser steps and images for every variant (table at the end). "
+         f"Fine-tuning: the first {cfg.finetune_images} training images, {cfg.finetune_epochs} epochs, random "
+         f"rgb-only / depth-only / both per sample. Wall time of this run: {meta['wall_minutes']:.1f} min "
+         f"({meta['runs_reused']} of {meta['runs']} runs reused from an earlier invocation) on {meta['machine']}.",
+         "", "The paper's columns are NYUDepthV2 with ViT-B and 500 + 500 epochs: compare the *ordering* of the "
+         "rows, not the numbers.", "",
+         "## Table 3: M²IM and STTP", "", *_table(summary, TABLE3, lambda v: VARIANTS[v][1]), "",
+         "## Table 4: self-teaching and token/pixel supervision", "",
+         *_table(summary, TABLE4, lambda v: {"m2im": "pixel-level MIM (M²IM)"}.get(v, VARIANTS[v][1])), "",
+         "## Does the paper's ordering appear? (mIoU difference, and in pooled seed stds)", "",
+         *ordering_checks(summary), ""]
+    if cost:
+        pb, wr = cost["per_batch_s"], cost["whole_ratio"]
+        L += ["## Cost of pre-training (measured side by side in this run)", "",
+              f"One batch of {cost['batch_size']} images, tiny model, {cost['threads']} thread(s), median of "
+              "interleaved repeats:", "",
+              "| objective | s / batch | vs MIM per batch | optimiser steps / batch | vs MIM per step |", "|---|---|---|---|---|",
+              *[f"| {m} | {pb[m]:.3f} | {cost['per_batch_ratio'][m]:.2f}x | {steps_per_batch(m)} | "
+                f"{cost['per_step_ratio'][m]:.2f}x |" for m in pb], "",
+              "Whole pre-training at this script's equal budgets (from the per-batch times): "
+              + ", ".join(f"{k} {wr[k]:.2f}x" for k in wr) + " of MIM. kd pays for its teacher's pre-training "
+              "and a teacher forward pass per step; STTP's token targets come from its own last teacher step, free.", ""]
+    robust = [v for v in ROBUST_VARIANTS if v in summary and len(summary[v]) > 0 and "depth holes 10%" in summary[v]]
+    if robust:
+        L += ["## Robustness: degraded inputs (beyond the paper)", "",
+              "mIoU with rgb+depth and with the degraded modality alone; the same corrupted images for every model.", "",
+              "| condition | " + " | ".join(f"{VARIANTS[v][1]}: {s}" for v in robust for s in ("rgb+depth", "alone")) + " |",
+              "|---|" + "---|" * (2 * len(robust))]
+        for cond in ["clean"] + list(DEGRADATIONS):
+            cells = []
+            for v in robust:
+                mod = DEGRADATIONS[cond][0] if cond in DEGRADATIONS else None
+                cells.append(_pm(summary[v][cond]["rgbd"]["miou"]))
+                cells.append("—" if mod is None else f"{mod}: {_pm(summary[v][cond][mod]['miou'])}")
+            L.append(f"| {cond} | " + " | ".join(cells) + " |")
+        L.append("")
+    L += ["## Budgets (counted during the runs)", "",
+          "| variant | optimiser steps | images seen | fine-tuning steps | pre-training wall time, s (parallel runs) |",
+          "|---|---|---|---|---|"]
+    for v, s in summary.items():
+        secs = _pm(s["pretrain_seconds"]) if s["pretrain_seconds"] else "—"
+        L.append(f"| {v} | {', '.join(map(str, s['pretrain_steps'])) or '—'} | "
+                 f"{', '.join(map(str, s['pretrain_images'])) or '—'} | {', '.join(map(str, s['finetune_steps']))} | {secs} |")
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+
+
+def bar_chart(summary: dict, path: str, title: str) -> None:
+    """Grouped bars: input condition x variant, mean mIoU with ± 1 std whiskers (PIL only)."""
+    variants = [v for v in VARIANTS if v in summary]
+    colours = ["#9e9e9e", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd"]
+    W, H, left, top, bottom = 900, 420, 50, 40, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    means = [summary[v]["clean"][s]["miou"] for v in variants for s in SETTINGS]
+    ymax = max(10.0, math.ceil(max(m + e for m, e in means) / 10) * 10)
+    py = lambda y: H - bottom - y / ymax * (H - top - bottom)
+    d.text((left, 10), title, fill="black")
+    for y in range(0, int(ymax) + 1, 10):
+        d.line([(left, py(y)), (W - 170, py(y))], fill="#e0e0e0")
+        d.text((8, py(y) - 6), f"{y}", fill="black")
+    group_w = (W - 170 - left) / len(SETTINGS)
+    bar_w = group_w * 0.8 / len(variants)
+    for gi, s in enumerate(SETTINGS):
+        x0 = left + gi * group_w + group_w * 0.1
+        d.text((x0 + group_w * 0.3, H - bottom + 8), {"rgbd": "rgb + depth", "rgb": "rgb only", "depth": "depth only"}[s],
+               fill="black")
+        for vi, v in enumerate(variants):
+            m, e = summary[v]["clean"][s]["miou"]
+            xa = x0 + vi * bar_w
+            d.rectangle([xa, py(m), xa + bar_w - 2, py(0)], fill=colours[vi % len(colours)])
+            xc = xa + bar_w / 2 - 1
+            d.line([(xc, py(m + e)), (xc, py(max(0, m - e)))], fill="black", width=1)
+            for yy in (m + e, max(0, m - e)):
+                d.line([(xc - 3, py(yy)), (xc + 3, py(yy))], fill="black")
+    d.text((8, top - 20), "mIoU", fill="black")
+    for vi, v in enumerate(variants):
+        d.rectangle([W - 160, top + 18 * vi, W - 148, top + 18 * vi + 12], fill=colours[vi % len(colours)])
+        d.text((W - 142, top + 18 * vi), VARIANTS[v][1][:26], fill="black")
+    img.save(path)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    cfg = parse(argv)
+    t0 = time.time()
+    n_runs = sum((2 if VARIANTS[v][0] else 1) * cfg.seeds for v in cfg.variants.split(","))
+    before = sum(os.path.isfile(os.path.join(root, f)) for root, _, files in os.walk(cfg.work_dir)
+                 for f in files if f in ("budget.json",)) if os.path.isdir(cfg.work_dir) else 0
+    print(f"reproduce: {cfg.variants} x {cfg.seeds} seed(s), {cfg.jobs} job(s) of {cfg.threads} thread(s); "
+          f"runs in {cfg.work_dir}, results in {cfg.out_dir}")
+    cost = measure_cost(cfg, repeats=2 if cfg.quick else 7)
+    print("cost per pre-training batch: " + ", ".join(f"{m} {s:.3f} s ({cost['per_batch_ratio'][m]:.2f}x)"
+                                                      for m, s in cost["per_batch_s"].items()))
+    results = run_all(cfg)
+    summary = summarise(results)
+    meta = {"wall_minutes": (time.time() - t0) / 60, "runs": n_runs, "runs_reused": before,
+            "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    _write_json({"config": dataclasses.asdict(cfg), "meta": meta, "cost": cost, "summary": summary,
+                 "paper_nyu": {v: VARIANTS[v][2] for v in VARIANTS}, "runs": results},
+                os.path.join(cfg.out_dir, "ablation.json"))
+    write_markdown(cfg, summary, cost, meta, os.path.join(cfg.out_dir, "ablation.md"))
+    bar_chart(summary, os.path.join(cfg.out_dir, "ablation.png"),
+              f"mIoU on synthetic test images, mean ± std over {cfg.seeds} seed(s)")
+    print("\n".join(ordering_checks(summary)))
+    print(f"wrote {cfg.out_dir}/ablation.md, ablation.json, ablation.png in {meta['wall_minutes']:.1f} min")
+    return {"summary": summary, "cost": cost, "meta": meta, "results": results}
+
+
+if __name__ == "__main__":
+    train.run_cli(main)

@@ -1,0 +1,157 @@
+"""reproduce.py: equal budgets, determinism, a frozen separate KD teacher, degradations that do
+what they say, and the --quick miniature end to end."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import masking
+import model as M
+import reproduce as R
+import sttp
+import train
+
+
+def test_every_pretraining_variant_gets_the_same_optimiser_steps():
+    batches, warmup = 7, 2
+    # the warm-up is plain MIM (one step a batch), then each mode makes its own steps a batch
+    steps = {mode: (warmup + (R.pretrain_epochs(mode, warmup, 3) - warmup) * R.steps_per_batch(mode)) * batches
+             for mode, _, _ in R.VARIANTS.values() if mode}
+    assert len(set(steps.values())) == 1, steps
+    assert R.pretrain_epochs("sttp", warmup, 3) == 5 and R.pretrain_epochs("m2im", warmup, 3) == 14
+
+
+def test_bad_flags_are_one_line_errors():
+    with pytest.raises(data.UserError, match="kd needs mim"):
+        R.parse(["--variants", "kd"])
+    with pytest.raises(data.UserError, match="unknown foo"):
+        R.parse(["--variants", "mim,foo"])
+    with pytest.raises(data.UserError, match="fewer than --batch_size"):
+        R.parse(["--finetune_images", "8", "--batch_size", "16"])
+    assert R.parse(["--quick", "--seeds", "1"]).seeds == 1          # explicit flags beat --quick's
+
+
+def _tiny_cfg(tmp_path, **kw):
+    cfg = R.parse(["--quick", "--seeds", "1", "--work_dir", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "res"),
+                   "--pretrain_images", "32", "--finetune_images", "32", "--test_images", "16"])
+    return dataclasses.replace(cfg, **kw)
+
+
+@pytest.mark.slow
+def test_a_run_is_deterministic_with_its_seed(tmp_path):
+    a = R.run_variant(_tiny_cfg(tmp_path / "a"), "maskmentor", 0, "pretrain")
+    b = R.run_variant(_tiny_cfg(tmp_path / "b"), "maskmentor", 0, "pretrain")
+    assert a["steps"] == b["steps"] > 0 and a["images"] == b["images"] == a["steps"] * 16
+    wa = torch.load(tmp_path / "a/runs/maskmentor/seed0/pretrain/ckpt.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "b/runs/maskmentor/seed0/pretrain/ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ra = R.run_variant(_tiny_cfg(tmp_path / "a"), "maskmentor", 0, "finetune")
+    rb = R.run_variant(_tiny_cfg(tmp_path / "b"), "maskmentor", 0, "finetune")
+    assert ra["clean"] == rb["clean"] and ra["depth holes 30%"] == rb["depth holes 30%"]
+
+
+def test_budget_counter_counts_steps_and_the_images_behind_each():
+    cfg = dataclasses.replace(M.PRESETS["tiny"], num_classes=10)
+    net, teacher = M.MaskMentor(cfg), M.MaskMentor(cfg).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    ds = data.build_dataset("synthetic", None, "train", image_size=64)
+    batch = data.collate([ds[i] for i in range(4)])
+    ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32))
+    with R.BudgetCounter() as count:
+        sttp.sttp(net, opt, batch, ocfg)            # 3 teacher + 1 student step
+        sttp.kd(net, opt, batch, ocfg, teacher=teacher)   # the frozen teacher's forward is not learning
+    assert count.summary() == {"steps": 5, "images": 20, "images_per_step": [4]}
+
+
+def test_the_kd_teacher_is_frozen_and_separate(tmp_path):
+    cfg = dataclasses.replace(M.PRESETS["tiny"], num_classes=10)
+    torch.manual_seed(0)
+    source = M.MaskMentor(cfg)
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint({"model": source.state_dict(), "config": {}, "kind": "pretrain",
+                           "model_config": dataclasses.asdict(cfg)}, path)
+    student = M.MaskMentor(cfg)
+    student.load_state_dict(source.state_dict())          # even starting from the same weights
+    teacher = train.load_teacher(path, cfg, "cpu")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not {p.data_ptr() for p in teacher.parameters()} & {p.data_ptr() for p in student.parameters()}
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    ds = data.build_dataset("synthetic", None, "train", image_size=64)
+    batch = data.collate([ds[i] for i in range(4)])
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    logs = sttp.kd(student, opt, batch, sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32)),
+                   torch.Generator().manual_seed(0), teacher)
+    assert logs["token"] > 0                                  # a real signal
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_depth_holes_cover_the_asked_ratio(ratio):
+    depth = torch.rand(4, 1, 64, 48) * 5 + 0.5
+    out = R.depth_holes(depth, ratio, torch.Generator().manual_seed(0))
+    measured = (out == 0).float().mean(dim=(1, 2, 3))
+    assert torch.allclose(measured, torch.full_like(measured, ratio), atol=1 / (64 * 48))
+    assert torch.equal(out[out > 0], depth[out > 0])                   # the rest untouched
+    # blobs, not salt: most hole pixels have a hole as right-hand neighbour
+    holes = out == 0
+    assert (holes[..., 1:] & holes[..., :-1]).sum() > 0.8 * holes[..., 1:].sum()
+
+
+def test_depth_noise_and_quantisation_keep_missing_pixels_missing():
+    g = torch.Generator().manual_seed(0)
+    depth = torch.full((2, 1, 64, 64), 3.0)
+    depth[:, :, :8] = 0
+    noisy = R.depth_noise(depth, 0.05, g)
+    assert (noisy[:, :, :8] == 0).all()
+    rel = noisy[:, :, 8:] / 3.0 - 1
+    assert abs(float(rel.std()) - 0.05) < 0.005 and abs(float(rel.mean())) < 0.005
+    q = R.depth_quantise(torch.tensor([0.0, 0.3, 1.12, 2.9]), 0.25, g)
+    assert q.tolist() == [0.0, 0.25, 1.0, 3.0]
+
+
+def test_rgb_degradations():
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(2, 3, 32, 32)
+    dark = R.rgb_dark(rgb, 0.2, g)
+    assert torch.allclose(dark, rgb * 0.2, atol=0.5 / 255) and torch.equal(dark, (dark * 255).round() / 255)
+    flat = torch.full((1, 3, 16, 16), 0.4)
+    assert torch.allclose(R.rgb_blur(flat, 1.5, g), flat)
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2
+    checker = checker.float().expand(1, 3, 32, 32)
+    blurred = R.rgb_blur(checker, 1.5, g)
+    assert blurred.std() < 0.1 * checker.std() and abs(float(blurred.mean() - checker.mean())) < 0.01
+    # degrade() works on normalised rgb and changes only the degraded modality
+    batch = {"rgb": data.normalize_rgb((rgb[0].permute(1, 2, 0) * 255).byte().numpy())[None],
+             "depth": torch.ones(1, 1, 32, 32), "semseg": torch.zeros(1, 32, 32, dtype=torch.long)}
+    out = R.degrade(batch, "rgb dark x0.2", g)
+    assert out["depth"] is batch["depth"] and out["rgb"].mean() < batch["rgb"].mean()
+
+
+@pytest.mark.slow
+def test_quick_runs_everything_end_to_end_and_resumes(tmp_path):
+    argv = ["--quick", "--work_dir", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "res")]
+    out = R.main(argv)
+    for name in ("ablation.md", "ablation.json", "ablation.png"):
+        assert (tmp_path / "res" / name).stat().st_size > 0
+    summary = out["summary"]
+    assert set(summary) == set(R.VARIANTS)
+    pre = {v: (s["pretrain_steps"], s["pretrain_images"]) for v, s in summary.items() if v != "baseline"}
+    assert len(set(map(str, pre.values()))) == 1 and len(pre["mim"][0]) == 1, pre     # equal, and per seed too
+    assert len({str(s["finetune_steps"]) for s in summary.values()}) == 1
+    for r in out["results"]:
+        for stage in ("pretrain", "finetune"):
+            if r[stage]:
+                assert r[stage]["steps"] == r[stage]["optimizer_steps"] and r[stage]["images_per_step"] == [16]
+    assert set(summary["maskmentor"]) >= set(R.DEGRADATIONS) and "depth holes 10%" not in summary["m2im"]
+    md = (tmp_path / "res" / "ablation.md").read_text()
+    assert "## Table 3" in md and "## Table 4" in md and "56.0 / 46.7 / 33.8" in md and "depth holes 50%" in md
+    saved = json.loads((tmp_path / "res" / "ablation.json").read_text())
+    assert set(saved["cost"]["per_batch_s"]) == {"mim", "sttp", "kd"}
+    # A second invocation reuses every finished run and reports the same numbers.
+    again = R.main(argv)
+    assert again["meta"]["runs_reused"] == again["meta"]["runs"]
+    assert again["summary"] == summary
