@@ -213,6 +213,12 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", t
 #   box      coloured shaded cuboid on the floor               both
 #   table    wooden slab on four legs                          both
 #
+# The last column as data, for reproduce.py's complementarity check: what segmenting the class
+# from ONE modality can rely on. The disc needs both: rgb to see it on the wall (depth shows
+# only the wall), depth to tell it from a ball (rgb shows a ball's colours).
+SYNTHETIC_CUE = {"floor": "either", "wall": "either", "ceiling": "either", "rug": "rgb", "poster": "rgb",
+                 "pillar": "depth", "ball": "depth", "disc": "both", "box": "both", "table": "both"}
+#
 # Ball and disc draw their colour, size and position on the back wall from the same
 # distributions and are both flat-shaded, so their rgb is identically distributed; only
 # the ball's relief (a bulge of 0.4-1 m) shows in depth. The pillar and the walls share

@@ -1,8 +1,8 @@
 """reproduce.py — the paper's ablations (Tables 3 and 4) at toy scale, with seeds, equal
 budgets, the cost of each pre-training, and a robustness table the paper does not have.
 
-    python reproduce.py             # 6 variants x 3 seeds on the synthetic rooms (~35 min on 2 cores)
-    python reproduce.py --quick     # a miniature of everything (~1 min): checks the machinery, not the ordering
+    python reproduce.py             # 6 variants x 3 seeds on the synthetic rooms (~43 min on 2 cores)
+    python reproduce.py --quick     # a miniature of everything (~2 min): checks the machinery, not the ordering
 
 The paper's claim is an ordering (SPEC.md §7): on missing-modality input M²IM beats plain
 multi-modal MIM, and STTP's self-teaching beats both, while costing less than a separately
@@ -18,6 +18,8 @@ with the same data, seeds and budgets:
     token        STTP with a token-loss-only student                Table 4 "Token-level MIM"
     kd           M²IM + the token loss to a separate, frozen        Table 4 "KD + M²IM"
                  teacher: the `mim` model of the same seed
+    maskmentor_epochs  (not in the default run) STTP given M²IM's epochs, i.e. 4x the steps:
+                 the budget of a comparison at equal epochs
 
 Equal budgets. STTP makes 4 optimiser steps per batch (§3.4), the others one, so the
 pixel-only variants get 4x as many epochs after the warm-up: every pre-training makes the
@@ -25,12 +27,19 @@ same number of optimiser steps, each on one batch of the same size, i.e. sees th
 number of images (counted, not assumed: see BudgetCounter), drawn from the same images in
 the same per-epoch orders. Fine-tuning and evaluation are identical for all variants.
 `kd` additionally needs its teacher's pre-training; the cost section says what that costs.
+Note what equal steps mean for STTP: its 3 teacher steps reuse the batch they were drawn
+for, so in the STTP phase it sees a quarter of the distinct batches M²IM sees.
+
+Diagnostics (ablation.md's last sections): per-class IoU from each modality alone, the loss
+logs, the token signal and the reconstruction of a missing modality on held-out images —
+the checks to make before believing, or tuning, the tables.
 
 Outputs in --out_dir (default results/): ablation.md (tables laid out like the paper's, its
-NYU numbers beside ours), ablation.json (everything, per seed), ablation.png (grouped bars
+NYU numbers beside ours, the diagnostics), ablation.json (everything, per seed), ablation.png (grouped bars
 with ± 1 std). Every run keeps its checkpoints and logs under --work_dir; a finished run is
-reused and an interrupted one resumes from its checkpoint (bit for bit), so re-running the
-command after a crash or Ctrl-C picks up where it stopped.
+reused (if made with the same settings: else one line says so) and an interrupted one resumes
+from its checkpoint (bit for bit), so re-running the command after a crash or Ctrl-C picks
+up where it stopped.
 """
 from __future__ import annotations
 
@@ -58,6 +67,7 @@ import masking
 import model as M
 import sttp
 import train
+import vis
 from train import arg
 
 # -----------------------------------------------------------------------------
@@ -71,8 +81,13 @@ VARIANTS = {
     "maskmentor": ("sttp", "+ M²IM + STTP (MaskMentor)", ((57.9, 70.4), (53.3, 66.5), (44.0, 56.8))),
     "token":      ("token", "token-level MIM",           ((56.6, 69.2), (50.4, 63.3), (39.5, 50.3))),
     "kd":         ("kd",   "KD + M²IM (separate teacher)", ((56.8, 69.3), (50.7, 65.1), (43.1, 55.8))),
+    # Not run by default: MaskMentor given M²IM's epochs, i.e. 4x the optimiser steps (but the
+    # same distinct batches), the budget a comparison at equal epochs gives it.
+    "maskmentor_epochs": ("sttp", "MaskMentor, M²IM's epochs (4x steps)", ((57.9, 70.4), (53.3, 66.5), (44.0, 56.8))),
 }
-TABLE3 = ("baseline", "mim", "m2im", "maskmentor")
+DEFAULT_VARIANTS = ("baseline", "mim", "m2im", "maskmentor", "token", "kd")
+EQUAL_EPOCHS = ("maskmentor_epochs",)             # the variants outside the equal-step budget
+TABLE3 = ("baseline", "mim", "m2im", "maskmentor", "maskmentor_epochs")
 TABLE4 = ("m2im", "token", "kd", "maskmentor")
 SETTINGS = tuple(evaluate.SETTINGS)               # rgbd, rgb, depth
 TEACHER_ITERS = 3                                 # §3.4; train.py's default
@@ -90,6 +105,11 @@ def pretrain_epochs(mode: str, warmup: int, main: int) -> int:
     return warmup + main * steps_per_batch("sttp") // steps_per_batch(mode)
 
 
+def variant_epochs(variant: str, warmup: int, main: int) -> int:
+    """A variant's pre-training epochs: the equal-step budget, except for EQUAL_EPOCHS."""
+    return pretrain_epochs("m2im" if variant in EQUAL_EPOCHS else VARIANTS[variant][0], warmup, main)
+
+
 # -----------------------------------------------------------------------------
 # Configuration
 
@@ -98,12 +118,15 @@ def pretrain_epochs(mode: str, warmup: int, main: int) -> int:
 class ReproConfig:
     """The paper's ablations at toy scale: variants x seeds, pre-trained, fine-tuned and evaluated."""
     seeds: int = arg(3, "seeds 0..N-1; tables show mean ± std over them")
-    variants: str = arg(",".join(VARIANTS), "comma-separated variants to run (kd needs mim)")
+    variants: str = arg(",".join(DEFAULT_VARIANTS), "comma-separated variants to run (kd needs mim; also: "
+                        "maskmentor_epochs, MaskMentor at M²IM's epochs = 4x the steps)")
     quick: bool = arg(False, "a miniature of everything for CI: checks the machinery, not the ordering")
-    pretrain_images: int = arg(2000, "pre-training images (the first N of the synthetic training split)")
+    pretrain_images: int = arg(1500, "pre-training images (the first N of the synthetic training split)")
     finetune_images: int = arg(500, "labelled fine-tuning images (the first N of the training split)")
     test_images: int = arg(500, "test images (the first N of the synthetic test split)")
-    batch_size: int = arg(32, "images per batch, pre-training and fine-tuning")
+    # 8, not train.py's 32: at this scale training is short of optimiser steps, not of images
+    # (results/what_we_tried.md); on the CI CPU a step of 8 costs 0.37x one of 32.
+    batch_size: int = arg(8, "images per batch, pre-training and fine-tuning")
     warmup_epochs: int = arg(1, "MIM warm-up epochs on complete modalities, every pre-trained variant")
     main_epochs: int = arg(2, "epochs of STTP after the warm-up (pixel-only variants: 4x as many)")
     finetune_epochs: int = arg(10, "fine-tuning epochs")
@@ -145,7 +168,7 @@ def run_dir(cfg: ReproConfig, variant: str, seed: int) -> str:
 
 def pretrain_argv(cfg: ReproConfig, variant: str, seed: int) -> list:
     mode = VARIANTS[variant][0]
-    argv = ["--mode", mode, "--epochs", pretrain_epochs(mode, cfg.warmup_epochs, cfg.main_epochs),
+    argv = ["--mode", mode, "--epochs", variant_epochs(variant, cfg.warmup_epochs, cfg.main_epochs),
             "--warmup_epochs", cfg.warmup_epochs, "--subset", cfg.pretrain_images,
             "--batch_size", cfg.batch_size, "--teacher_iters", TEACHER_ITERS, "--seed", seed,
             "--vis_every", 0, "--device", "cpu", "--out_dir", os.path.join(run_dir(cfg, variant, seed), "pretrain")]
@@ -287,7 +310,96 @@ def evaluate_conditions(net: M.Segmenter, dataset, batch_size: int, robustness: 
     for (c, s), cm in cms.items():
         r = evaluate.scores(cm)
         out.setdefault(c, {})[s] = {"miou": r["miou"], "macc": r["macc"]}
+        if c == "clean":     # for the complementarity check (diagnostics)
+            out[c][s]["per_class_iou"] = r["per_class_iou"]
     return out
+
+
+# -----------------------------------------------------------------------------
+# Diagnostics: the checks to make before believing (or tuning) the tables. Is the data
+# really complementary (per-class IoU from rgb alone and depth alone, from the runs'
+# evaluations)? Are the budgets equal (BudgetCounter)? Does pre-training converge (the
+# loss logs)? Is the teacher's token signal about the image? Does M²IM teach what it is
+# meant to, i.e. does it predict a missing modality from the other better than MIM does?
+# The last two are measured on held-out images for every pre-trained checkpoint.
+
+DIAG_IMAGES = 256          # held-out (test-split) images for the pre-training diagnostics
+
+
+def token_agreement(student: dict, teacher: dict) -> dict:
+    """How much of the token target is about the image. The token loss (1 - cos) of the
+    student's tokens against the teacher's for the same images ("matched") and against
+    the teacher's for other images (the batch rolled by one: "other image"), raw and after
+    subtracting the teacher's mean token at each position of each modality ("centred").
+    If the raw loss hardly grows with the wrong image's target, the target is mostly what
+    every image shares (position and task embeddings) and carries little content."""
+    mean = {m: t.mean(0, keepdim=True) for m, t in teacher.items()}
+    other = {m: t.roll(1, 0) for m, t in teacher.items()}
+    centred = lambda d: {m: d[m] - mean[m] for m in d}
+    return {"raw_matched": float(sttp.token_loss(student, teacher)),
+            "raw_other_image": float(sttp.token_loss(student, other)),
+            "centred_matched": float(sttp.token_loss(centred(student), centred(teacher))),
+            "centred_other_image": float(sttp.token_loss(centred(student), centred(other)))}
+
+
+PIXEL_TERMS = ("rgb", "norm_rgb", "depth", "semseg")
+
+
+def _pixel_loss(row: dict):
+    """An epoch's pixel loss: on complete input (mim epochs, STTP's teacher steps) where the
+    log has it, else on Algorithm 1 input (m2im, kd); None for fine-tuning's logs."""
+    for prefix in ("", sttp.M2IM):
+        if all(prefix + k in row for k in PIXEL_TERMS):
+            return sum(row[prefix + k] for k in PIXEL_TERMS)
+    return None
+
+
+def loss_log(path: str, batches_per_epoch: int) -> dict:
+    """First and last epoch's training loss from a run's log.jsonl (pre-training: the pixel
+    loss, `_pixel_loss`; fine-tuning: the cross-entropy), and how much the last epoch still
+    lowered it (relative) in how many optimiser steps (an STTP epoch has 4 a batch): a run
+    far from converged still drops a lot at its end."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    series = [_pixel_loss(r) if _pixel_loss(r) is not None else r["loss"] for r in rows]
+    prev = series[-2] if len(series) > 1 else series[0]
+    drop = (prev - series[-1]) / prev
+    steps = batches_per_epoch * steps_per_batch(rows[-1].get("mode", ""))
+    out = {"epochs": len(rows), "first": series[0], "last": series[-1], "last_epoch_drop": drop,
+           "last_epoch_steps": steps}
+    if "token" in rows[-1]:                 # the self-teaching and kd runs' token loss
+        out["token_last"] = rows[-1]["token"]
+    return out
+
+
+@torch.no_grad()
+def pretrain_diagnostics(pretrain_dir: str, n_images: int = DIAG_IMAGES) -> dict:
+    """For one pre-training run: its loss log, the held-out reconstruction losses from
+    complete input, rgb only and depth only (Algorithm 1's outcome fixed, the run's own
+    patch masking; a dropped modality's patches are all targets, so e.g. "depth" under
+    "rgb only" is depth predicted from rgb), and the token agreement of a teacher pass
+    (complete input) with a student pass (Algorithm 1) on the same images."""
+    ckpt = train.load_checkpoint(os.path.join(pretrain_dir, "ckpt.pt"), "pretrain")
+    net = M.MaskMentor(M.ModelConfig(**ckpt["model_config"]))
+    net.load_state_dict(ckpt["model"])
+    net.eval()
+    mcfg = train.objective_config(train.TrainConfig(**ckpt["config"]), None, None).masking
+    test = data.build_dataset("synthetic", None, "test", image_size=net.cfg.image_size)
+    batch = data.collate([test[i] for i in range(min(n_images, len(test)))])
+    inputs = M.prepare_inputs(batch, net.cfg.semseg_stride)
+    B, _, H, W = inputs["rgb"].shape
+    K, N = len(M.MODALITIES), net.num_tokens(H, W)
+    recon = {}
+    for cond, keep in vis.RECON_CONDITIONS.items():
+        plan = masking.plan_masking(B, K, N, mcfg, False, torch.Generator().manual_seed(0),
+                                    keep=torch.tensor(keep).expand(B, K))
+        preds, _, masked = net(inputs, plan)
+        recon[cond] = {k: float(v) for k, v in sttp.pixel_losses(preds, inputs, masked.mask, net).items()}
+    g = torch.Generator().manual_seed(1)
+    _, teacher, _ = net(inputs, masking.plan_masking(B, K, N, mcfg, False, g))
+    _, student, _ = net(inputs, masking.plan_masking(B, K, N, mcfg, True, g))
+    batches = ckpt["config"]["subset"] // ckpt["config"]["batch_size"]       # the loader drops the last
+    return {"train_log": loss_log(os.path.join(pretrain_dir, "log.jsonl"), batches), "reconstruction": recon,
+            "tokens": token_agreement(student, teacher)}
 
 
 # -----------------------------------------------------------------------------
@@ -319,14 +431,18 @@ def _stage(out_dir: str, main, argv: list) -> dict:
     earlier attempt was interrupted) and record its budget; a finished stage is reused."""
     done = os.path.join(out_dir, "budget.json")
     if os.path.isfile(done):
-        return json.load(open(done))
+        info = json.load(open(done))
+        if info.get("argv") != argv:     # reusing it would silently mix two experiments
+            raise data.UserError(f"{out_dir}: finished earlier with other settings; give another --work_dir "
+                                 f"or delete that folder")
+        return info
     resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
     t0 = time.time()
     with _logged(os.path.join(out_dir, "output.txt")), BudgetCounter() as count:
         main(argv + (["--resume"] if resume else []))
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
     steps = int(next(iter(ckpt["optimizer"]["state"].values()))["step"])   # AdamW's own count, resumes included
-    info = {**count.summary(), "optimizer_steps": steps, "seconds": time.time() - t0, "resumed": resume}
+    info = {**count.summary(), "optimizer_steps": steps, "seconds": time.time() - t0, "resumed": resume, "argv": argv}
     _write_json(info, done)
     return info
 
@@ -336,19 +452,31 @@ def run_variant(cfg: ReproConfig, variant: str, seed: int, stage: str) -> dict:
     then evaluation; writes and returns the run's result.json."""
     d = run_dir(cfg, variant, seed)
     if stage == "pretrain":
-        return _stage(os.path.join(d, "pretrain"), train.main, pretrain_argv(cfg, variant, seed))
+        pre_dir = os.path.join(d, "pretrain")
+        info = _stage(pre_dir, train.main, pretrain_argv(cfg, variant, seed))
+        diag_path = os.path.join(pre_dir, "diagnostics.json")
+        if not os.path.isfile(diag_path):
+            _write_json(pretrain_diagnostics(pre_dir), diag_path)
+        return info
     result_path = os.path.join(d, "result.json")
     if os.path.isfile(result_path):
-        return json.load(open(result_path))
+        result = json.load(open(result_path))
+        if result.get("test_images") == cfg.test_images and result["finetune"].get("argv") == finetune_argv(cfg, variant, seed):
+            return result
+        # else: evaluated with other settings; _stage below says so if the fine-tuning differs
     pre = json.load(open(os.path.join(d, "pretrain", "budget.json"))) if VARIANTS[variant][0] else None
+    pre_diag = json.load(open(os.path.join(d, "pretrain", "diagnostics.json"))) if VARIANTS[variant][0] else None
     fine = _stage(os.path.join(d, "finetune"), finetune.main, finetune_argv(cfg, variant, seed))
     net, _ = evaluate.load_segmenter(os.path.join(d, "finetune", "ckpt.pt"), "cpu")
     test = train.Subset(data.build_dataset("synthetic", None, "test", image_size=net.cfg.image_size),
                         cfg.test_images)
     t0 = time.time()
     scores = evaluate_conditions(net, test, 50, robustness=variant in ROBUST_VARIANTS)
-    result = {"variant": variant, "seed": seed, "pretrain": pre, "finetune": fine,
-              "eval_seconds": time.time() - t0, **scores}
+    result = {"variant": variant, "seed": seed, "test_images": cfg.test_images, "pretrain": pre, "finetune": fine,
+              "eval_seconds": time.time() - t0,
+              "diagnostics": {"pretrain": pre_diag, "finetune_log": loss_log(os.path.join(d, "finetune", "log.jsonl"),
+                                                       cfg.finetune_images // cfg.batch_size)},
+              **scores}
     _write_json(result, result_path)
     return result
 
@@ -442,7 +570,7 @@ def summarise(results: list) -> dict:
     for v, runs in by_variant.items():
         conds = {}
         for c in runs[0]:
-            if isinstance(runs[0][c], dict) and c not in ("pretrain", "finetune"):
+            if isinstance(runs[0][c], dict) and c not in ("pretrain", "finetune", "diagnostics"):
                 conds[c] = {s: {k: mean_std([r[c][s][k] for r in runs]) for k in ("miou", "macc")}
                             for s in runs[0][c]}
         out[v] = {"seeds": [r["seed"] for r in runs], **conds,
@@ -451,6 +579,102 @@ def summarise(results: list) -> dict:
                   "finetune_steps": sorted({r["finetune"]["steps"] for r in runs}),
                   "pretrain_seconds": mean_std([r["pretrain"]["seconds"] for r in runs]) if runs[0]["pretrain"] else None}
     return out
+
+
+def _nanmean(values: list) -> float:
+    ok = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(ok) if ok else math.nan
+
+
+def diagnostics(results: list) -> dict:
+    """The runs' diagnostics (see "Diagnostics" above), averaged over seeds, per variant."""
+    out = {"per_class_iou": {}, "pretrain": {}, "finetune_log": {}}
+    by_variant = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    for v, runs in by_variant.items():
+        out["per_class_iou"][v] = {s: [_nanmean([r["clean"][s]["per_class_iou"][c] for r in runs])
+                                       for c in range(len(runs[0]["clean"][s]["per_class_iou"]))]
+                                   for s in SETTINGS if "per_class_iou" in runs[0]["clean"][s]}
+        diags = [r["diagnostics"] for r in runs if r.get("diagnostics")]
+        if diags:
+            out["finetune_log"][v] = {k: _nanmean([d["finetune_log"][k] for d in diags])
+                                      for k in ("last", "last_epoch_drop", "last_epoch_steps")}
+        pre = [d["pretrain"] for d in diags if d["pretrain"]]
+        if pre:
+            log_keys = [k for k in pre[0]["train_log"] if all(k in p["train_log"] for p in pre)]
+            out["pretrain"][v] = {
+                "train_log": {k: _nanmean([p["train_log"][k] for p in pre]) for k in log_keys},
+                "reconstruction": {c: {k: _nanmean([p["reconstruction"][c][k] for p in pre]) for k in terms}
+                                   for c, terms in pre[0]["reconstruction"].items()},
+                "tokens": {k: _nanmean([p["tokens"][k] for p in pre]) for k in pre[0]["tokens"]}}
+    return out
+
+
+def _diagnostics_markdown(diag: dict) -> list:
+    L = ["## Diagnostics: the checks behind the tables", "",
+         "Means over seeds. They answer, in order: is the data really complementary, are the budgets "
+         "equal (the Budgets table below: counted), does pre-training converge, is the teacher's "
+         "token signal about the image, and does M²IM learn what it is meant to (predict a missing "
+         "modality from the other)?", ""]
+    pci = diag["per_class_iou"]
+    shown = [v for v in ("baseline", "mim", "maskmentor") if v in pci and pci[v]]
+    if shown:
+        L += ["### Complementarity: per-class IoU from rgb alone and depth alone", "",
+              "`needs` is what data.py builds each class to need. A class that needs depth should score far "
+              "lower from rgb alone than from depth alone, and the other way round.", "",
+              "| class | needs | " + " | ".join(f"{v}: rgb only | {v}: depth only" for v in shown) + " |",
+              "|---|---|" + "---|---|" * len(shown)]
+        for c, name in enumerate(data.SYNTHETIC_CLASSES):
+            cells = [f"{pci[v][s][c]:.1f}" for v in shown for s in ("rgb", "depth")]
+            L.append(f"| {name} | {data.SYNTHETIC_CUE[name]} | " + " | ".join(cells) + " |")
+        L.append("")
+    pre = diag["pretrain"]
+    if pre:
+        L += ["### Convergence: training losses", "",
+              "Pixel loss of the pre-training (on complete input where the run has it, i.e. STTP's teacher "
+              "steps; on Algorithm 1 input for m2im and kd), first and last epoch, and how much the last "
+              "epoch still lowered it (relative) in how many optimiser steps; the same for fine-tuning's cross-entropy.", "",
+              "| variant | pre-training loss first → last | last epoch's drop, in steps | final token loss (training) "
+              "| fine-tuning loss, last | last epoch's drop, in steps |", "|---|---|---|---|---|---|"]
+        for v in VARIANTS:
+            ft = diag["finetune_log"].get(v)
+            ftc = f"{ft['last']:.3f} | {100 * ft['last_epoch_drop']:.1f} % in {ft['last_epoch_steps']:.0f}" if ft else "— | —"
+            if v in pre:
+                t = pre[v]["train_log"]
+                tok = f"{t['token_last']:.4f}" if "token_last" in t else "—"
+                L.append(f"| {v} | {t['first']:.3f} → {t['last']:.3f} | {100 * t['last_epoch_drop']:.1f} % in "
+                         f"{t['last_epoch_steps']:.0f} | {tok} | {ftc} |")
+            elif ft:
+                L.append(f"| {v} | — | — | — | {ftc} |")
+        L += ["", "### The teacher's token signal, on held-out images", "",
+              f"1 − cos between a student pass (Algorithm 1 input) and a teacher pass (complete input) of the same "
+              f"network on {DIAG_IMAGES} test images: for the same images (matched) and against other images' "
+              "teacher tokens; raw, and centred (the teacher's mean token at each position removed). Where the raw "
+              "loss for the wrong image is barely above the matched one, most of what the cosine compares is "
+              "shared by all images; the centred numbers show the image-specific part.", "",
+              "| variant | raw: matched | raw: other image | centred: matched | centred: other image |",
+              "|---|---|---|---|---|"]
+        for v in VARIANTS:
+            if v in pre:
+                t = pre[v]["tokens"]
+                L.append(f"| {v} | {t['raw_matched']:.4f} | {t['raw_other_image']:.4f} | "
+                         f"{t['centred_matched']:.3f} | {t['centred_other_image']:.3f} |")
+        L += ["", "### What pre-training learned: held-out reconstruction from one modality", "",
+              f"Pixel losses on {DIAG_IMAGES} test images with the kept modalities fixed (each run's own patch "
+              "masking on what is kept). Under \"rgb only\" all of depth is hidden, so its depth L1 is depth "
+              "*predicted from rgb*; under \"depth only\" the rgb MSE is rgb predicted from depth. This is "
+              "the skill M²IM is designed to add over MIM. Lower is better.", "",
+              "| variant | depth L1 from rgb only | rgb MSE from depth only | semseg CE from rgb only | "
+              "semseg CE from depth only | complete input: rgb MSE | depth L1 |", "|---|---|---|---|---|---|---|"]
+        for v in VARIANTS:
+            if v in pre:
+                r = pre[v]["reconstruction"]
+                L.append(f"| {v} | {r['rgb only']['depth']:.3f} | {r['depth only']['rgb']:.3f} | "
+                         f"{r['rgb only']['semseg']:.3f} | {r['depth only']['semseg']:.3f} | "
+                         f"{r['complete input']['rgb']:.3f} | {r['complete input']['depth']:.3f} |")
+        L.append("")
+    return L
 
 
 def _pm(ms: tuple) -> str:
@@ -473,7 +697,8 @@ def ordering_checks(summary: dict) -> list:
     """The paper's claims as comparisons of our means, with the gap in pooled stds."""
     claims = [("m2im", "mim", "M²IM > MIM"), ("maskmentor", "m2im", "STTP > M²IM"),
               ("maskmentor", "mim", "MaskMentor > MIM"), ("maskmentor", "token", "pixel + token > token only"),
-              ("maskmentor", "kd", "self-teaching > separate teacher"), ("mim", "baseline", "MIM > no pre-training")]
+              ("maskmentor", "kd", "self-teaching > separate teacher"), ("mim", "baseline", "MIM > no pre-training"),
+              ("maskmentor_epochs", "m2im", "STTP > M²IM at equal epochs (4x steps)")]
     lines = ["| claim | rgb+depth | rgb only | depth only |", "|---|---|---|---|"]
     for a, b, text in claims:
         if a not in summary or b not in summary:
@@ -488,16 +713,18 @@ def ordering_checks(summary: dict) -> list:
     return lines
 
 
-def write_markdown(cfg: ReproConfig, summary: dict, cost: dict, meta: dict, path: str) -> None:
+def write_markdown(cfg: ReproConfig, summary: dict, cost: dict, meta: dict, path: str, diag: dict = None) -> None:
     n = cfg.seeds
     L = [f"# MaskMentor ablations at toy scale (`python reproduce.py{' --quick' if cfg.quick else ''}`)", "",
          f"Synthetic RGB-D rooms (data.py), tiny model, {n} seed(s), mean ± std (sample std over seeds) of mIoU / "
          f"mAcc on {cfg.test_images} test images. Pre-training: {cfg.pretrain_images} images, batch {cfg.batch_size}, "
          f"{cfg.warmup_epochs} MIM warm-up epoch(s) + {cfg.main_epochs} STTP epochs, or 4x that many epochs of a "
-         f"one-step objective — the same optimiser steps and images for every variant (table at the end). "
+         f"one-step objective — the same optimiser steps and images for every variant (table at the end)"
+         f"{', except maskmentor_epochs: M²IM' + chr(39) + 's epochs, 4x the steps' if 'maskmentor_epochs' in summary else ''}. "
          f"Fine-tuning: the first {cfg.finetune_images} training images, {cfg.finetune_epochs} epochs, random "
-         f"rgb-only / depth-only / both per sample. Wall time of this run: {meta['wall_minutes']:.1f} min "
-         f"({meta['runs_reused']} of {meta['runs']} runs reused from an earlier invocation) on {meta['machine']}.",
+         f"rgb-only / depth-only / both per sample. Wall time of this invocation: {meta['wall_minutes']:.1f} min "
+         f"({meta['runs_reused']} of {meta['runs']} runs reused from an earlier invocation) on {meta['machine']}; "
+         f"the runs themselves took {meta['run_minutes']:.1f} min of one core each, added up.",
          "", "The paper's columns are NYUDepthV2 with ViT-B and 500 + 500 epochs: compare the *ordering* of the "
          "rows, not the numbers.", "",
          "## Table 3: M²IM and STTP", "", *_table(summary, TABLE3, lambda v: VARIANTS[v][1]), "",
@@ -530,6 +757,8 @@ def write_markdown(cfg: ReproConfig, summary: dict, cost: dict, meta: dict, path
                 cells.append("—" if mod is None else f"{mod}: {_pm(summary[v][cond][mod]['miou'])}")
             L.append(f"| {cond} | " + " | ".join(cells) + " |")
         L.append("")
+    if diag:
+        L += _diagnostics_markdown(diag)
     L += ["## Budgets (counted during the runs)", "",
           "| variant | optimiser steps | images seen | fine-tuning steps | pre-training wall time, s (parallel runs) |",
           "|---|---|---|---|---|"]
@@ -544,8 +773,8 @@ def write_markdown(cfg: ReproConfig, summary: dict, cost: dict, meta: dict, path
 def bar_chart(summary: dict, path: str, title: str) -> None:
     """Grouped bars: input condition x variant, mean mIoU with ± 1 std whiskers (PIL only)."""
     variants = [v for v in VARIANTS if v in summary]
-    colours = ["#9e9e9e", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd"]
-    W, H, left, top, bottom = 900, 420, 50, 40, 60
+    colours = ["#9e9e9e", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd", "#8c564b"]
+    W, H, left, top, bottom, legend = 1000, 420, 50, 40, 60, 260
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     means = [summary[v]["clean"][s]["miou"] for v in variants for s in SETTINGS]
@@ -553,9 +782,9 @@ def bar_chart(summary: dict, path: str, title: str) -> None:
     py = lambda y: H - bottom - y / ymax * (H - top - bottom)
     d.text((left, 10), title, fill="black")
     for y in range(0, int(ymax) + 1, 10):
-        d.line([(left, py(y)), (W - 170, py(y))], fill="#e0e0e0")
+        d.line([(left, py(y)), (W - legend - 10, py(y))], fill="#e0e0e0")
         d.text((8, py(y) - 6), f"{y}", fill="black")
-    group_w = (W - 170 - left) / len(SETTINGS)
+    group_w = (W - legend - 10 - left) / len(SETTINGS)
     bar_w = group_w * 0.8 / len(variants)
     for gi, s in enumerate(SETTINGS):
         x0 = left + gi * group_w + group_w * 0.1
@@ -571,8 +800,9 @@ def bar_chart(summary: dict, path: str, title: str) -> None:
                 d.line([(xc - 3, py(yy)), (xc + 3, py(yy))], fill="black")
     d.text((8, top - 20), "mIoU", fill="black")
     for vi, v in enumerate(variants):
-        d.rectangle([W - 160, top + 18 * vi, W - 148, top + 18 * vi + 12], fill=colours[vi % len(colours)])
-        d.text((W - 142, top + 18 * vi), VARIANTS[v][1][:26], fill="black")
+        d.rectangle([W - legend, top + 18 * vi, W - legend + 12, top + 18 * vi + 12], fill=colours[vi % len(colours)])
+        # PIL's default font has no superscript two
+        d.text((W - legend + 18, top + 18 * vi), VARIANTS[v][1].replace("²", "2"), fill="black")
     img.save(path)
 
 
@@ -582,9 +812,10 @@ def bar_chart(summary: dict, path: str, title: str) -> None:
 def main(argv=None) -> dict:
     cfg = parse(argv)
     t0 = time.time()
-    n_runs = sum((2 if VARIANTS[v][0] else 1) * cfg.seeds for v in cfg.variants.split(","))
-    before = sum(os.path.isfile(os.path.join(root, f)) for root, _, files in os.walk(cfg.work_dir)
-                 for f in files if f in ("budget.json",)) if os.path.isdir(cfg.work_dir) else 0
+    stages = [os.path.join(run_dir(cfg, v, seed), stage) for v in cfg.variants.split(",") for seed in range(cfg.seeds)
+              for stage in (("pretrain", "finetune") if VARIANTS[v][0] else ("finetune",))]
+    n_runs = len(stages)                    # a run = one pre-training or one fine-tuning + evaluation
+    before = sum(os.path.isfile(os.path.join(d, "budget.json")) for d in stages)
     print(f"reproduce: {cfg.variants} x {cfg.seeds} seed(s), {cfg.jobs} job(s) of {cfg.threads} thread(s); "
           f"runs in {cfg.work_dir}, results in {cfg.out_dir}")
     cost = measure_cost(cfg, repeats=2 if cfg.quick else 7)
@@ -592,18 +823,22 @@ def main(argv=None) -> dict:
                                                       for m, s in cost["per_batch_s"].items()))
     results = run_all(cfg)
     summary = summarise(results)
+    diag = diagnostics(results)
+    run_seconds = sum(r[st]["seconds"] for r in results for st in ("pretrain", "finetune") if r[st]) + \
+        sum(r["eval_seconds"] for r in results)
     meta = {"wall_minutes": (time.time() - t0) / 60, "runs": n_runs, "runs_reused": before,
+            "run_minutes": run_seconds / 60,
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
     os.makedirs(cfg.out_dir, exist_ok=True)
-    _write_json({"config": dataclasses.asdict(cfg), "meta": meta, "cost": cost, "summary": summary,
+    _write_json({"config": dataclasses.asdict(cfg), "meta": meta, "cost": cost, "summary": summary, "diagnostics": diag,
                  "paper_nyu": {v: VARIANTS[v][2] for v in VARIANTS}, "runs": results},
                 os.path.join(cfg.out_dir, "ablation.json"))
-    write_markdown(cfg, summary, cost, meta, os.path.join(cfg.out_dir, "ablation.md"))
+    write_markdown(cfg, summary, cost, meta, os.path.join(cfg.out_dir, "ablation.md"), diag)
     bar_chart(summary, os.path.join(cfg.out_dir, "ablation.png"),
               f"mIoU on synthetic test images, mean ± std over {cfg.seeds} seed(s)")
     print("\n".join(ordering_checks(summary)))
     print(f"wrote {cfg.out_dir}/ablation.md, ablation.json, ablation.png in {meta['wall_minutes']:.1f} min")
-    return {"summary": summary, "cost": cost, "meta": meta, "results": results}
+    return {"summary": summary, "cost": cost, "meta": meta, "results": results, "diagnostics": diag}
 
 
 if __name__ == "__main__":

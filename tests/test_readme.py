@@ -6,6 +6,7 @@ from dataclasses import fields
 import pytest
 
 import evaluate
+import reproduce
 import finetune
 import train
 
@@ -21,7 +22,8 @@ def section(script: str) -> str:
 
 
 @pytest.mark.parametrize("script,cls", [("train.py", train.TrainConfig), ("finetune.py", finetune.FinetuneConfig),
-                                        ("evaluate.py", evaluate.EvalConfig)])
+                                        ("evaluate.py", evaluate.EvalConfig),
+                                        ("reproduce.py", reproduce.ReproConfig)])
 def test_every_flag_is_in_the_readme(script, cls):
     table = section(script)
     documented = set(re.findall(r"^\| `--(\w+)", table, re.M))

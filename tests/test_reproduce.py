@@ -24,6 +24,15 @@ def test_every_pretraining_variant_gets_the_same_optimiser_steps():
     assert R.pretrain_epochs("sttp", warmup, 3) == 5 and R.pretrain_epochs("m2im", warmup, 3) == 14
 
 
+def test_the_equal_epochs_variant_gets_4x_the_steps_of_sttp():
+    cfg = R.parse([])
+    assert "maskmentor_epochs" not in cfg.variants.split(",")            # not in the default run
+    argv = {v: R.pretrain_argv(cfg, v, 0) for v in ("m2im", "maskmentor", "maskmentor_epochs")}
+    epochs = {v: int(a[a.index("--epochs") + 1]) for v, a in argv.items()}
+    assert epochs["maskmentor_epochs"] == epochs["m2im"] == 1 + 4 * (epochs["maskmentor"] - 1)
+    assert argv["maskmentor_epochs"][argv["maskmentor_epochs"].index("--mode") + 1] == "sttp"
+
+
 def test_bad_flags_are_one_line_errors():
     with pytest.raises(data.UserError, match="kd needs mim"):
         R.parse(["--variants", "kd"])
@@ -138,7 +147,7 @@ def test_quick_runs_everything_end_to_end_and_resumes(tmp_path):
     for name in ("ablation.md", "ablation.json", "ablation.png"):
         assert (tmp_path / "res" / name).stat().st_size > 0
     summary = out["summary"]
-    assert set(summary) == set(R.VARIANTS)
+    assert set(summary) == set(R.DEFAULT_VARIANTS)
     pre = {v: (s["pretrain_steps"], s["pretrain_images"]) for v, s in summary.items() if v != "baseline"}
     assert len(set(map(str, pre.values()))) == 1 and len(pre["mim"][0]) == 1, pre     # equal, and per seed too
     assert len({str(s["finetune_steps"]) for s in summary.values()}) == 1
@@ -151,7 +160,56 @@ def test_quick_runs_everything_end_to_end_and_resumes(tmp_path):
     assert "## Table 3" in md and "## Table 4" in md and "56.0 / 46.7 / 33.8" in md and "depth holes 50%" in md
     saved = json.loads((tmp_path / "res" / "ablation.json").read_text())
     assert set(saved["cost"]["per_batch_s"]) == {"mim", "sttp", "kd"}
+    # the diagnostics: per-class IoU of every variant, held-out checks of every pre-training
+    diag = out["diagnostics"]
+    assert set(diag["per_class_iou"]) == set(R.VARIANTS) and set(diag["pretrain"]) == set(R.VARIANTS) - {"baseline"}
+    assert len(diag["per_class_iou"]["mim"]["depth"]) == data.num_classes("synthetic")
+    for v, d in diag["pretrain"].items():
+        r = d["reconstruction"]
+        assert set(r) == {"complete input", "rgb only", "depth only"}
+        assert all(0 < x < 10 for losses in r.values() for x in losses.values()), v
+        assert d["tokens"]["raw_matched"] < d["tokens"]["raw_other_image"], v
+        assert ("token_last" in d["train_log"]) == (v in ("maskmentor", "token", "kd"))
+    assert "## Diagnostics" in md and "| pillar | depth |" in md
     # A second invocation reuses every finished run and reports the same numbers.
     again = R.main(argv)
     assert again["meta"]["runs_reused"] == again["meta"]["runs"]
     assert again["summary"] == summary
+
+
+def test_token_agreement_separates_shared_from_image_specific_parts():
+    g = torch.Generator().manual_seed(0)
+    shared = {m: 10 * torch.randn(1, 6, 16, generator=g) for m in M.MODALITIES}       # same for every image
+    content = {m: torch.randn(8, 6, 16, generator=g) for m in M.MODALITIES}
+    teacher = {m: shared[m] + content[m] for m in M.MODALITIES}
+    student = {m: shared[m] + content[m] + 0.1 * torch.randn(8, 6, 16, generator=g) for m in M.MODALITIES}
+    t = R.token_agreement(student, teacher)
+    # the raw cosine is dominated by the shared part: the wrong image's target is barely worse
+    assert t["raw_matched"] < t["raw_other_image"] < 0.05
+    # centred, the matched student agrees and another image's target is unrelated (1 - cos ~ 1)
+    assert t["centred_matched"] < 0.05 and t["centred_other_image"] > 0.7
+    same = R.token_agreement(teacher, teacher)
+    assert same["raw_matched"] == pytest.approx(0, abs=1e-6) and same["centred_matched"] == pytest.approx(0, abs=1e-6)
+
+
+def test_loss_log_reads_the_right_loss_and_counts_steps(tmp_path):
+    log = tmp_path / "log.jsonl"
+    rows = [{"epoch": 1, "mode": "mim", "loss": 4.0, "rgb": 1, "norm_rgb": 1, "depth": 1, "semseg": 1},
+            {"epoch": 2, "mode": "sttp", "loss": 9.9, "token": 0.2, "rgb": 1, "norm_rgb": 0.5, "depth": 0.5, "semseg": 1,
+             "m2im_rgb": 2, "m2im_norm_rgb": 2, "m2im_depth": 2, "m2im_semseg": 2}]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = R.loss_log(str(log), batches_per_epoch=10)
+    # complete-input pixel loss (the teacher's) where the log has it; 4 steps a batch in an STTP epoch
+    assert out == {"epochs": 2, "first": 4.0, "last": 3.0, "last_epoch_drop": 0.25, "last_epoch_steps": 40,
+                   "token_last": 0.2}
+    log.write_text(json.dumps({"epoch": 1, "mode": "", "loss": 2.0}) + "\n" + json.dumps({"epoch": 2, "mode": "", "loss": 1.5}))
+    assert R.loss_log(str(log), 7) == {"epochs": 2, "first": 2.0, "last": 1.5, "last_epoch_drop": 0.25, "last_epoch_steps": 7}
+
+
+def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
+    out = tmp_path / "mim" / "seed0" / "pretrain"
+    out.mkdir(parents=True)
+    (out / "budget.json").write_text(json.dumps({"steps": 3, "argv": ["--batch_size", "32"]}))
+    assert R._stage(str(out), None, ["--batch_size", "32"])["steps"] == 3          # same settings: reused
+    with pytest.raises(data.UserError, match="finished earlier with other settings"):
+        R._stage(str(out), None, ["--batch_size", "8"])
