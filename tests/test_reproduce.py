@@ -162,7 +162,7 @@ def test_quick_runs_everything_end_to_end_and_resumes(tmp_path):
     assert set(saved["cost"]["per_batch_s"]) == {"mim", "sttp", "kd"}
     # the diagnostics: per-class IoU of every variant, held-out checks of every pre-training
     diag = out["diagnostics"]
-    assert set(diag["per_class_iou"]) == set(R.VARIANTS) and set(diag["pretrain"]) == set(R.VARIANTS) - {"baseline"}
+    assert set(diag["per_class_iou"]) == set(R.DEFAULT_VARIANTS) and set(diag["pretrain"]) == set(R.DEFAULT_VARIANTS) - {"baseline"}
     assert len(diag["per_class_iou"]["mim"]["depth"]) == data.num_classes("synthetic")
     for v, d in diag["pretrain"].items():
         r = d["reconstruction"]
