@@ -360,7 +360,7 @@ def loss_log(path: str, batches_per_epoch: int) -> dict:
     lowered it (relative) in how many optimiser steps (an STTP epoch has 4 a batch): a run
     far from converged still drops a lot at its end."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    series = [_pixel_loss(r) if _pixel_loss(r) is not None else r["loss"] for r in rows]
+    series = [p if (p := _pixel_loss(r)) is not None else r["loss"] for r in rows]
     prev = series[-2] if len(series) > 1 else series[0]
     drop = (prev - series[-1]) / prev
     steps = batches_per_epoch * steps_per_batch(rows[-1].get("mode", ""))
@@ -562,12 +562,17 @@ def mean_std(values: list) -> tuple:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(results: list) -> dict:
-    by_variant = {}
-    for r in sorted(results, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
-        by_variant.setdefault(r["variant"], []).append(r)
+def by_variant(results: list) -> dict:
+    """The result dicts grouped per variant, in VARIANTS' order and by seed."""
     out = {}
-    for v, runs in by_variant.items():
+    for r in sorted(results, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
+        out.setdefault(r["variant"], []).append(r)
+    return out
+
+
+def summarise(results: list) -> dict:
+    out = {}
+    for v, runs in by_variant(results).items():
         conds = {}
         for c in runs[0]:
             if isinstance(runs[0][c], dict) and c not in ("pretrain", "finetune", "diagnostics"):
@@ -589,17 +594,13 @@ def _nanmean(values: list) -> float:
 def diagnostics(results: list) -> dict:
     """The runs' diagnostics (see "Diagnostics" above), averaged over seeds, per variant."""
     out = {"per_class_iou": {}, "pretrain": {}, "finetune_log": {}}
-    by_variant = {}
-    for r in results:
-        by_variant.setdefault(r["variant"], []).append(r)
-    for v, runs in by_variant.items():
+    for v, runs in by_variant(results).items():
         out["per_class_iou"][v] = {s: [_nanmean([r["clean"][s]["per_class_iou"][c] for r in runs])
                                        for c in range(len(runs[0]["clean"][s]["per_class_iou"]))]
-                                   for s in SETTINGS if "per_class_iou" in runs[0]["clean"][s]}
-        diags = [r["diagnostics"] for r in runs if r.get("diagnostics")]
-        if diags:
-            out["finetune_log"][v] = {k: _nanmean([d["finetune_log"][k] for d in diags])
-                                      for k in ("last", "last_epoch_drop", "last_epoch_steps")}
+                                   for s in SETTINGS}
+        diags = [r["diagnostics"] for r in runs]
+        out["finetune_log"][v] = {k: _nanmean([d["finetune_log"][k] for d in diags])
+                                  for k in ("last", "last_epoch_drop", "last_epoch_steps")}
         pre = [d["pretrain"] for d in diags if d["pretrain"]]
         if pre:
             log_keys = [k for k in pre[0]["train_log"] if all(k in p["train_log"] for p in pre)]
@@ -618,7 +619,7 @@ def _diagnostics_markdown(diag: dict) -> list:
          "token signal about the image, and does M²IM learn what it is meant to (predict a missing "
          "modality from the other)?", ""]
     pci = diag["per_class_iou"]
-    shown = [v for v in ("baseline", "mim", "maskmentor") if v in pci and pci[v]]
+    shown = [v for v in ("baseline", "mim", "maskmentor") if v in pci]
     if shown:
         L += ["### Complementarity: per-class IoU from rgb alone and depth alone", "",
               "`needs` is what data.py builds each class to need. A class that needs depth should score far "
