@@ -48,6 +48,7 @@ caching allocator would; --raw_malloc keeps glibc's defaults.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import itertools
@@ -59,6 +60,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import masking
+import ops
 
 SHAPES = {
     "tiny": dict(B=32, K=3, N=64, D=128, V=32),
@@ -159,11 +161,11 @@ def main():
                     help="assumed model FLOP utilisation for the schedule estimate")
     args = ap.parse_args()
 
-    if not masking._FUSED_LOADED:
-        raise SystemExit(f"bench.py: the fused op is not available: {masking.backend()}")
+    if not ops.LOADED:
+        raise SystemExit(f"bench.py: the fused op is not available: {ops.backend()}")
     device = torch.device(args.device)
-    if device.type == "cuda" and not masking._FUSED_CUDA:
-        raise SystemExit("bench.py: maskmentor_cuda is not built; rebuild with nvcc on PATH")
+    if device.type == "cuda" and not ops.CUDA:
+        raise SystemExit("bench.py: maskmentor_C was built without its CUDA kernels; rebuild with nvcc on PATH")
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc = "malloc defaults" if args.raw_malloc or device.type != "cpu" else keep_freed_memory()
@@ -215,7 +217,7 @@ STEP_SHAPES = {"tiny": dict(B=32, size=64, budget=32, reps=20), "base": dict(B=1
 
 def bench_pretrain_steps(presets, device, args):
     """Median time of one whole pre-training step (sttp.mim) with the op and with the
-    reference; masking.mask_gather picks the backend from masking._FUSED_LOADED."""
+    reference (ops.reference_only)."""
     import dataclasses
 
     import model as M
@@ -236,11 +238,8 @@ def bench_pretrain_steps(presets, device, args):
 
         def step(fused):
             def run():
-                masking._FUSED_LOADED = fused
-                try:
+                with contextlib.nullcontext() if fused else ops.reference_only():
                     sttp.mim(net, opt, batch, cfg, g)
-                finally:
-                    masking._FUSED_LOADED = True
             return run
 
         reps = s["reps"] if args.step_reps is None else args.step_reps
@@ -253,7 +252,7 @@ def bench_pretrain_steps(presets, device, args):
 # what the paper's whole schedule would cost
 
 
-# The paper's schedule (§4.1, SPEC.md §4-5): NYU Depth V2's 795 training images; pre-training
+# The paper's schedule (§4.1; docs/method.md §4-5): NYU Depth V2's 795 training images; pre-training
 # 100 MIM + 400 STTP epochs at batch 12, fine-tuning 500 epochs at batch 2 (the base presets'
 # batch sizes; with --cost tiny, the tiny presets' sizes on the same schedule).
 PAPER_IMAGES, MIM_EPOCHS, STTP_EPOCHS, FINETUNE_EPOCHS = 795, 100, 400, 500
@@ -303,12 +302,14 @@ def bench_paper_steps(name, device, args):
     at batch 2 on 640 crops): one MIM, one M²IM and one STTP batch (3 teacher + 1 student
     steps) with the fused op and with the reference, and one fine-tuning step (no masking,
     so one backend). Batches come from the synthetic rooms rendered at the training size,
-    through train.fetch (the loop's "data" range)."""
+    through engine.fetch (the loop's "data" range)."""
     import dataclasses
 
     import data
+    import engine
     import finetune
     import model as M
+    import runtime
     import sttp
     import train
 
@@ -320,17 +321,18 @@ def bench_paper_steps(name, device, args):
         ds = data.build_dataset("synthetic", None, "train", train=True, image_size=image_size)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=itertools.repeat(list(range(batch_size))),
                                              collate_fn=data.collate)
-        return train.fetch(loader, device)
+        return engine.fetch(loader, device)
 
     g = torch.Generator(device=device).manual_seed(0)
+    rt = runtime.TrainingRuntime(device)          # its profiler labels split the time
 
     def pretraining():
         """(name, images, one batch's function) for mim, m2im and sttp."""
         torch.manual_seed(0)
         net = M.MaskMentor(dataclasses.replace(M.PRESETS[name], image_size=pre["image_size"],
                                                num_classes=classes)).to(device)
-        opt = torch.optim.AdamW(train.param_groups(net, 0.05), lr=pre["lr"], betas=(0.9, 0.95))
-        ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=pre["budget"]))
+        opt = torch.optim.AdamW(engine.param_groups(net, 0.05), lr=pre["lr"], betas=(0.9, 0.95))
+        ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=pre["budget"]), runtime=rt)
         loader = batches(pre["image_size"], pre["batch_size"])
         for mode in ("mim", "m2im", "sttp"):
             yield mode, pre["batch_size"], lambda mode=mode: sttp.OBJECTIVES[mode](net, opt, next(loader), ocfg, g)
@@ -340,9 +342,9 @@ def bench_paper_steps(name, device, args):
         fcfg = finetune.FinetuneConfig(config=name, **ft)
         seg = M.Segmenter(dataclasses.replace(M.PRESETS[name], image_size=ft["image_size"], num_classes=classes,
                                               drop_path=ft["drop_path"])).to(device)
-        opt = torch.optim.AdamW(train.param_groups(seg, fcfg.weight_decay, fcfg.layer_decay), lr=ft["lr"])
+        opt = torch.optim.AdamW(engine.param_groups(seg, fcfg.weight_decay, fcfg.layer_decay), lr=ft["lr"])
         loader = batches(ft["image_size"], ft["batch_size"])
-        yield "finetune", ft["batch_size"], lambda: finetune.train_step(seg, opt, next(loader), fcfg, g)
+        yield "finetune", ft["batch_size"], lambda: finetune.train_step(seg, opt, next(loader), fcfg, g, rt)
 
     print(f"{name} preset: pre-training batch {pre['batch_size']} at {pre['image_size']}px, fine-tuning batch "
           f"{ft['batch_size']} at {ft['image_size']}px; s/batch: median of {args.cost_reps} after a warm-up, a "
@@ -358,11 +360,8 @@ def bench_paper_steps(name, device, args):
             fn()
         F = flops.get_total_flops()
         for backend in (("op", "reference") if step_name != "finetune" else ("n/a",)):
-            masking._FUSED_LOADED = backend != "reference"
-            try:
+            with ops.reference_only() if backend == "reference" else contextlib.nullcontext():
                 t, split, mem = measure(fn, device, args.cost_reps)
-            finally:
-                masking._FUSED_LOADED = True
             cost.setdefault(step_name, (t, F))              # the op's time: what training uses
             parts = " ".join(f"{split[k]:9.0%}" for k in LABELS + ("other",))
             print(f"{step_name:9} {backend:9} {t:8.2f} {B / t:7.2f} {F / 1e9:8.0f} {F / t / 1e12:8.3f}  "

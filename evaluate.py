@@ -10,7 +10,7 @@ with rgb alone and with depth alone (the missing modality simply contributes no 
 in one pass over the split. mIoU and mAcc (mean per-class accuracy) come from one
 confusion matrix per condition accumulated over the whole split (not averaged per image),
 void (255) ignored, classes with an empty union skipped, x100 — the mmseg/MultiMAE
-convention (SPEC.md §1). It prints a table (plus per-class IoU with class names) and
+convention (docs/method.md §1). It prints a table (plus per-class IoU with class names) and
 writes the same numbers as JSON: keys rgbd, rgb, depth, each with miou, macc,
 per_class_iou. It also draws the paper's Figure 3 for the first --num_vis images (vis.py):
 rgb | depth | ground truth | prediction from rgb+depth, rgb only, depth only.
@@ -30,8 +30,10 @@ from tqdm import tqdm
 
 import data
 import model as M
+import modalities
 import vis
-from train import arg, load_checkpoint, parse_config, pick_device, run_cli, to_device
+from cli import UserError, arg, parse_config, pick_device, run_cli
+from engine import load_checkpoint, to_device
 
 SETTINGS = {"rgbd": ("rgb", "depth"), "rgb": ("rgb",), "depth": ("depth",)}
 
@@ -90,7 +92,7 @@ class EvalConfig:
 
 def load_segmenter(path: str, device) -> tuple[M.Segmenter, dict]:
     ckpt = load_checkpoint(path, "finetune")
-    net = M.Segmenter(M.ModelConfig(**ckpt["model_config"]))
+    net = M.Segmenter(M.ModelConfig.from_dict(ckpt["model_config"]))
     net.load_state_dict(ckpt["model"])
     return net.to(device).eval(), ckpt
 
@@ -102,7 +104,7 @@ def predict(net: M.Segmenter, batch: dict, settings) -> dict:
     H, W = next(batch[m] for m in ("rgb", "depth") if m in batch).shape[-2:]
     p = net.cfg.patch_size
     padded = {m: F.pad(batch[m], (0, -W % p, 0, -H % p)) for m in ("rgb", "depth") if m in batch}
-    inputs = M.prepare_inputs(padded)
+    inputs = modalities.prepare_inputs(padded)
     return {s: net({m: inputs[m] for m in SETTINGS[s]}).argmax(1)[:, :H, :W] for s in settings}
 
 
@@ -170,15 +172,15 @@ def format_table(results: dict, class_names) -> str:
 def main(argv=None):
     cfg, _ = parse_config(EvalConfig, argv)
     if cfg.batch_size <= 0:
-        raise data.UserError(f"--batch_size must be positive, got {cfg.batch_size}")
+        raise UserError(f"--batch_size must be positive, got {cfg.batch_size}")
     if cfg.num_vis < 0 or cfg.depth_scale <= 0:
-        raise data.UserError("--num_vis must be >= 0 and --depth_scale positive")
+        raise UserError("--num_vis must be >= 0 and --depth_scale positive")
     device = pick_device(cfg.device)
     net, ckpt = load_segmenter(cfg.ckpt, device)
     dataset_name = cfg.dataset or ckpt["dataset"]
     names = data.CLASS_NAMES[dataset_name]
     if len(names) != net.cfg.num_classes:
-        raise data.UserError(f"{cfg.ckpt}: the model predicts {net.cfg.num_classes} classes, "
+        raise UserError(f"{cfg.ckpt}: the model predicts {net.cfg.num_classes} classes, "
                              f"{dataset_name} has {len(names)}")
     if cfg.rgb or cfg.depth:
         return segment_one_image(cfg, net, dataset_name, device)

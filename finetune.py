@@ -10,8 +10,8 @@ initialised ConvNeXt head is added (model.Segmenter). Each training sample indep
 sees rgb only, depth only, or both (`--p_missing`, default 2/3: one third each), so one
 network learns every input condition; the loss is cross-entropy with 255 ignored.
 The checkpoint goes to `<out_dir>/ckpt.pt`; evaluate.py finds it there by default.
-Same loop, checkpoints and resume as train.py (see `train.Loop`), and the same
-`torchrun --nproc_per_node N finetune.py ...` with a global --batch_size.
+Same loop, checkpoints and resume as train.py (engine.py), and the same
+`torchrun --nproc_per_node N finetune.py ...` with a global --batch_size (runtime.py).
 """
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 import data
-import masking
 import model as M
-import sttp
-from train import (DTYPES, Loop, arg, autocast_dtype, check_common_flags, compile_encoder, data_parallel,
-                   grad_scaler, init_distributed, init_encoder, load_checkpoint, param_groups, pick_device,
-                   run_cli, start_run, training_set)
+import modalities
+import ops
+from cli import UserError, arg, pick_device, run_cli
+from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_checkpoint, param_groups,
+                    start_run, training_set)
+from runtime import (DTYPES, TrainingRuntime, autocast_dtype, compile_encoder, global_mean, grad_scaler,
+                     init_distributed)
 
 
 @dataclass
@@ -66,64 +68,72 @@ class FinetuneConfig:
 
 FINETUNE_PRESETS = {
     "tiny": dict(epochs=6, batch_size=32, lr=1e-3, image_size=64, drop_path=0.0, lr_warmup_epochs=0.5),
-    # Paper §4.1 / SPEC.md §5: 500 epochs, lr 3e-5 cosine, batch 2; MultiMAE's 640 crops,
-    # layer decay 0.75 and drop path 0.1 for what the paper leaves unsaid.
+    # Paper §4.1: 500 epochs, lr 3e-5 cosine, batch 2; MultiMAE's 640 crops, layer decay
+    # 0.75 and drop path 0.1 for what the paper leaves unsaid (docs/method.md, D12).
     "base": dict(epochs=500, batch_size=2, lr=3e-5, image_size=640, drop_path=0.1, lr_warmup_epochs=1.0),
 }
-RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "compile"}
 
 
 def validate(cfg: FinetuneConfig) -> None:
     check_common_flags(cfg)
     if not 0.0 <= cfg.p_missing <= 1.0:
-        raise data.UserError(f"--p_missing must be in [0, 1], got {cfg.p_missing}")
+        raise UserError(f"--p_missing must be in [0, 1], got {cfg.p_missing}")
     if not 0.0 < cfg.layer_decay <= 1.0:
-        raise data.UserError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
+        raise UserError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
     if not 0.0 <= cfg.drop_path < 1.0:
-        raise data.UserError(f"--drop_path must be in [0, 1), got {cfg.drop_path}")
+        raise UserError(f"--drop_path must be in [0, 1), got {cfg.drop_path}")
 
 
-def sample_present(batch_size: int, p_missing: float, generator, device) -> torch.Tensor:
-    """Which of (rgb, depth) each sample shows: Bool[B, 2]. With probability p_missing/2
-    rgb only, p_missing/2 depth only, else both (never neither). Under torchrun drawn for
-    the global batch, each process keeping its rows (sttp.rank_rows)."""
+def sample_present(batch_size: int, num_inputs: int, p_missing: float, generator, device) -> torch.Tensor:
+    """Which of the segmenter's inputs each sample shows: Bool[B, num_inputs] (decision D9
+    of docs/method.md). With probability p_missing a sample misses some of them, each
+    proper non-empty subset equally likely, else it shows all. For (rgb, depth): rgb only
+    with p_missing/2, depth only with p_missing/2, both otherwise (never neither). Under
+    torchrun drawn for the global batch, each process keeping its rows (model.Shard)."""
     u = torch.rand(batch_size, generator=generator, device=device)
-    rgb = u >= p_missing / 2                                   # not "depth only"
-    depth = (u < p_missing / 2) | (u >= p_missing)             # not "rgb only"
-    return torch.stack([rgb, depth], dim=1)
+    present = torch.ones(batch_size, num_inputs, dtype=torch.bool, device=device)
+    subsets = 2 ** num_inputs - 2                 # what a sample may miss: not nothing, not all
+    for j in range(subsets):
+        chosen = (u >= p_missing * j / subsets) & (u < p_missing * (j + 1) / subsets)
+        for k in range(num_inputs):
+            if (j + 1) >> k & 1:                  # bit k of j + 1: input k is missing
+                present[:, k] &= ~chosen
+    return present
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, world: int = 1) -> torch.Tensor:
     """Cross-entropy over labelled pixels (255 ignored); 0 for a batch with none. Under
-    torchrun: over the global batch's labelled pixels (sttp.global_mean)."""
-    if sttp.rank_and_world()[1] > 1:
+    torchrun (`world` processes): over the global batch's labelled pixels (runtime.global_mean)."""
+    if world > 1:
         ce = F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX, reduction="sum")
-        return sttp.global_mean(ce, (target != M.IGNORE_INDEX).sum())
+        return global_mean(ce, (target != M.IGNORE_INDEX).sum())
     if not (target != M.IGNORE_INDEX).any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX)
 
 
-def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, dtype=None, scaler=None) -> dict:
+def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, runtime: TrainingRuntime) -> dict:
     """One fine-tuning step on a batch (this process's rows of it under torchrun): which
-    modalities each sample shows, forward (autocast to `dtype`), cross-entropy, backward,
-    optimiser step. `model` is the Segmenter, or it wrapped in DDP."""
-    device = batch["rgb"].device
+    modalities each sample shows, forward, cross-entropy, backward, optimiser step (the
+    runtime's: autocast, loss scaling, clipping). `model` is the Segmenter, or it wrapped
+    in DDP."""
+    net = runtime.network(model)
     with record_function("forward"):
-        inputs = M.prepare_inputs({"rgb": batch["rgb"], "depth": batch["depth"]})
-        present = sample_present(batch["rgb"].shape[0] * sttp.rank_and_world()[1], cfg.p_missing, generator,
-                                 device)
-        with sttp.autocast(device, dtype):
-            logits = model(inputs, sttp.rank_rows(present))
-        loss = segmentation_loss(logits, batch["semseg"])
-    sttp.optimizer_step(model, optimizer, loss, cfg.clip_grad, scaler)
+        inputs = modalities.prepare_inputs(batch, net.inputs)
+        first = inputs[net.inputs[0]]
+        present = sample_present(first.shape[0] * runtime.world, len(net.inputs), cfg.p_missing, generator,
+                                 first.device)
+        with runtime.autocast():
+            logits = model(inputs, runtime.rows(present))
+        loss = segmentation_loss(logits, batch["semseg"], runtime.world)
+    runtime.step(model, optimizer, loss)
     return {"loss": float(loss.detach())}
 
 
 def load_pretrained(path: str) -> dict:
     if not os.path.isfile(path):
-        raise data.UserError(f"{path}: no pre-training checkpoint there; run `python train.py` first, "
-                             f"or pass --pretrained none for the baseline")
+        raise UserError(f"{path}: no pre-training checkpoint there; run `python train.py` first, "
+                        f"or pass --pretrained none for the baseline")
     return load_checkpoint(path, "pretrain")
 
 
@@ -134,15 +144,15 @@ def main(argv=None):
     if cfg.init and ckpt is None:
         # --init replaces the default --pretrained; both named explicitly is ambiguous.
         if cfg.pretrained.lower() != "none" and any(a.split("=")[0] == "--pretrained" for a in argv):
-            raise data.UserError("--init and --pretrained both give the encoder's weights; "
-                                 "pass one of them (or --pretrained none)")
+            raise UserError("--init and --pretrained both give the encoder's weights; "
+                            "pass one of them (or --pretrained none)")
         cfg = dataclasses.replace(cfg, pretrained="none")
     if ckpt is None and cfg.pretrained.lower() != "none":
         pre = load_pretrained(cfg.pretrained)
         preset = pre["config"]["config"]
         if preset != cfg.config:
             if any(a.split("=")[0] == "--config" for a in argv):
-                raise data.UserError(f"--config {cfg.config} but {cfg.pretrained} is a {preset} model")
+                raise UserError(f"--config {cfg.config} but {cfg.pretrained} is a {preset} model")
             # The model comes from the checkpoint: so do that preset's training defaults.
             cfg, _ = start_run(FinetuneConfig, ["--config", preset] + argv, FINETUNE_PRESETS, RUN_CONTROL,
                                "finetune")
@@ -154,14 +164,14 @@ def main(argv=None):
 
     dataset = training_set(cfg)
     if ckpt is not None:
-        model_cfg = M.ModelConfig(**ckpt["model_config"])
+        model_cfg = M.ModelConfig.from_dict(ckpt["model_config"])
     else:
-        base = M.ModelConfig(**pre["model_config"]) if pre else M.PRESETS[cfg.config]
+        base = M.ModelConfig.from_dict(pre["model_config"]) if pre else M.PRESETS[cfg.config]
         model_cfg = dataclasses.replace(base, image_size=cfg.image_size, drop_path=cfg.drop_path,
                                         num_classes=data.num_classes(cfg.dataset))
     net = M.Segmenter(model_cfg)
     if pre is not None:
-        trunk = M.trunk_state_dict(pre["model"])
+        trunk = M.trunk_state_dict(pre["model"], net.inputs)
         missing, unexpected = net.load_state_dict(trunk, strict=False)
         assert not unexpected, unexpected
         assert all(k.startswith("output_adapters.semseg.") for k in missing), missing
@@ -174,6 +184,7 @@ def main(argv=None):
     net.to(device)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
     scaler = grad_scaler(dtype, device)
+    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "finetune", "model_config": dataclasses.asdict(model_cfg),
                        "dataset": cfg.dataset}, scaler=scaler)
@@ -184,12 +195,12 @@ def main(argv=None):
     # Every parameter gets a gradient in every step, even when no sample of a process shows
     # one of the modalities: its tokens still run through the encoder (as padding), weighted
     # by 0 (tests/test_distributed.py checks it). So DDP needs no find_unused_parameters.
-    model = data_parallel(net, device)
+    model = runtime.wrap(net)
     print(f"fine-tuning on {cfg.dataset} ({len(dataset)} images) on {device}, "
-          f"p_missing={cfg.p_missing:.2f}; {masking.backend()}")
+          f"p_missing={cfg.p_missing:.2f}; {ops.backend()}")
 
     net.train()
-    loop.run(lambda batch, epoch: train_step(model, optimizer, batch, cfg, generator, dtype, scaler))
+    loop.run(lambda batch, epoch: train_step(model, optimizer, batch, cfg, generator, runtime))
     return net
 
 

@@ -1,6 +1,7 @@
 """masking.py — which tokens the encoder sees: the two-stage masking of M²IM.
 
-MaskMentor's pre-training input is masked twice (paper §3.3, Algorithm 1):
+MaskMentor's pre-training input is masked twice (paper §3.3, Algorithm 1; the listing,
+with the line numbers cited below, is in docs/method.md §3.1 and at stage 1 below):
 
   stage 1, modality level (Algorithm 1, lines 1-16): whole modalities are dropped at
            random, never all of them — `sample_modality_keep`;
@@ -15,24 +16,46 @@ Stages 1 and 2 are B×K work (batch × modalities) and stay in readable Python.
 Stage 3 touches every token; it has a pure-PyTorch reference here
 (`mask_gather_reference`, the MAE argsort + gather recipe) and a fused C++/CUDA op from
 `csrc/` that computes exactly the same thing in one pass. `mask_gather` uses the op
-when the extension is built, the reference otherwise (set MASKMENTOR_REFERENCE=1 to
-force the reference); `backend()` says which.
+when the extension is built (ops.py loads it), the reference otherwise (set
+MASKMENTOR_REFERENCE=1 to force the reference); `ops.backend()` says which.
 
 Nothing here knows about images or networks: the inputs are a batch size, the number of
 modalities K, the tokens per modality N, and a `torch.Generator`, so every draw is
-reproducible. Read SPEC.md §3 beside this file.
+reproducible. docs/method.md §3 is the prose beside this file.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+import ops
+
 # -----------------------------------------------------------------------------
 # Stage 1 — Algorithm 1: which modalities survive
+#
+# The paper's listing (O: the kept modalities; p_m: the drop probability):
+#    1: Initialize O = ∅, q = 0.                       (q: a typo for g, decision D2)
+#    2: Randomly sort input data Q ← RandomSort(Q).
+#    3: for k = 1, 2, ..., K − 1 do
+#    4:     Uniformly sample v from [0, 1].
+#    5:     if v ≥ p_m then
+#    6:         O ← O ∪ {X_k}, g ← 1.
+#    7:     end if
+#    8: end for
+#    9: if g == 0 then
+#   10:     O ← O ∪ {X_K}
+#   11: else
+#   12:     Uniformly sample v from [0, 1].
+#   13:     if v ≥ p_m then
+#   14:         O ← O ∪ {X_K}
+#   15:     end if
+#   16: end if
+#   17: for each X in O do
+#   18:     X ← PatchMasking(X)                         (stage 2 and 3 below)
+#   19: end for
 
 
 def sample_modality_keep(batch_size: int, num_modalities: int, p_drop: float = 0.5,
@@ -45,7 +68,7 @@ def sample_modality_keep(batch_size: int, num_modalities: int, p_drop: float = 0
       line 2      put the K modalities in a random order;
       lines 3-8   each of the first K-1 is kept when a uniform draw v >= p_drop;
                   g records whether any of them was kept (the listing's `q` is a typo
-                  for `g`, SPEC.md §3);
+                  for `g`, decision D2 of docs/method.md);
       lines 9-16  if none was kept, the last one is kept unconditionally, so a sample
                   never loses every modality; otherwise it too is kept iff v >= p_drop.
     The random order (line 2) is what makes every modality equally likely to be
@@ -53,7 +76,7 @@ def sample_modality_keep(batch_size: int, num_modalities: int, p_drop: float = 0
 
     `at_least_one_dropped=True` is Figure 2's caption ("at least one modality is masked")
     rather than the algorithm: draws that keep all K are redrawn, i.e. Algorithm 1
-    conditioned on dropping something. The default follows Algorithm 1 (SPEC.md §3).
+    conditioned on dropping something. The default follows Algorithm 1 (decision D1).
     """
     K = num_modalities
     if K < 1:
@@ -88,7 +111,7 @@ def _algorithm1(B: int, K: int, p: float, generator, device) -> torch.Tensor:
 
 def modality_drop_marginal(num_modalities: int, p_drop: float,
                            at_least_one_dropped: bool = False) -> float:
-    """Exact P(a given modality is dropped) under Algorithm 1 (SPEC.md §3).
+    """Exact P(a given modality is dropped) under Algorithm 1 (docs/method.md §3.1).
 
     After the random sort a modality sits in one of the first K-1 slots with probability
     (K-1)/K, where it is dropped with probability p; or in the last slot, where it is
@@ -136,7 +159,7 @@ def dirichlet_visible_counts(keep: torch.Tensor, budget: int, alpha: float = 1.0
     modalities by proportions p ~ Dirichlet(alpha) (MultiMAE §3.2); a dropped modality
     gets 0. n_k = p_k * budget is rounded by largest remainder, so that every row sums to
     exactly `budget` (MultiMAE instead rounds each n_k and fixes the total afterwards by
-    random re-selection; SPEC.md §3 asks for the exact budget). The caller must ensure
+    random re-selection; decision D3 of docs/method.md keeps the budget exact). The caller must ensure
     budget <= tokens per modality, so that one modality alone can hold the whole budget.
     """
     if keep.dtype != torch.bool or keep.dim() != 2:
@@ -256,114 +279,10 @@ def mask_gather_reference(x: torch.Tensor, noise: torch.Tensor, num_visible: tor
     return visible, ids_keep, mask
 
 
-# The fused op (csrc/) -----------------------------------------------------------
-# `_load_fused_op` imports the compiled extensions, which register
-#   torch.ops.maskmentor.mask_gather           (x, noise, num_visible) -> (visible, ids_keep, mask)
-#   torch.ops.maskmentor.mask_gather_backward  (grad_visible, ids_keep, num_tokens) -> grad_x
-# (schemas + CPU kernels in maskmentor_C, CUDA kernels in maskmentor_cuda when built), and
-# adds here what torch wants in Python: the fake (shape-only) implementations that let
-# torch.compile trace the ops, and the autograd formulas.
-
-_FUSED_LOADED = False
-_FUSED_CUDA = False
-_FUSED_WHY = "not tried"
-
-
-def _load_fused_op() -> None:
-    global _FUSED_LOADED, _FUSED_CUDA, _FUSED_WHY
-    if os.environ.get("MASKMENTOR_REFERENCE", "") not in ("", "0"):
-        _FUSED_WHY = "MASKMENTOR_REFERENCE is set"
-        return
-    try:
-        import maskmentor_C  # (registers the schemas and the CPU kernels)
-    except ImportError as e:
-        _FUSED_WHY = f"extension not built ({e.msg})"
-        return
-    try:
-        import maskmentor_cuda  # noqa: F401  (registers the CUDA kernels, when built)
-        _FUSED_CUDA = True
-    except ImportError:
-        pass
-    # Registering twice is an error, and this module may be imported again (reload, a
-    # second name); the extension module lives once per process, so it holds the flag.
-    if not getattr(maskmentor_C, "python_parts_registered", False):
-        _register_fake_and_autograd()
-        maskmentor_C.python_parts_registered = True
-    _FUSED_LOADED = True
-    _FUSED_WHY = "maskmentor_C"
-
-
-def _register_fake_and_autograd() -> None:
-    @torch.library.register_fake("maskmentor::mask_gather")
-    def _(x, noise, num_visible):
-        # Shapes only. V is data-dependent (a row sum of num_visible), so it is a new
-        # symbolic size, which lets torch.compile(fullgraph=True) trace through the op.
-        # The checks that need no data are made here, at trace time; the kernels check
-        # the rest (sizes, counts, row sums) when they run.
-        torch._check_value(x.dim() == 3 and x.is_floating_point(),
-                           lambda: f"mask_gather: x must be a float [B, K*N, D] tensor, got {x.dtype}")
-        torch._check_value(noise.dtype == torch.float32 and noise.dim() == 2,
-                           lambda: f"mask_gather: noise must be float32 [B, K*N], got {noise.dtype}")
-        torch._check_value(num_visible.dtype == torch.int64 and num_visible.dim() == 2,
-                           lambda: f"mask_gather: num_visible must be int64 [B, K], got {num_visible.dtype}")
-        V = torch.library.get_ctx().new_dynamic_size()
-        B, L, D = x.shape
-        return (x.new_empty(B, V, D), x.new_empty(B, V, dtype=torch.long),
-                x.new_empty(B, L, dtype=torch.bool))
-
-    @torch.library.register_fake("maskmentor::mask_gather_backward")
-    def _(grad_visible, ids_keep, num_tokens):
-        B, _, D = grad_visible.shape
-        return grad_visible.new_empty(B, num_tokens, D)
-
-    # mask_gather copies x[b, ids_keep[b, v]] to visible[b, v]. Its gradient puts
-    # grad_visible back at those rows of a zero tensor; positions are distinct, so that
-    # is a row copy, done by the C++/CUDA mask_gather_backward (a Python scatter_ would
-    # index every element and dominate the op's cost on CPU). No gradient flows to noise
-    # or num_visible: the selection is piecewise constant in the noise.
-    def setup_context(ctx, inputs, output):
-        x, _, _ = inputs
-        _, ids_keep, _ = output
-        ctx.save_for_backward(ids_keep)
-        ctx.num_tokens = x.shape[1]
-
-    def backward(ctx, grad_visible, _grad_ids, _grad_mask):
-        (ids_keep,) = ctx.saved_tensors
-        grad_x = torch.ops.maskmentor.mask_gather_backward(grad_visible, ids_keep, ctx.num_tokens)
-        return grad_x, None, None
-
-    torch.library.register_autograd("maskmentor::mask_gather", backward, setup_context=setup_context)
-
-    # The backward is linear in grad_visible, and its own gradient is the gather again:
-    # this is what makes double backward through the op work.
-    def setup_context_bw(ctx, inputs, output):
-        _, ids_keep, _ = inputs
-        ctx.save_for_backward(ids_keep)
-
-    def backward_bw(ctx, grad_grad_x):
-        (ids_keep,) = ctx.saved_tensors
-        index = ids_keep.unsqueeze(-1).expand(-1, -1, grad_grad_x.shape[-1])
-        return torch.gather(grad_grad_x, 1, index), None, None
-
-    torch.library.register_autograd("maskmentor::mask_gather_backward", backward_bw,
-                                    setup_context=setup_context_bw)
-
-
-_load_fused_op()
-
-
-def backend() -> str:
-    """One line saying which implementation of stage 3 runs, for the CLIs' start-up."""
-    if _FUSED_LOADED:
-        devices = "CPU and CUDA kernels" if _FUSED_CUDA else "CPU kernel; reference on CUDA"
-        return f"masking: fused mask_gather op (csrc/, maskmentor_C: {devices})"
-    return f"masking: pure-PyTorch reference ({_FUSED_WHY})"
-
-
 def mask_gather(x: torch.Tensor, noise: torch.Tensor, num_visible: torch.Tensor):
-    """Stage 3 — the fused op when it is built for x's device, else the reference.
-    Same results either way."""
-    if _FUSED_LOADED and (x.device.type == "cpu" or (x.device.type == "cuda" and _FUSED_CUDA)):
+    """Stage 3 — the fused op of csrc/ (loaded by ops.py) when it has a kernel for x's
+    device, else the reference. Same results either way, bit for bit (tests/test_op.py)."""
+    if ops.available(x.device):
         return torch.ops.maskmentor.mask_gather(x, noise, num_visible)
     return mask_gather_reference(x, noise, num_visible)
 
@@ -374,7 +293,7 @@ def mask_gather(x: torch.Tensor, noise: torch.Tensor, num_visible: torch.Tensor)
 
 @dataclass
 class MaskingConfig:
-    """Every knob of M²IM's masking; defaults are the paper's (SPEC.md §3)."""
+    """Every knob of M²IM's masking; defaults are the paper's (docs/method.md §3)."""
     budget: int = 98                 # visible tokens over all modalities (MultiMAE: 98 of 3x196)
     alpha: float = 1.0               # Dirichlet concentration (MultiMAE)
     p_drop: float = 0.5              # p_m, modality masking probability (paper §4.1)

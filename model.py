@@ -1,9 +1,11 @@
 """model.py — the network: a MultiMAE-style multi-modal ViT, its MIM heads, its segmentation head.
 
-One batch goes through it like this (paper §3.3, Figure 2; SPEC.md §2):
+One batch goes through it like this (paper §3.3, Figure 2; docs/method.md §2):
 
-  inputs        rgb [B,3,H,W] (normalised), depth [B,1,H,W] (standardised), semseg [B,H/4,W/4]
-  input adapters one per modality: patches -> tokens [B, N, width] + fixed 2D sin-cos position
+  inputs        modalities.prepare_inputs: rgb [B,3,H,W] (normalised), depth [B,1,H,W]
+                (standardised), semseg [B,H/4,W/4]
+  input adapters one per modality (a row of modalities.MODALITIES): patches -> tokens
+                 [B, N, width] + fixed 2D sin-cos position
                  (or the table of loaded ViT weights; no modality embedding: the separate
                  projections already tell modalities apart)
   masking        masking.apply_masking keeps a few tokens of the surviving modalities
@@ -18,7 +20,9 @@ One batch goes through it like this (paper §3.3, Figure 2; SPEC.md §2):
 `MultiViT` is the part shared by pre-training (`MaskMentor`) and fine-tuning (`Segmenter`);
 parameter names follow MultiMAE (`input_adapters.rgb.proj`, `encoder.0.attn.qkv`,
 `global_tokens`, `output_adapters.depth.decoder.kv`, ...) so its checkpoints map onto ours.
-This file knows nothing of teachers, losses or schedules: that is sttp.py.
+Which modalities there are, and each one's adapter and head, comes from the table in
+modalities.py (`ModelConfig.modalities` picks rows of it). This file knows nothing of
+teachers, losses or schedules (sttp.py), nor of processes (runtime.py).
 """
 from __future__ import annotations
 
@@ -28,15 +32,12 @@ from functools import lru_cache
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import masking
-
-MODALITIES = ("rgb", "depth", "semseg")   # K = 3, in this order in every token sequence
-SEG_INPUTS = ("rgb", "depth")             # what fine-tuning and evaluation feed in
-IGNORE_INDEX = 255
+import modalities
+from modalities import IGNORE_INDEX, MODALITIES
 
 
 @dataclass
@@ -48,8 +49,7 @@ class ModelConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     num_classes: int = 40        # semseg classes (input adapter, MIM head and segmentation head)
-    semseg_stride: int = 4       # semseg input/target at 1/4 resolution (MultiMAE)
-    semseg_emb_dim: int = 64     # MultiMAE's class embedding size
+    semseg_emb_dim: int = 64     # MultiMAE's class embedding size (a "labels" modality's adapter)
     num_global_tokens: int = 1
     dec_width: int = 256         # MultiMAE's output adapters: width 256, 8 heads, 2 blocks
     dec_heads: int = 8
@@ -58,6 +58,23 @@ class ModelConfig:
     seg_dim: int = 384           # ConvNeXt head channels at 1/4 resolution (MultiMAE: 6144 / 16)
     seg_depth: int = 4           # ConvNeXt blocks
     drop_path: float = 0.0       # stochastic depth in the encoder (MultiMAE fine-tuning: 0.1)
+    # Rows of modalities.MODALITIES, in token-sequence order: the pre-training inputs; the
+    # segmenter takes those marked segmenter_input (rgb, depth).
+    modalities: tuple = modalities.DEFAULT
+
+    def __post_init__(self):
+        self.modalities = modalities.check(self.modalities)   # a list from JSON becomes a tuple
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """A config saved in a checkpoint (dataclasses.asdict). Checkpoints written before the
+        modality table kept the semseg stride here; it now lives in the table, unchanged."""
+        d = dict(d)
+        stride = d.pop("semseg_stride", MODALITIES["semseg"].stride)
+        if stride != MODALITIES["semseg"].stride:
+            raise ValueError(f"semseg_stride {stride}: this version has {MODALITIES['semseg'].stride} "
+                             f"(modalities.MODALITIES)")
+        return cls(**d)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         if height % self.patch_size or width % self.patch_size:
@@ -71,53 +88,13 @@ PRESETS = {
     # cost ~3x the encoder at MultiMAE's proportions (measured: 0.43 -> 0.15 s per step).
     "tiny": ModelConfig(image_size=64, patch_size=8, width=128, depth=4, num_heads=4,
                         dec_width=64, dec_heads=2, dec_depth=1, seg_dim=64, seg_depth=2),
-    # ViT-B at 224/16 with MultiMAE's decoder sizes (SPEC.md §2).
+    # ViT-B at 224/16 with MultiMAE's decoder sizes (docs/method.md §2).
     "base": ModelConfig(),
 }
 
 
 # -----------------------------------------------------------------------------
-# Inputs: what the data gives -> what the adapters take
-
-
-def standardize_depth(depth: torch.Tensor, eps: float = 1e-6):
-    """MultiMAE's truncated standardisation of each depth map (SPEC.md §2).
-
-    Mean and std come from the 10-90 % quantile slice of the map's pixels, so a few far
-    or near outliers don't set the scale. Unlike MultiMAE we use only valid pixels (depth
-    > 0; 0 marks a sensor hole) and set holes to 0 (= the mean) afterwards.
-    Returns (standardised [B,1,H,W], valid Bool[B,1,H,W]).
-    """
-    B = depth.shape[0]
-    d = depth.reshape(B, -1)
-    valid = d > 0
-    n = valid.sum(dim=1, keepdim=True)
-    s, _ = torch.sort(torch.where(valid, d, torch.full_like(d, float("inf"))), dim=1)  # valid first
-    idx = torch.arange(d.shape[1], device=d.device).unsqueeze(0)
-    sel = (idx >= (n * 0.1).floor()) & (idx < (n * 0.9).floor())
-    cnt = sel.sum(dim=1, keepdim=True).clamp_min(1)
-    mean = torch.where(sel, s, 0.0).sum(dim=1, keepdim=True) / cnt
-    var = torch.where(sel, (s - mean) ** 2, 0.0).sum(dim=1, keepdim=True) / (cnt - 1).clamp_min(1)
-    z = torch.where(valid, (d - mean) / torch.sqrt(var + eps), 0.0)
-    return z.view_as(depth), valid.view_as(depth)
-
-
-def prepare_inputs(batch: dict, semseg_stride: int = 4) -> dict:
-    """The data's sample dict -> the model's inputs (also the pre-training targets).
-
-    rgb stays as it is (ImageNet-normalised); depth (metres) is standardised per image;
-    semseg goes to 1/4 resolution by taking the centre pixel of each 4x4 cell (labels
-    can't be averaged), keeping 255 = ignore.
-    """
-    out = {}
-    if "rgb" in batch:
-        out["rgb"] = batch["rgb"]
-    if "depth" in batch:
-        out["depth"], out["depth_valid"] = standardize_depth(batch["depth"])
-    if "semseg" in batch:
-        s = semseg_stride
-        out["semseg"] = batch["semseg"][:, s // 2::s, s // 2::s]
-    return out
+# Positions
 
 
 @lru_cache(maxsize=32)
@@ -190,19 +167,27 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def drop_path(x, p: float, training: bool):
-    """Stochastic depth: drop a residual branch for whole samples (timm's DropPath). Under
-    torchrun the draw is made for the global batch (every process's generator is seeded
-    alike) and each process keeps its rows, so the processes drop what one process would
-    (sttp.py, "Several processes")."""
+class Shard:
+    """Which rows of the global batch a forward holds: all of them (this class), unless the
+    batch is split over processes (runtime.py's subclass under torchrun). Random draws per
+    sample are made for the whole global batch and each shard keeps its rows, so that P
+    processes draw what one process would (stochastic depth below, the masking in sttp.py)."""
+    world = 1                      # shards in the global batch
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """This shard's rows of a tensor drawn for the global batch."""
+        return x
+
+
+WHOLE_BATCH = Shard()
+
+
+def drop_path(x, p: float, training: bool, shard: Shard = WHOLE_BATCH):
+    """Stochastic depth: drop a residual branch for whole samples (timm's DropPath), drawn
+    for the global batch (see Shard)."""
     if p == 0.0 or not training:
         return x
-    shape = (x.shape[0], *([1] * (x.dim() - 1)))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        u = torch.rand(shape[0] * world, *shape[1:], device=x.device).chunk(world)[rank]
-    else:
-        u = torch.rand(shape, device=x.device)
+    u = shard.rows(torch.rand(x.shape[0] * shard.world, *([1] * (x.dim() - 1)), device=x.device))
     return x * (u >= p).to(x.dtype) / (1 - p)
 
 
@@ -217,9 +202,9 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x, key_mask=None):
-        x = x + drop_path(self.attn(self.norm1(x), key_mask), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+    def forward(self, x, key_mask=None, shard: Shard = WHOLE_BATCH):
+        x = x + drop_path(self.attn(self.norm1(x), key_mask), self.drop_path, self.training, shard)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, shard)
 
 
 # -----------------------------------------------------------------------------
@@ -295,6 +280,23 @@ class SemSegInputAdapter(_InputAdapter):
         return t.flatten(2).transpose(1, 2) + self.positions(h, w, t.shape[1], t.device)
 
 
+def image_size(inputs: dict) -> tuple[int, int]:
+    """(H, W) of the images behind prepared inputs (a map at 1/stride counts stride times)."""
+    for m, spec in MODALITIES.items():
+        if m in inputs:
+            h, w = inputs[m].shape[-2:]
+            return h * spec.stride, w * spec.stride
+    raise ValueError(f"no modality among the inputs {sorted(inputs)}")
+
+
+def input_adapter(cfg: ModelConfig, name: str) -> nn.Module:
+    """The input adapter of a modality, by its row of the table (its kind and channels)."""
+    spec = MODALITIES[name]
+    if spec.kind == "image":
+        return PatchedInputAdapter(spec.channels, cfg.patch_size, cfg.width)
+    return SemSegInputAdapter(cfg.num_classes, cfg.patch_size, spec.stride, cfg.semseg_emb_dim, cfg.width)
+
+
 # -----------------------------------------------------------------------------
 # The shared trunk
 
@@ -302,19 +304,16 @@ class SemSegInputAdapter(_InputAdapter):
 class MultiViT(nn.Module):
     """Input adapters + encoder + global token: what pre-training hands to fine-tuning."""
 
-    def __init__(self, cfg: ModelConfig, modalities):
+    def __init__(self, cfg: ModelConfig, inputs: tuple):
         super().__init__()
         self.cfg = cfg
-        W, p = cfg.width, cfg.patch_size
-        adapters = {"rgb": lambda: PatchedInputAdapter(3, p, W),
-                    "depth": lambda: PatchedInputAdapter(1, p, W),
-                    "semseg": lambda: SemSegInputAdapter(cfg.num_classes, p, cfg.semseg_stride,
-                                                         cfg.semseg_emb_dim, W)}
-        self.input_adapters = nn.ModuleDict({m: adapters[m]() for m in modalities})
+        self.inputs = inputs                 # names of the modalities it takes, in sequence order
+        self.shard = WHOLE_BATCH             # runtime.py sets its own under torchrun
+        self.input_adapters = nn.ModuleDict({m: input_adapter(cfg, m) for m in inputs})
         # One learned token appended after the patch tokens, with no position (MultiMAE).
-        self.global_tokens = nn.Parameter(torch.zeros(1, cfg.num_global_tokens, W))
+        self.global_tokens = nn.Parameter(torch.zeros(1, cfg.num_global_tokens, cfg.width))
         dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
-        self.encoder = nn.ModuleList(Block(W, cfg.num_heads, cfg.mlp_ratio, dpr[i]) for i in range(cfg.depth))
+        self.encoder = nn.ModuleList(Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, dpr[i]) for i in range(cfg.depth))
         # No final LayerNorm after the blocks: MultiMAE has none.
 
     def tokenize(self, inputs: dict) -> dict:
@@ -328,7 +327,7 @@ class MultiViT(nn.Module):
         if pad is not None:
             key_mask = torch.cat([~pad, pad.new_ones(B, self.cfg.num_global_tokens)], dim=1)
         for block in self.encoder:
-            x = block(x, key_mask)
+            x = block(x, key_mask, self.shard)
         return x
 
     def init_weights(self):
@@ -363,7 +362,8 @@ class SpatialOutputAdapter(nn.Module):
         d, self.task, self.channels = cfg.dec_width, task, channels
         self.P = cfg.patch_size // stride                    # output pixels per patch side
         self.proj_context = nn.Linear(cfg.width, d)
-        self.task_embeddings = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, d)) for m in MODALITIES})
+        self.modalities = cfg.modalities
+        self.task_embeddings = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, d)) for m in cfg.modalities})
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.query_norm = nn.LayerNorm(d, eps=1e-6)
         self.context_norm = nn.LayerNorm(d, eps=1e-6)
@@ -377,7 +377,7 @@ class SpatialOutputAdapter(nn.Module):
         """encoded [B, V+G, width] -> (prediction [B, C, h*P, w*P], token embeddings [B, N, d])."""
         B, L = masked.mask.shape
         V = masked.ids_keep.shape[1]
-        K, (h, w) = len(MODALITIES), grid
+        K, (h, w) = len(self.modalities), grid
         N = L // K
         ctx = self.proj_context(encoded)
         visible, global_ = ctx[:, :V], ctx[:, V:]
@@ -389,8 +389,8 @@ class SpatialOutputAdapter(nn.Module):
             full = torch.where(masked.mask.unsqueeze(-1), self.mask_token.to(full.dtype), full)
         # Every slot learns which modality and which position it is.
         pos = sincos_pos_embed(h, w, d, full.device)
-        full = full + torch.cat([self.task_embeddings[m] + pos for m in MODALITIES], dim=1)
-        k = MODALITIES.index(self.task)
+        full = full + torch.cat([self.task_embeddings[m] + pos for m in self.modalities], dim=1)
+        k = self.modalities.index(self.task)
         queries = full[:, k * N:(k + 1) * N]
         context = torch.cat([torch.gather(full, 1, masked.ids_keep.unsqueeze(-1).expand(B, V, d)), global_], dim=1)
         key_mask = None
@@ -407,28 +407,34 @@ class SpatialOutputAdapter(nn.Module):
 
 
 class MaskMentor(MultiViT):
-    """The pre-training network: trunk + one MIM head per modality (+ MultiMAE's norm_rgb)."""
+    """The pre-training network: trunk + one MIM head per modality, then MultiMAE's extra
+    head on the per-patch-normalised map (norm_rgb) for the rows that ask for one."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, MODALITIES)
-        heads = {"rgb": (3, 1), "depth": (1, 1), "semseg": (cfg.num_classes, cfg.semseg_stride)}
-        if cfg.norm_rgb_head:
-            heads["norm_rgb"] = (3, 1)
+        super().__init__(cfg, cfg.modalities)
+        heads = {}
+        for m in cfg.modalities:              # a "labels" row predicts one logit per class
+            spec = MODALITIES[m]
+            heads[m] = (m, spec.channels or cfg.num_classes, spec.stride)
+        for m in cfg.modalities:
+            if MODALITIES[m].norm_head and cfg.norm_rgb_head:
+                heads[f"norm_{m}"] = (m, MODALITIES[m].channels, 1)
         self.output_adapters = nn.ModuleDict({
-            name: SpatialOutputAdapter(cfg, "rgb" if name == "norm_rgb" else name, c, s)
-            for name, (c, s) in heads.items()})
+            name: SpatialOutputAdapter(cfg, task, c, s) for name, (task, c, s) in heads.items()})
         self.init_weights()
 
     def num_tokens(self, height: int, width: int) -> int:
+        """N, the tokens per modality of an image of this size."""
         h, w = self.cfg.grid(height, width)
         return h * w
 
     def forward(self, inputs: dict, plan: masking.MaskPlan):
-        """inputs: prepare_inputs(batch) with all three modalities; plan: masking.plan_masking.
-        Returns (predictions per head, output token embeddings per head, the Masked record)."""
-        grid = self.cfg.grid(*inputs["rgb"].shape[-2:])
+        """inputs: modalities.prepare_inputs(batch) with every modality of cfg.modalities;
+        plan: masking.plan_masking. Returns (predictions per head, output token embeddings
+        per head, the Masked record)."""
+        grid = self.cfg.grid(*image_size(inputs))
         tokens = self.tokenize(inputs)
-        x = torch.cat([tokens[m] for m in MODALITIES], dim=1)        # [B, K*N, width]
+        x = torch.cat([tokens[m] for m in self.inputs], dim=1)       # [B, K*N, width]
         masked = masking.apply_masking(x, plan)
         encoded = self.encode(masked.visible, masked.pad)
         preds, embeddings = {}, {}
@@ -484,27 +490,29 @@ class ConvNeXtAdapter(nn.Module):
 
 
 class Segmenter(MultiViT):
-    """The fine-tuned network: trunk (rgb and depth adapters only) + ConvNeXt head.
+    """The fine-tuned network: trunk (the adapters of the segmenter inputs: rgb and depth)
+    + ConvNeXt head.
 
     Works with rgb only, depth only, or both. MultiMAE's head concatenates the tokens of
     fixed modalities; with modalities that may be missing we instead average, at each
-    patch position, the encoder tokens of the modalities that are present (a decision of
-    this project: it needs no new parameters and treats every subset alike).
+    patch position, the encoder tokens of the modalities that are present (decision D8 of
+    docs/method.md: it needs no new parameters and treats every subset alike).
     """
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, SEG_INPUTS)
+        super().__init__(cfg, modalities.segmenter_inputs(cfg.modalities))
         self.init_weights()
         # Created after init_weights: the head keeps its own (MultiMAE) initialisation.
         self.output_adapters = nn.ModuleDict({"semseg": ConvNeXtAdapter(cfg)})
 
     def forward(self, inputs: dict, present: Optional[torch.Tensor] = None):
-        """inputs: prepare_inputs() of rgb and/or depth. present: optional Bool[B, 2] choosing
-        per sample which of (rgb, depth) the network may see — both tensors must then be
-        given; absent ones become padding the encoder ignores. Returns logits [B, C, H, W]."""
-        given = [m for m in SEG_INPUTS if m in inputs]
+        """inputs: modalities.prepare_inputs() of some of self.inputs (rgb and/or depth).
+        present: optional Bool[B, len(self.inputs)] choosing per sample which inputs the
+        network may see — all tensors must then be given; absent ones become padding the
+        encoder ignores. Returns logits [B, C, H, W]."""
+        given = [m for m in self.inputs if m in inputs]
         if not given:
-            raise ValueError("Segmenter needs rgb and/or depth")
+            raise ValueError(f"Segmenter needs one of {', '.join(self.inputs)}")
         H, W = inputs[given[0]].shape[-2:]
         grid = self.cfg.grid(H, W)
         N = grid[0] * grid[1]
@@ -515,7 +523,7 @@ class Segmenter(MultiViT):
             weight = x.new_ones(B, M)
             pad = None
         else:
-            sub = present[:, [SEG_INPUTS.index(m) for m in given]]
+            sub = present[:, [self.inputs.index(m) for m in given]]
             if not sub.any(dim=1).all():
                 raise ValueError("every sample needs at least one present modality")
             weight = sub.to(x.dtype)
@@ -525,11 +533,11 @@ class Segmenter(MultiViT):
         return self.output_adapters["semseg"](fused, grid, (H, W))
 
 
-def trunk_state_dict(state: dict) -> dict:
+def trunk_state_dict(state: dict, inputs: tuple) -> dict:
     """The part of a pre-training state dict that fine-tuning keeps: the encoder, the
-    global token and the rgb/depth input adapters; the MIM heads and the semseg input
-    adapter are discarded (paper §3.2)."""
-    keep = ("encoder.", "global_tokens", "input_adapters.rgb.", "input_adapters.depth.")
+    global token and the input adapters of the segmenter's `inputs` (rgb, depth); the MIM
+    heads and the semseg input adapter are discarded (paper §3.2)."""
+    keep = ("encoder.", "global_tokens") + tuple(f"input_adapters.{m}." for m in inputs)
     return {k: v for k, v in state.items() if k.startswith(keep)}
 
 

@@ -3,22 +3,32 @@
     pip install -r requirements.txt
     pip install --no-build-isolation -e .
 
-`--no-build-isolation` lets the build see the torch already installed: the extensions
+`--no-build-isolation` lets the build see the torch already installed: the extension
 must be compiled against that exact torch, so torch is deliberately not a build
 requirement that pip would install into a throw-away environment.
 
-Two extensions, both optional at run time (masking.py falls back to its pure-PyTorch
-reference when they are missing):
-  maskmentor_C     csrc/mask_gather.cpp       schema + CPU kernels; always built.
-  maskmentor_cuda  csrc/mask_gather_cuda.cu   CUDA kernels; built only when nvcc is found
-                                              (CUDA_HOME, CUDA_PATH or /usr/local/cuda)
-                                              and torch is a CUDA build. Set
-                                              MASKMENTOR_BUILD_CUDA=0 to skip it.
+One extension module, `maskmentor_C` (csrc/README.md), optional at run time (without it
+masking.py runs its pure-PyTorch reference):
+  - with CUDA: csrc/mask_gather.cpp + csrc/mask_gather_cuda.cu, when nvcc is found
+    (CUDA_HOME, CUDA_PATH or /usr/local/cuda) and torch is a CUDA build;
+  - otherwise C++ only: csrc/mask_gather.cpp.
+Environment: MASKMENTOR_BUILD_CUDA=0 builds the C++ module even where CUDA is there;
+TORCH_CUDA_ARCH_LIST chooses the GPU architectures (default: the visible GPUs, or, with
+none visible, sm_80/86/89/90 + PTX: A100, RTX 30xx/A6000, RTX 40xx/L40, H100/H200, and
+newer GPUs through PTX).
 """
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Without a visible GPU: the architectures people train on (Ampere, Ada, Hopper) and PTX,
+# which the driver JIT-compiles on anything newer.
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
 def log(msg: str) -> None:
@@ -45,28 +55,55 @@ if cuda_home:
 import torch  # noqa: E402  (after CUDA_HOME is settled)
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-# at::parallel_for only runs in parallel when the extension itself is compiled with
-# OpenMP (torch's ATen/ParallelOpenMP.h is guarded by _OPENMP), and CppExtension does not
-# add -fopenmp. Linking with -fopenmp records libgomp.so.1, the same soname as the
-# libgomp torch loads, so the extension shares torch's thread pool rather than starting
-# a second one.
-CXX_FLAGS = ["-O3", "-fopenmp"]
-LINK_FLAGS = ["-fopenmp"]
+
+def compiler_takes_openmp() -> bool:
+    """Whether the C++ compiler accepts -fopenmp (gcc does; Apple's clang does not).
+
+    at::parallel_for only runs in parallel when the extension itself is compiled with
+    OpenMP (torch's ATen/ParallelOpenMP.h is guarded by _OPENMP), and CppExtension does not
+    add -fopenmp. Linking with it records libgomp.so.1, the same library torch loads, so
+    the extension shares torch's thread pool. Without it the op runs on one thread.
+    """
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "t.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            return subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "t")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+        except OSError:
+            return False
 
 
-def cuda_extension_or_reason():
-    """(the CUDA extension, None) or (None, why it is not built)."""
+def cuda_or_reason():
+    """(True, None) when the CUDA kernels can be built, else (False, why not)."""
     if os.environ.get("MASKMENTOR_BUILD_CUDA", "1") == "0":
-        return None, "MASKMENTOR_BUILD_CUDA=0"
+        return False, "MASKMENTOR_BUILD_CUDA=0"
     if torch.version.cuda is None:
-        return None, f"torch {torch.__version__} is not a CUDA build"
+        return False, f"torch {torch.__version__} is not a CUDA build"
     if cuda_home is None:
-        return None, "no nvcc found (set CUDA_HOME to a CUDA toolkit)"
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        # Without a visible GPU torch would compile for every architecture it knows
-        # (slow); Hopper (H100/H200) plus PTX, which newer GPUs JIT-compile, is enough here.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
-        log("no GPU visible and TORCH_CUDA_ARCH_LIST unset: using TORCH_CUDA_ARCH_LIST=9.0+PTX")
+        return False, "no nvcc found (set CUDA_HOME to a CUDA toolkit)"
+    return True, None
+
+
+def extension():
+    openmp = compiler_takes_openmp()
+    cxx = ["-O3", "-DPy_LIMITED_API=0x030A0000"] + (["-fopenmp"] if openmp else [])
+    link = ["-fopenmp"] if openmp else []
+    if not openmp:
+        log("the C++ compiler does not take -fopenmp: the CPU kernel will run on one thread")
+    cuda, why_not = cuda_or_reason()
+    if not cuda:
+        log(f"building maskmentor_C with its C++ (CPU) kernels only: {why_not}")
+        return CppExtension("maskmentor_C", ["csrc/mask_gather.cpp"], extra_compile_args={"cxx": cxx},
+                            extra_link_args=link, py_limited_api=True)
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        if torch.cuda.is_available():
+            log("TORCH_CUDA_ARCH_LIST unset: compiling for the visible GPUs")
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+            log(f"no GPU visible and TORCH_CUDA_ARCH_LIST unset: using {DEFAULT_ARCHS}")
     include_dirs = []
     if not os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime_api.h")):
         # A toolkit with nvcc but without the runtime headers: use those of the CUDA
@@ -75,41 +112,28 @@ def cuda_extension_or_reason():
                                      "nvidia", f"cu{torch.version.cuda.split('.')[0]}", "include")
         if os.path.isdir(wheel_include):
             include_dirs.append(wheel_include)
-    ext = CUDAExtension(
-        "maskmentor_cuda",
-        ["csrc/mask_gather_cuda.cu"],
-        include_dirs=include_dirs,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
-    )
-    return ext, None
+    log(f"building maskmentor_C with its C++ and CUDA kernels (CUDA {torch.version.cuda}, CUDA_HOME={cuda_home}, "
+        f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})")
+    return CUDAExtension("maskmentor_C", ["csrc/mask_gather.cpp", "csrc/mask_gather_cuda.cu"],
+                         include_dirs=include_dirs, py_limited_api=True,
+                         # --threads: nvcc compiles the architectures in parallel
+                         extra_compile_args={"cxx": cxx + ["-DMASKMENTOR_WITH_CUDA=1"],
+                                             "nvcc": ["-O3", f"--threads={os.cpu_count() or 1}"]},
+                         extra_link_args=link)
 
 
-def extensions():
-    ext_modules = [CppExtension("maskmentor_C", ["csrc/mask_gather.cpp"],
-                                extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=LINK_FLAGS)]
-    cuda_ext, why_not = cuda_extension_or_reason()
-    if cuda_ext is not None:
-        ext_modules.append(cuda_ext)
-        log(f"building maskmentor_C (CPU) and maskmentor_cuda (CUDA {torch.version.cuda}, "
-            f"CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})")
-    else:
-        log(f"building maskmentor_C (CPU) only; not maskmentor_cuda: {why_not}")
-    return ext_modules
-
-
-# The project is flat: one module per top-level file. setuptools accepts names whose file
-# does not exist yet (it only warns), and an editable install maps each name to its path,
-# so a module that lands later is importable without reinstalling.
-MODULES = ["masking", "model", "sttp", "data", "train", "finetune", "evaluate"]
+# The project is flat: one module per top-level file, every one of them installed.
+MODULES = sorted(f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f != "setup.py")
 
 setup(
     name="maskmentor",
     version="0.1.0",
     description="MaskMentor: RGB-D semantic segmentation pre-training with a MultiMAE-style ViT",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     py_modules=MODULES,
     # The runtime part of requirements.txt; keep the two in step.
     install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "h5py", "scipy"],
-    ext_modules=extensions(),
+    ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

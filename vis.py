@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 import masking
 import model as M
+import modalities
 
 # -----------------------------------------------------------------------------
 # Colours
@@ -206,25 +207,24 @@ def segmentation_figure(sample: dict, preds: dict, names: Sequence[str], palette
 # -----------------------------------------------------------------------------
 # Figure 4: what the pre-trained network reconstructs from complete and from partial input
 
-# Input conditions of the figure: which of (rgb, depth, semseg) the encoder may see.
-RECON_CONDITIONS = {"complete input": (True, True, True), "rgb only": (True, False, False),
-                    "depth only": (False, True, False)}
+# Input conditions of the figure: which modalities the encoder may see (None: all it has).
+RECON_CONDITIONS = {"complete input": None, "rgb only": ("rgb",), "depth only": ("depth",)}
 
 
 @torch.no_grad()
-def reconstruct(net: M.MaskMentor, batch: dict, keep: Sequence[bool], mcfg: masking.MaskingConfig,
+def reconstruct(net: M.MaskMentor, batch: dict, keep: Optional[Sequence[str]], mcfg: masking.MaskingConfig,
                 generator: torch.Generator):
     """One masked forward pass in eval mode with the kept modalities fixed (Algorithm 1's
     outcome chosen instead of drawn) and patch masking as in pre-training (`mcfg`).
     Returns (inputs, predictions, hidden Bool[B, K, h, w]). Uses only `generator`, so
     drawing a picture never changes a training run's random stream."""
-    inputs = M.prepare_inputs(batch, net.cfg.semseg_stride)
-    B, _, H, W = inputs["rgb"].shape
-    h, w = net.cfg.grid(H, W)
-    K = len(M.MODALITIES)
-    device = inputs["rgb"].device
-    plan = masking.plan_masking(B, K, h * w, mcfg, False, generator, device,
-                                keep=torch.tensor(keep, device=device).expand(B, K))
+    inputs = modalities.prepare_inputs(batch, net.inputs)
+    first = inputs[net.inputs[0]]
+    B, device = first.shape[0], first.device
+    h, w = net.cfg.grid(*M.image_size(inputs))
+    K = len(net.inputs)
+    kept = torch.tensor([keep is None or m in keep for m in net.inputs], device=device).expand(B, K)
+    plan = masking.plan_masking(B, K, h * w, mcfg, False, generator, device, keep=kept)
     was_training = net.training
     net.eval()
     preds, _, masked = net(inputs, plan)
@@ -232,42 +232,50 @@ def reconstruct(net: M.MaskMentor, batch: dict, keep: Sequence[bool], mcfg: mask
     return inputs, preds, masked.mask.view(B, K, h, w)
 
 
+def _recon_panels(m: str, inputs: dict, preds: dict, hidden: torch.Tensor, palette: np.ndarray):
+    """(masked input, reconstruction, target) of modality m for the first image, drawn by
+    its kind: rgb as colours, one-channel maps (depth, standardised as the model sees it;
+    holes black) on the target's range, labels with the palette. Also the classes shown."""
+    spec = modalities.MODALITIES[m]
+    target = inputs[m][0]
+    pix = hidden_pixels(hidden, target.shape[-2:])
+    if spec.kind == "labels":
+        mixed = torch.where(pix, preds[m][0].argmax(0), target)
+        panels = [paint_hidden(label_colours(target, palette), pix), label_colours(mixed, palette),
+                  label_colours(target, palette)]
+        return panels, set(torch.unique(mixed).tolist()) | set(torch.unique(target).tolist())
+    mixed = torch.where(pix, preds[m][0].float(), target)
+    if target.shape[0] == 3:
+        return [paint_hidden(rgb_image(target), pix), rgb_image(mixed), rgb_image(target)], set()
+    target, mixed = target[0], mixed[0]
+    valid = inputs[f"{m}_valid"][0, 0] if f"{m}_valid" in inputs else torch.ones_like(target, dtype=torch.bool)
+    lo, hi = depth_range(target.cpu().numpy(), valid.cpu().numpy())
+    return [paint_hidden(depth_colours(target, valid, lo, hi), pix),
+            depth_colours(mixed, torch.ones_like(valid), lo, hi), depth_colours(target, valid, lo, hi)], set()
+
+
 def reconstruction_figure(net: M.MaskMentor, batch: dict, mcfg: masking.MaskingConfig, seed: int,
                           palette: np.ndarray, names: Sequence[str]) -> Image.Image:
-    """For each image of `batch` and each of RECON_CONDITIONS, one row: per modality the
-    masked input (grey = hidden), the reconstruction (the prediction in hidden patches, the
-    input in visible ones, as MAE shows it) and the target. Depth is shown standardised
-    (the model's target), on the target's colour range."""
+    """For each image of `batch` and each of RECON_CONDITIONS the network can take, one
+    row: per modality the masked input (grey = hidden), the reconstruction (the prediction
+    in hidden patches, the input in visible ones, as MAE shows it) and the target."""
     device = batch["rgb"].device
     generator = torch.Generator(device=device).manual_seed(seed)
+    conditions = {title: keep or net.inputs for title, keep in RECON_CONDITIONS.items()
+                  if all(m in net.inputs for m in keep or ())}
     rows, row_titles, classes = [], [], set()
     for i in range(batch["rgb"].shape[0]):
         one = {k: v[i:i + 1] for k, v in batch.items() if torch.is_tensor(v)}
-        for title, keep in RECON_CONDITIONS.items():
+        for title, keep in conditions.items():
             inputs, preds, hidden = reconstruct(net, one, keep, mcfg, generator)
-            k_rgb, k_depth, k_seg = (M.MODALITIES.index(m) for m in ("rgb", "depth", "semseg"))
-            # rgb
-            target = inputs["rgb"][0]
-            pix = hidden_pixels(hidden[0, k_rgb], target.shape[-2:])
-            mixed = torch.where(pix, preds["rgb"][0].float(), target)
-            row = [paint_hidden(rgb_image(target), pix), rgb_image(mixed), rgb_image(target)]
-            # depth (standardised; holes black)
-            target, valid = inputs["depth"][0, 0], inputs["depth_valid"][0, 0]
-            lo, hi = depth_range(target.cpu().numpy(), valid.cpu().numpy())
-            pix = hidden_pixels(hidden[0, k_depth], target.shape)
-            mixed = torch.where(pix, preds["depth"][0, 0].float(), target)
-            row += [paint_hidden(depth_colours(target, valid, lo, hi), pix),
-                    depth_colours(mixed, torch.ones_like(valid), lo, hi), depth_colours(target, valid, lo, hi)]
-            # semseg (1/4 resolution: the model's input and target)
-            target = inputs["semseg"][0]
-            pix = hidden_pixels(hidden[0, k_seg], target.shape)
-            mixed = torch.where(pix, preds["semseg"][0].argmax(0), target)
-            classes |= set(torch.unique(mixed).tolist()) | set(torch.unique(target).tolist())
-            row += [paint_hidden(label_colours(target, palette), pix), label_colours(mixed, palette),
-                    label_colours(target, palette)]
+            row = []
+            for k, m in enumerate(net.inputs):
+                panels, shown = _recon_panels(m, inputs, preds, hidden[0, k], palette)
+                row += panels
+                classes |= shown
             rows.append(row)
             row_titles.append(f"#{i} {title}")
-    titles = [f"{m} {t}" for m in ("rgb", "depth", "semseg") for t in ("input", "recon", "target")]
+    titles = [f"{m} {t}" for m in net.inputs for t in ("input", "recon", "target")]
     H = batch["rgb"].shape[-2]
     cell = _cell_height(H) // 2 if H < 192 else 160
     classes.discard(data.IGNORE_INDEX)

@@ -1,13 +1,14 @@
-// csrc/mask_gather.cpp — the fused masking-and-gather op: its definition (schema) and
-// its CPU kernels. Built by setup.py as the Python module `maskmentor_C`; importing it
-// (masking._load_fused_op does) runs the TORCH_LIBRARY blocks below, which register
+// csrc/mask_gather.cpp — the fused masking-and-gather op: its definition (schema), its
+// CPU kernels and the Python module. setup.py builds one module, `maskmentor_C`, from this
+// file alone, or from this file and mask_gather_cuda.cu (the CUDA kernels) when a CUDA
+// toolkit and a CUDA build of torch are there. Importing it (ops.py does) runs the
+// TORCH_LIBRARY blocks, which register
 //
 //   torch.ops.maskmentor.mask_gather(x, noise, num_visible) -> (visible, ids_keep, mask)
 //   torch.ops.maskmentor.mask_gather_backward(grad_visible, ids_keep, num_tokens) -> grad_x
 //
-// The CUDA kernels live in mask_gather_cuda.cu (module `maskmentor_cuda`), so that a CPU
-// build never needs a CUDA toolkit. The fake (shape-only) implementations and the
-// autograd formula are registered in Python, in masking.py.
+// The fake (shape-only) implementations and the autograd formula are registered in
+// Python, in ops.py.
 //
 // What the op computes is defined by masking.mask_gather_reference (MAE's argsort +
 // gather, per modality). The reference sorts all K*N noise values and then launches a
@@ -30,17 +31,28 @@
 #include "mask_gather.h"
 
 // Importing `maskmentor_C` from Python loads this shared library, which runs the static
-// initialisers of TORCH_LIBRARY below; the module itself is empty. (A plain CPython init
-// function instead of pybind11 keeps the build small and fast.)
+// initialisers of the TORCH_LIBRARY blocks (here and, in a CUDA build, in
+// mask_gather_cuda.cu). The module holds one constant, `cuda`: whether the CUDA kernels
+// were built in. (A plain CPython init function instead of pybind11 keeps the build small
+// and fast, and within Python's limited API.)
+#ifndef MASKMENTOR_WITH_CUDA
+#define MASKMENTOR_WITH_CUDA 0
+#endif
+
 extern "C" PyObject* PyInit_maskmentor_C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
-      "maskmentor_C",                                       // name
-      "Registers torch.ops.maskmentor (schema + CPU kernels)",  // docstring
-      -1,                                                   // no per-interpreter state
-      nullptr,                                              // no methods
+      "maskmentor_C",                                                 // name
+      "Registers torch.ops.maskmentor (schemas, CPU and CUDA kernels)",  // docstring
+      -1,                                                             // no per-interpreter state
+      nullptr,                                                        // no methods
   };
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddIntConstant(module, "cuda", MASKMENTOR_WITH_CUDA) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 
 namespace maskmentor {

@@ -1,8 +1,7 @@
 // csrc/mask_gather_cuda.cu — the CUDA kernels of torch.ops.maskmentor.mask_gather and
-// mask_gather_backward. Built by setup.py as the separate Python module
-// `maskmentor_cuda`, only when a CUDA toolkit and a CUDA build of torch are present, so
-// that the CPU build (mask_gather.cpp, which also defines the schemas) never needs CUDA.
-// masking._load_fused_op imports it after `maskmentor_C`.
+// mask_gather_backward. setup.py compiles it into the module `maskmentor_C` beside
+// mask_gather.cpp (which defines the schemas and the module) only when a CUDA toolkit and
+// a CUDA build of torch are present, so that a CPU build never needs CUDA.
 //
 // The forward is two launches:
 //   1. select: one block per (sample, modality). The modality's noise, turned into the
@@ -16,8 +15,6 @@
 //      saturate memory bandwidth, while B*V*row_bytes/16 threads are plenty.
 // Arguments are checked on the host: V (an output size) is a row sum of num_visible, so
 // its values must be read back anyway, and the same read validates them.
-#include <Python.h>
-
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,19 +25,6 @@
 #include <tuple>
 
 #include "mask_gather.h"
-
-// Importing `maskmentor_cuda` loads this library, whose TORCH_LIBRARY_IMPL registers the
-// CUDA kernels; the module itself is empty (see mask_gather.cpp).
-extern "C" PyObject* PyInit_maskmentor_cuda(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "maskmentor_cuda",
-      "Registers the CUDA kernels of torch.ops.maskmentor",
-      -1,
-      nullptr,
-  };
-  return PyModule_Create(&module_def);
-}
 
 namespace maskmentor {
 namespace {

@@ -15,6 +15,9 @@ import torch
 from PIL import Image
 
 import data
+import prepare_nyu
+import rooms
+from conftest import ROOT, fixture_path, make_esanet, one_line_error, real_sample, save, save_palette
 
 # --- common --------------------------------------------------------------------------
 
@@ -94,7 +97,7 @@ def test_synthetic_contract_and_determinism():
 
 
 def test_synthetic_train_and_test_scenes_do_not_overlap():
-    keys = lambda split, n: {data.render_synthetic(split, i, 16)[0].tobytes() for i in range(n)}
+    keys = lambda split, n: {rooms.render_synthetic(split, i, 16)[0].tobytes() for i in range(n)}
     assert not keys("train", 200) & keys("test", 200)
 
 
@@ -102,7 +105,7 @@ def test_synthetic_statistics():
     counts = np.zeros(C + 1)
     holes = 0
     for i in range(60):
-        rgb, depth, label = data.render_synthetic("train", i)
+        rgb, depth, label = rooms.render_synthetic("train", i)
         counts += np.bincount(np.where(label == 255, C, label).ravel(), minlength=C + 1)
         holes += (depth == 0).any()
         valid = depth > 0
@@ -114,21 +117,21 @@ def test_synthetic_statistics():
 
 
 def test_synthetic_back_wall_depth_range():
-    # SPEC: walls 2.5-6 m. The back wall is at z = 2.5..6 m in the room; a pixel's depth
+    # rooms.py: walls 2.5-6 m. The back wall is at z = 2.5..6 m in the room; a pixel's depth
     # there is the camera-z distance, which is within the same range up to the camera's
     # pitch and yaw (cos 15° * cos 20° > 0.9).
     for i in range(20):
-        scene = data.sample_scene(data.synthetic_scene_rng("train", i))
+        scene = rooms.sample_scene(rooms.synthetic_scene_rng("train", i))
         assert 2.5 <= scene.room_hi[2] <= 6.0
-        clean = data.render_scene(scene, 32)
-        wall = clean["label"] == data.WALL
+        clean = rooms.render_scene(scene, 32)
+        wall = clean["label"] == rooms.WALL
         assert wall.any()
         assert clean["depth"][wall].max() < 6.0 / 0.9
 
 
 def test_boundary_void_is_one_pixel_and_separates_classes():
-    _, _, label = data.render_synthetic("train", 5, 96)
-    clean = data.render_scene(data.sample_scene(data.synthetic_scene_rng("train", 5)), 96)
+    _, _, label = rooms.render_synthetic("train", 5, 96)
+    clean = rooms.render_scene(rooms.sample_scene(rooms.synthetic_scene_rng("train", 5)), 96)
     raw = clean["label"]
     assert np.array_equal(label[label != 255], raw[label != 255])
     # Every pair of 4-neighbours with different classes has exactly one void pixel...
@@ -150,9 +153,9 @@ def test_boundary_void_is_one_pixel_and_separates_classes():
 def test_synthetic_depth_noise_grows_with_depth():
     near, far = [], []
     for i in range(30):
-        rng = data.synthetic_scene_rng("train", i)
-        clean = data.render_scene(data.sample_scene(rng), 64)
-        _, depth = data.add_sensor_nuisances(clean, rng)
+        rng = rooms.synthetic_scene_rng("train", i)
+        clean = rooms.render_scene(rooms.sample_scene(rng), 64)
+        _, depth = rooms.add_sensor_nuisances(clean, rng)
         ok = depth > 0
         err = np.abs(depth - clean["depth"])[ok]
         z = clean["depth"][ok]
@@ -191,7 +194,7 @@ def test_synthetic_flip_augmentation_is_seeded_per_epoch_and_index():
 def scene_with(pred, start=0):
     """The first train scene from `start` on for which pred(scene) holds."""
     for i in range(start, start + 500):
-        scene = data.sample_scene(data.synthetic_scene_rng("train", i))
+        scene = rooms.sample_scene(rooms.synthetic_scene_rng("train", i))
         if pred(scene):
             return scene
     raise AssertionError("no such scene")
@@ -200,11 +203,11 @@ def scene_with(pred, start=0):
 def rerender(scene, edit, size=96):
     edited = copy.deepcopy(scene)
     edit(edited)
-    return data.render_scene(scene, size), data.render_scene(edited, size)
+    return rooms.render_scene(scene, size), rooms.render_scene(edited, size)
 
 
 def test_rug_and_poster_differ_from_floor_and_wall_in_rgb_only():
-    for kind, surface, cls in (("rug", data.FLOOR, data.RUG), ("poster", data.WALL, data.POSTER)):
+    for kind, surface, cls in (("rug", rooms.FLOOR, rooms.RUG), ("poster", rooms.WALL, rooms.POSTER)):
         scene = scene_with(lambda s: any(d[0] == kind for d in s.decals))
         a, b = rerender(scene, lambda s: s.decals.__setitem__(slice(None), [d for d in s.decals if d[0] != kind]))
         where = (a["label"] == cls) & (b["label"] == surface)
@@ -214,10 +217,10 @@ def test_rug_and_poster_differ_from_floor_and_wall_in_rgb_only():
 
 
 def test_pillar_differs_from_wall_in_depth_only():
-    scene = scene_with(lambda s: any(c[0] == data.PILLAR for c in s.cuboids))
+    scene = scene_with(lambda s: any(c[0] == rooms.PILLAR for c in s.cuboids))
     a, b = rerender(scene, lambda s: s.cuboids.__setitem__(slice(None), [c for c in s.cuboids
-                                                                         if c[0] != data.PILLAR]))
-    where = (a["label"] == data.PILLAR) & (b["label"] == data.WALL)
+                                                                         if c[0] != rooms.PILLAR]))
+    where = (a["label"] == rooms.PILLAR) & (b["label"] == rooms.WALL)
     assert where.sum() > 20
     assert np.array_equal(a["rgb"][where], b["rgb"][where])                 # painted like the wall
     assert (b["depth"][where] - a["depth"][where]).min() > 0.25             # but stands in front of it
@@ -232,26 +235,26 @@ def test_ball_and_disc_differ_in_depth_only():
     # one ball and no disc, so that every disc pixel after the edit is that ball's disc
     scene = scene_with(lambda s: len(s.spheres) == 1 and not any(d[0] == "disc" for d in s.decals))
     a, b = rerender(scene, ball_to_disc)
-    where = (a["label"] == data.BALL) & (b["label"] == data.DISC)
+    where = (a["label"] == rooms.BALL) & (b["label"] == rooms.DISC)
     assert where.sum() > 20
     assert np.array_equal(a["rgb"][where], b["rgb"][where])                 # flat-shaded, same paint
     assert (b["depth"][where] - a["depth"][where]).max() > 0.3              # the bulge
     # Over many scenes the two classes' colours are identically distributed: same means.
-    cols = {data.BALL: [], data.DISC: []}
+    cols = {rooms.BALL: [], rooms.DISC: []}
     for i in range(300):
-        clean = data.render_scene(data.sample_scene(data.synthetic_scene_rng("test", i)), 32)
+        clean = rooms.render_scene(rooms.sample_scene(rooms.synthetic_scene_rng("test", i)), 32)
         for c in cols:
             m = clean["label"] == c
             if m.any():
                 cols[c].append(clean["rgb"][m].mean(0))
-    ball, disc = np.array(cols[data.BALL]), np.array(cols[data.DISC])
+    ball, disc = np.array(cols[rooms.BALL]), np.array(cols[rooms.DISC])
     assert len(ball) > 100 and len(disc) > 100
     se = np.sqrt(ball.var(0) / len(ball) + disc.var(0) / len(disc))
     assert (np.abs(ball.mean(0) - disc.mean(0)) < 4 * se).all()
 
 
 def test_box_and_table_differ_in_both():
-    for cls in (data.BOX, data.TABLE):
+    for cls in (rooms.BOX, rooms.TABLE):
         scene = scene_with(lambda s: any(c[0] == cls for c in s.cuboids))
         a, b = rerender(scene, lambda s: s.cuboids.__setitem__(slice(None), [c for c in s.cuboids if c[0] != cls]))
         where = (a["label"] == cls) & (b["label"] != cls)
@@ -262,35 +265,10 @@ def test_box_and_table_differ_in_both():
 
 # --- real data: fixtures -------------------------------------------------------------
 
-FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def fixture_path(*parts):
-    return os.path.join(FIX, *parts)
-
-
-def real_sample():
-    """NYU labelled image #1: rgb uint8 [480, 640, 3], label40 uint8 (0 = void),
-    filled depth in metres (float64, from the x10000 PNG), raw depth in metres (holes 0)."""
-    rgb = np.asarray(Image.open(fixture_path("nyu_0001", "rgb.jpg")).convert("RGB"))
-    label40 = np.asarray(Image.open(fixture_path("nyu_0001", "label40.png")))
-    depth = np.asarray(Image.open(fixture_path("nyu_0001", "depth_filled.png"))).astype(np.float64) / 10000
-    raw = np.asarray(Image.open(fixture_path("nyu_0001", "depth_raw.png"))).astype(np.float64) / 10000
-    return rgb, label40, depth, raw
-
 
 def project_labels(label40):
     """What every NYU reader must return for NYU-40 ids stored with 0 = void."""
     return np.where(label40 == 0, 255, label40.astype(np.int64) - 1)
-
-
-def one_line_error(excinfo, *needles):
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg, msg
-    for n in needles:
-        assert str(n) in msg, msg
-    return msg
 
 
 def test_real_fixture_label_set():
@@ -301,9 +279,9 @@ def test_real_fixture_label_set():
 
 
 def test_embedded_mapping_and_split_are_the_official_ones():
-    official = data.nyu40_mapping(fixture_path("meta", "classMapping40.mat"))
-    assert np.array_equal(data.nyu40_mapping(), official) and official.shape == (895,) and official[0] == 0
-    a, b = data.nyu_splits(), data.nyu_splits(fixture_path("meta", "splits.mat"))
+    official = prepare_nyu.nyu40_mapping(fixture_path("meta", "classMapping40.mat"))
+    assert np.array_equal(prepare_nyu.nyu40_mapping(), official) and official.shape == (895,) and official[0] == 0
+    a, b = prepare_nyu.nyu_splits(), prepare_nyu.nyu_splits(fixture_path("meta", "splits.mat"))
     for s, n in (("train", 795), ("test", 654)):
         assert np.array_equal(a[s], b[s]) and len(a[s]) == n
     assert sorted(np.concatenate([a["train"], a["test"]]).tolist()) == list(range(1, 1450))
@@ -336,7 +314,7 @@ def write_official_mat(path, images, depths, labels, raw_depths=None):
 
 def raw_labels_for(label40):
     """Raw 894-class ids that the official mapping sends to the given NYU-40 ids."""
-    lut = data.nyu40_mapping(fixture_path("meta", "classMapping40.mat"))
+    lut = prepare_nyu.nyu40_mapping(fixture_path("meta", "classMapping40.mat"))
     first_raw = np.array([0] + [np.flatnonzero(lut == c)[0] for c in range(1, 41)], np.uint16)
     return first_raw[label40]
 
@@ -361,7 +339,7 @@ def nyu_mat(tmp_path_factory):
 def test_prepare_nyu_round_trips_pixels_labels_and_split(nyu_mat, tmp_path):
     d, imgs, labs, deps, _ = nyu_mat
     out = tmp_path / "nyu"
-    counts = data.prepare_nyu(str(d / "nyu.mat"), str(out), splits=str(d / "splits.mat"), progress=False)
+    counts = prepare_nyu.prepare_nyu(str(d / "nyu.mat"), str(out), splits=str(d / "splits.mat"), progress=False)
     assert counts == {"written": 4, "skipped": 0}
     assert sorted(os.listdir(out / "train" / "rgb")) == ["0002.png", "0004.png"]
     assert sorted(os.listdir(out / "test" / "labels")) == ["0001.png", "0003.png"]
@@ -377,14 +355,14 @@ def test_prepare_nyu_round_trips_pixels_labels_and_split(nyu_mat, tmp_path):
             assert s["id"] == f"{split}/rgb/{i:04d}.png"
     # Re-running skips the finished images; a missing file is written again.
     os.remove(out / "test" / "depth" / "0003.png")
-    counts = data.prepare_nyu(str(d / "nyu.mat"), str(out), splits=str(d / "splits.mat"), progress=False)
+    counts = prepare_nyu.prepare_nyu(str(d / "nyu.mat"), str(out), splits=str(d / "splits.mat"), progress=False)
     assert counts == {"written": 1, "skipped": 3}
     assert not [f for f in os.listdir(out / "test" / "depth") if ".tmp" in f]
 
 
 def test_prepare_nyu_raw_depth_keeps_holes(nyu_mat, tmp_path):
     d, _, _, _, raws = nyu_mat
-    data.prepare_nyu(str(d / "nyu.mat"), str(tmp_path), splits=str(d / "splits.mat"), depth="raw", progress=False)
+    prepare_nyu.prepare_nyu(str(d / "nyu.mat"), str(tmp_path), splits=str(d / "splits.mat"), depth="raw", progress=False)
     s = data.build_dataset("nyu", str(tmp_path), "test")[0]
     assert ((s["depth"][0] == 0).numpy() == (raws[0] == 0)).all()
 
@@ -392,13 +370,13 @@ def test_prepare_nyu_raw_depth_keeps_holes(nyu_mat, tmp_path):
 @pytest.mark.slow
 def test_prepare_nyu_cli(nyu_mat, tmp_path):
     d = nyu_mat[0]
-    p = subprocess.run([sys.executable, "data.py", "prepare-nyu", "--mat", str(d / "nyu.mat"), "--splits",
+    p = subprocess.run([sys.executable, "prepare_nyu.py", "--mat", str(d / "nyu.mat"), "--splits",
                         str(d / "splits.mat"), "--mapping", fixture_path("meta", "classMapping40.mat"),
                         "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "4 images written" in p.stdout
     # The default (embedded) split names images up to 1449: this file has 4.
-    p = subprocess.run([sys.executable, "data.py", "prepare-nyu", "--mat", str(d / "nyu.mat"), "--out",
+    p = subprocess.run([sys.executable, "prepare_nyu.py", "--mat", str(d / "nyu.mat"), "--out",
                         str(tmp_path / "p")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "outside the 4 images" in lines[0], p.stderr
@@ -406,43 +384,27 @@ def test_prepare_nyu_cli(nyu_mat, tmp_path):
 
 def test_prepare_nyu_bad_inputs(nyu_mat, tmp_path):
     with pytest.raises(data.UserError) as e:           # the embedded split names images up to 1449
-        data.prepare_nyu(str(nyu_mat[0] / "nyu.mat"), str(tmp_path / "o"), progress=False)
+        prepare_nyu.prepare_nyu(str(nyu_mat[0] / "nyu.mat"), str(tmp_path / "o"), progress=False)
     one_line_error(e, "embedded split", "outside the 4 images")
     junk = tmp_path / "junk.mat"
     junk.write_bytes(b"MATLAB 5.0 MAT-file, not HDF5")
     with pytest.raises(data.UserError) as e:
-        data.prepare_nyu(str(junk), str(tmp_path / "o"), progress=False)
+        prepare_nyu.prepare_nyu(str(junk), str(tmp_path / "o"), progress=False)
     one_line_error(e, junk, "HDF5")
     with pytest.raises(data.UserError) as e:
-        data.prepare_nyu(str(tmp_path / "none.mat"), str(tmp_path / "o"), progress=False)
+        prepare_nyu.prepare_nyu(str(tmp_path / "none.mat"), str(tmp_path / "o"), progress=False)
     one_line_error(e, "none.mat", "not found")
     with h5py.File(tmp_path / "other.mat", "w") as f:
         f["something"] = np.zeros(3)
     with pytest.raises(data.UserError) as e:
-        data.prepare_nyu(str(tmp_path / "other.mat"), str(tmp_path / "o"), progress=False)
+        prepare_nyu.prepare_nyu(str(tmp_path / "other.mat"), str(tmp_path / "o"), progress=False)
     one_line_error(e, "other.mat", "'images'")
     with pytest.raises(data.UserError) as e:
-        data.nyu40_mapping(fixture_path("meta", "splits.mat"))
+        prepare_nyu.nyu40_mapping(fixture_path("meta", "splits.mat"))
     one_line_error(e, "splits.mat", "mapClass")
 
 
 # --- the layouts users already have ----------------------------------------------------
-
-
-def save(path, array):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if str(path).endswith(".npy"):
-        np.save(path, array)
-    else:
-        Image.fromarray(array).save(path)
-
-
-def save_palette(path, label):
-    """Labels as an 8-bit palette PNG, as MultiMAE and the NYU releases store them."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img = Image.fromarray(label.astype(np.uint8), mode="P")
-    img.putpalette(data.palette("nyu").ravel().tolist())
-    img.save(path)
 
 
 def make_multimae(root, rgb, label40, depth):
@@ -450,15 +412,6 @@ def make_multimae(root, rgb, label40, depth):
         save(f"{root}/{split}/rgb/data/0000.png", rgb)
         save(f"{root}/{split}/depth/data/0000.png", np.uint16(depth * 2 ** 16 / 10))
         save_palette(f"{root}/{split}/semseg/data/0000.png", label40)
-
-
-def make_esanet(root, rgb, label40, depth):
-    for split in ("train", "test"):       # prepare_dataset.py: 1-based names, depth (m * 1e3).astype(uint16)
-        save(f"{root}/{split}/rgb/0001.png", rgb)
-        save(f"{root}/{split}/depth/0001.png", (depth * 1e3).astype(np.uint16))
-        save(f"{root}/{split}/depth_raw/0001.png", (depth * 1e3).astype(np.uint16))
-        save(f"{root}/{split}/labels_40/0001.png", label40.astype(np.uint8))
-        save(f"{root}/{split}/labels_894/0001.png", label40.astype(np.uint8))
 
 
 def make_cmx(root, label40, depth, depth_ext=".npy", list_line=None):
@@ -524,7 +477,7 @@ def test_missing_root_and_unknown_layout(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(data.UserError) as e:
         data.build_dataset("nyu")
-    one_line_error(e, "data/nyu", "prepare-nyu")
+    one_line_error(e, "data/nyu", "prepare_nyu.py")
     with pytest.raises(data.UserError) as e:
         data.build_dataset("sun")
     one_line_error(e, "data/sun")

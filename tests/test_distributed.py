@@ -10,14 +10,16 @@ import sys
 import pytest
 import torch
 
+import cli
 import finetune
 import masking
+import modalities
 import model as M
+import runtime
 import sttp
 import train
-from test_model import smooth_batch
+from conftest import ROOT, smooth_batch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 32 images in batches of 8: 4 batches per epoch, one MIM warm-up epoch, then one of --mode.
 PRE = ["--subset", "32", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--budget", "24",
        "--vis_every", "0"]
@@ -153,7 +155,7 @@ def test_segmenter_gives_every_parameter_a_gradient_with_a_missing_modality():
     samples all miss depth (or rgb) still reaches every parameter."""
     net = M.Segmenter(dataclasses.replace(M.PRESETS["tiny"], num_classes=7))
     b = smooth_batch()
-    inputs = M.prepare_inputs({"rgb": b["rgb"], "depth": b["depth"]})
+    inputs = modalities.prepare_inputs({"rgb": b["rgb"], "depth": b["depth"]})
     for present in ([True, False], [False, True]):
         net.zero_grad(set_to_none=True)
         present = torch.tensor([present] * b["rgb"].shape[0])
@@ -187,9 +189,9 @@ def test_float16_scales_the_loss_and_resumes_exactly(tmp_path):
 
 
 def test_dtype_errors_are_one_line():
-    with pytest.raises(train.data.UserError, match="--dtype float16: autocast on meta does not support it"):
-        train.autocast_dtype("float16", torch.device("meta"))
-    with pytest.raises(train.data.UserError, match="--dtype"):
+    with pytest.raises(cli.UserError, match="--dtype float16: autocast on meta does not support it"):
+        runtime.autocast_dtype("float16", torch.device("meta"))
+    with pytest.raises(cli.UserError, match="--dtype"):
         train.main(["--dtype", "float64"])
 
 

@@ -1,4 +1,4 @@
-"""Algorithm 1 and patch masking: the properties SPEC.md §3 lists, checked exactly or
+"""Algorithm 1 and patch masking: the properties docs/method.md §3 lists, checked exactly or
 statistically with tolerances derived from the sample size."""
 import math
 
@@ -7,12 +7,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import masking
+from conftest import gen
 
 probs = st.one_of(st.sampled_from([0.0, 1.0, 0.5]), st.floats(0.0, 1.0))
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def tol(p, n, sigmas=5.0):

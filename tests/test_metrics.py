@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import model as M
 
+import modalities
 from evaluate import SETTINGS, confusion_matrix, predict, scores
 
 
@@ -69,6 +70,6 @@ def test_predict_pads_to_the_patch_grid_and_crops_back():
     assert all(p.shape == (2, 13, 21) for p in out.values())
     # = the network on a 16x24 canvas (rgb padded with the mean, depth with "missing"),
     # cropped back: the padded depth pixels don't enter the depth standardisation.
-    inputs = M.prepare_inputs({"rgb": F.pad(rgb, (0, 3, 0, 3)), "depth": F.pad(depth, (0, 3, 0, 3))})
+    inputs = modalities.prepare_inputs({"rgb": F.pad(rgb, (0, 3, 0, 3)), "depth": F.pad(depth, (0, 3, 0, 3))})
     assert torch.equal(out["rgbd"], net(inputs).argmax(1)[:, :13, :21])
     assert torch.equal(out["depth"], net({"depth": inputs["depth"]}).argmax(1)[:, :13, :21])

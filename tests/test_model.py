@@ -8,13 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import masking
+import modalities
 import model as M
+from conftest import smooth_batch, tiny
 
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)]
-
-
-def tiny(**kw):
-    return dataclasses.replace(M.PRESETS["tiny"], num_classes=7, **kw)
 
 
 def batch(B=2, size=64, classes=7, seed=0):
@@ -36,7 +34,7 @@ def plan_for(keep, N, budget, seed=0, scheme="dirichlet"):
 def test_pretraining_shapes_every_subset(preset, size, budget):
     cfg = dataclasses.replace(M.PRESETS[preset], num_classes=7)
     net = M.MaskMentor(cfg).eval()
-    inputs = M.prepare_inputs(batch(1, size))
+    inputs = modalities.prepare_inputs(batch(1, size))
     N = net.num_tokens(size, size)
     p4 = cfg.patch_size // 4
     with torch.no_grad():
@@ -56,7 +54,7 @@ def test_pretraining_shapes_every_subset(preset, size, budget):
 def test_segmenter_shapes_every_input(preset, size):
     cfg = dataclasses.replace(M.PRESETS[preset], num_classes=7)
     net = M.Segmenter(cfg).eval()
-    inputs = M.prepare_inputs(batch(2, size))
+    inputs = modalities.prepare_inputs(batch(2, size))
     with torch.no_grad():
         for given in (("rgb",), ("depth",), ("rgb", "depth")):
             assert net({m: inputs[m] for m in given}).shape == (2, 7, size, size)
@@ -67,7 +65,7 @@ def test_segmenter_shapes_every_input(preset, size):
 def test_segmenter_absent_modality_equals_missing_input():
     """Per-sample `present` (padding) must give what feeding one modality alone gives."""
     net = M.Segmenter(tiny()).eval()
-    inputs = M.prepare_inputs(batch(3))
+    inputs = modalities.prepare_inputs(batch(3))
     present = torch.tensor([[True, False], [False, True], [True, True]])
     with torch.no_grad():
         mixed = net({"rgb": inputs["rgb"], "depth": inputs["depth"]}, present)
@@ -92,11 +90,11 @@ def test_dropped_modality_does_not_leak(scheme):
     keep = torch.tensor([[True, False, True], [False, True, True]])
     plan = plan_for(keep, 64, 32, scheme=scheme)
     with torch.no_grad():
-        preds, tokens, _ = net(M.prepare_inputs(b), plan)
+        preds, tokens, _ = net(modalities.prepare_inputs(b), plan)
         b2 = dict(b, depth=b["depth"].clone(), rgb=b["rgb"].clone())
         b2["depth"][0] = torch.rand_like(b2["depth"][0]) * 9 + 0.1   # sample 0 dropped depth
         b2["rgb"][1] = torch.randn_like(b2["rgb"][1])                 # sample 1 dropped rgb
-        preds2, tokens2, _ = net(M.prepare_inputs(b2), plan)
+        preds2, tokens2, _ = net(modalities.prepare_inputs(b2), plan)
     for k in preds:
         torch.testing.assert_close(preds[k], preds2[k], atol=1e-5, rtol=1e-5)
     for k in tokens:
@@ -118,14 +116,14 @@ def test_sincos_matches_multimae_layout():
 
 def test_standardize_depth_matches_multimae_without_holes_and_skips_holes():
     d = torch.rand(2, 1, 20, 20) * 5 + 0.5
-    z, valid = M.standardize_depth(d)
+    z, valid = modalities.standardize_depth(d)
     s = torch.sort(d.flatten(1), 1)[0][:, 40:360]          # MultiMAE: int(0.1 n) .. int(0.9 n)
     ref = (d - s.mean(1)[:, None, None, None]) / torch.sqrt(s.var(1)[:, None, None, None] + 1e-6)
     torch.testing.assert_close(z, ref)
     assert valid.all()
     holes = d.clone()
     holes[:, :, :5] = 0
-    z2, valid2 = M.standardize_depth(holes)
+    z2, valid2 = modalities.standardize_depth(holes)
     assert not valid2[:, :, :5].any() and (z2[:, :, :5] == 0).all()
     s2 = torch.sort(d[:, :, 5:].flatten(1), 1)[0][:, 30:270]
     ref2 = (d[:, :, 5:] - s2.mean(1)[:, None, None, None]) / torch.sqrt(s2.var(1)[:, None, None, None] + 1e-6)
@@ -142,17 +140,8 @@ def test_multimae_parameter_names():
         assert key in names, key
     seg = set(M.Segmenter(tiny()).state_dict())
     assert {"output_adapters.semseg.proj_dec.weight", "output_adapters.semseg.final_layer.weight"} <= seg
-    trunk = M.trunk_state_dict(M.MaskMentor(tiny()).state_dict())
+    trunk = M.trunk_state_dict(M.MaskMentor(tiny()).state_dict(), ("rgb", "depth"))
     assert set(trunk) == {k for k in seg if not k.startswith("output_adapters.")}
-
-
-def smooth_batch(B=4, size=64, classes=7, seed=0):
-    """Structured images (low-frequency patterns), so reconstruction is learnable."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.randn(B, 5, 4, 4, generator=g)
-    up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-    return {"rgb": up[:, :3], "depth": up[:, 3:4].abs() + 1.0,
-            "semseg": (up[:, 4] * 2).round().clamp(-3, 3).long() + 3}
 
 
 def test_pretraining_overfits_a_fixed_batch():
@@ -174,7 +163,7 @@ def test_segmenter_overfits_a_fixed_batch():
     net = M.Segmenter(tiny())
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
     b = smooth_batch()
-    inputs = M.prepare_inputs(b)
+    inputs = modalities.prepare_inputs(b)
     losses = []
     for _ in range(60):
         loss = F.cross_entropy(net({"rgb": inputs["rgb"], "depth": inputs["depth"]}), b["semseg"])

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import masking
+import ops
+from conftest import ROOT, gen
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -27,8 +28,8 @@ def op():
         import maskmentor_C  # noqa: F401
     except ImportError as e:  # not built, or built against another torch
         pytest.skip(f"the C++ extension is not available ({e}); pip install --no-build-isolation -e .")
-    if not masking._FUSED_LOADED:
-        pytest.skip(f"fused op not loaded: {masking.backend()}")
+    if not ops.LOADED:
+        pytest.skip(f"fused op not loaded: {ops.backend()}")
     return torch.ops.maskmentor.mask_gather
 
 
@@ -36,15 +37,9 @@ def op():
 def cuda_op(op):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    try:
-        import maskmentor_cuda  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"the CUDA extension is not available ({e})")
+    if not ops.CUDA:
+        pytest.skip("maskmentor_C was built without its CUDA kernels")
     return op
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def random_counts(B, K, N, V, g):
@@ -264,7 +259,7 @@ def test_torch_compile_attention_with_known_budget(op):
 
 
 def test_mask_gather_dispatches_to_op(op, monkeypatch):
-    assert "fused" in masking.backend()
+    assert "fused" in ops.backend()
     x, noise, num_visible = make_case(2, 3, 8, 4, 6, torch.float32)
     want = masking.mask_gather_reference(x, noise, num_visible)
 
@@ -276,8 +271,8 @@ def test_mask_gather_dispatches_to_op(op, monkeypatch):
 
 
 def test_reference_forced_by_environment():
-    code = ("import torch, masking\n"
-            "print(masking.backend())\n"
+    code = ("import torch, masking, ops\n"
+            "print(ops.backend())\n"
             "x, noise = torch.randn(2, 12, 3), torch.rand(2, 12)\n"
             "nv = torch.tensor([[2, 1, 1], [1, 1, 2]])\n"
             "got, want = masking.mask_gather(x, noise, nv), masking.mask_gather_reference(x, noise, nv)\n"

@@ -1,18 +1,18 @@
 """The three scripts end to end on the embedded synthetic data: the pipeline runs, an
 interrupted run resumes bit for bit, bad flags get one clear line."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import engine
 import evaluate
 import finetune
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli import UserError
+from conftest import ROOT
 
 
 def cli(*args, cwd=None):
@@ -84,7 +84,7 @@ def test_finetune_resume_equals_uninterrupted(tmp_path):
 
 def test_resume_refuses_a_changed_setting(tmp_path):
     run_train(tmp_path / "a", "--stop_after", "1")
-    with pytest.raises(train.data.UserError, match="--lr"):
+    with pytest.raises(UserError, match="--lr"):
         train.main(["--resume", "--out_dir", str(tmp_path / "a"), "--lr", "0.5"])
 
 
@@ -112,32 +112,32 @@ def test_bad_input_gets_one_line(script, args, needle):
 def test_checkpoints_of_the_wrong_kind_are_refused(tmp_path):
     run_train(tmp_path / "pre", "--stop_after", "1")
     pre = str(tmp_path / "pre" / "ckpt.pt")
-    with pytest.raises(train.data.UserError, match="not a fine-tuned one"):
+    with pytest.raises(UserError, match="not a fine-tuned one"):
         evaluate.main(["--ckpt", pre])
-    with pytest.raises(train.data.UserError, match="not a fine-tuned one"):
+    with pytest.raises(UserError, match="not a fine-tuned one"):
         finetune.main(["--resume", "--out_dir", str(tmp_path / "pre")])
     finetune.main(["--pretrained", pre, "--subset", "24", "--batch_size", "8", "--stop_after", "1",
                    "--out_dir", str(tmp_path / "ft")])
     ft = str(tmp_path / "ft" / "ckpt.pt")
     for wrong in (["--mode", "kd", "--teacher", ft], ["--resume", "--out_dir", str(tmp_path / "ft")]):
-        with pytest.raises(train.data.UserError, match="not a pre-training one"):
+        with pytest.raises(UserError, match="not a pre-training one"):
             run_train(tmp_path / "kd", *wrong) if "--teacher" in wrong else train.main(wrong)
-    with pytest.raises(train.data.UserError, match="not a pre-training one"):
+    with pytest.raises(UserError, match="not a pre-training one"):
         finetune.main(["--pretrained", ft, "--out_dir", str(tmp_path / "ft2")])
 
 
 def test_lr_schedule():
-    assert train.lr_at(0, 100, 10, 1.0, 0.0) == 0.0
-    assert train.lr_at(5, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
-    assert train.lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
-    assert train.lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.55)    # half-way down the cosine
-    assert train.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert engine.lr_at(0, 100, 10, 1.0, 0.0) == 0.0
+    assert engine.lr_at(5, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert engine.lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert engine.lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.55)    # half-way down the cosine
+    assert engine.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
 
 
 def test_layer_decay_groups():
     import model as M
     net = M.Segmenter(M.PRESETS["tiny"])
-    groups = train.param_groups(net, 0.05, 0.5)
+    groups = engine.param_groups(net, 0.05, 0.5)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     depth = len(net.encoder)

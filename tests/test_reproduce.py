@@ -2,14 +2,16 @@
 what they say, and the --quick miniature end to end."""
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
 
 import data
+import engine
 import masking
+import modalities
 import model as M
+import report
 import reproduce as R
 import sttp
 import train
@@ -18,10 +20,10 @@ import train
 def test_every_pretraining_variant_gets_the_same_optimiser_steps():
     batches, warmup = 7, 2
     # the warm-up is plain MIM (one step a batch), then each mode makes its own steps a batch
-    steps = {mode: (warmup + (R.pretrain_epochs(mode, warmup, 3) - warmup) * R.steps_per_batch(mode)) * batches
+    steps = {mode: (warmup + (report.pretrain_epochs(mode, warmup, 3) - warmup) * report.steps_per_batch(mode)) * batches
              for mode, _, _ in R.VARIANTS.values() if mode}
     assert len(set(steps.values())) == 1, steps
-    assert R.pretrain_epochs("sttp", warmup, 3) == 5 and R.pretrain_epochs("m2im", warmup, 3) == 14
+    assert report.pretrain_epochs("sttp", warmup, 3) == 5 and report.pretrain_epochs("m2im", warmup, 3) == 14
 
 
 def test_the_equal_epochs_variant_gets_4x_the_steps_of_sttp():
@@ -80,7 +82,7 @@ def test_the_kd_teacher_is_frozen_and_separate(tmp_path):
     torch.manual_seed(0)
     source = M.MaskMentor(cfg)
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint({"model": source.state_dict(), "config": {}, "kind": "pretrain",
+    engine.save_checkpoint({"model": source.state_dict(), "config": {}, "kind": "pretrain",
                            "model_config": dataclasses.asdict(cfg)}, path)
     student = M.MaskMentor(cfg)
     student.load_state_dict(source.state_dict())          # even starting from the same weights
@@ -179,10 +181,10 @@ def test_quick_runs_everything_end_to_end_and_resumes(tmp_path):
 
 def test_token_agreement_separates_shared_from_image_specific_parts():
     g = torch.Generator().manual_seed(0)
-    shared = {m: 10 * torch.randn(1, 6, 16, generator=g) for m in M.MODALITIES}       # same for every image
-    content = {m: torch.randn(8, 6, 16, generator=g) for m in M.MODALITIES}
-    teacher = {m: shared[m] + content[m] for m in M.MODALITIES}
-    student = {m: shared[m] + content[m] + 0.1 * torch.randn(8, 6, 16, generator=g) for m in M.MODALITIES}
+    shared = {m: 10 * torch.randn(1, 6, 16, generator=g) for m in modalities.DEFAULT}       # same for every image
+    content = {m: torch.randn(8, 6, 16, generator=g) for m in modalities.DEFAULT}
+    teacher = {m: shared[m] + content[m] for m in modalities.DEFAULT}
+    student = {m: shared[m] + content[m] + 0.1 * torch.randn(8, 6, 16, generator=g) for m in modalities.DEFAULT}
     t = R.token_agreement(student, teacher)
     # the raw cosine is dominated by the shared part: the wrong image's target is barely worse
     assert t["raw_matched"] < t["raw_other_image"] < 0.05

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import masking
+import modalities
 import model as M
 import sttp
-from test_model import smooth_batch
+from conftest import smooth_batch
 
 
 def setup(seed=0):
@@ -60,28 +61,28 @@ def test_teacher_targets_carry_no_gradient(monkeypatch):
     seen = {}
     real = sttp.token_loss
 
-    def spy(student, teacher):
+    def spy(student, teacher, names):
         seen["teacher"] = teacher
         seen["student"] = student
-        return real(student, teacher)
+        return real(student, teacher, names)
 
     monkeypatch.setattr(sttp, "token_loss", spy)
     sttp.sttp(net, opt, smooth_batch(), cfg, g)
-    assert set(seen["teacher"]) == set(M.MODALITIES)
+    assert set(seen["teacher"]) == set(modalities.DEFAULT)
     assert all(not t.requires_grad and t.grad_fn is None for t in seen["teacher"].values())
     assert all(s.requires_grad for s in seen["student"].values())
 
 
 def test_token_loss_values():
-    a = {m: torch.randn(2, 5, 8, requires_grad=True) for m in M.MODALITIES}
+    a = {m: torch.randn(2, 5, 8, requires_grad=True) for m in modalities.DEFAULT}
     same = {m: t.detach().clone() for m, t in a.items()}
-    assert sttp.token_loss(a, same).item() == pytest.approx(0.0, abs=1e-6)
+    assert sttp.token_loss(a, same, modalities.DEFAULT).item() == pytest.approx(0.0, abs=1e-6)
     scaled = {m: 3 * t for m, t in same.items()}                          # cosine ignores scale
-    assert sttp.token_loss(a, scaled).item() == pytest.approx(0.0, abs=1e-6)
+    assert sttp.token_loss(a, scaled, modalities.DEFAULT).item() == pytest.approx(0.0, abs=1e-6)
     opposite = {m: -t for m, t in same.items()}
-    assert sttp.token_loss(a, opposite).item() == pytest.approx(2.0, abs=1e-6)
-    other = {m: torch.randn(2, 5, 8) for m in M.MODALITIES}
-    loss = sttp.token_loss(a, other)
+    assert sttp.token_loss(a, opposite, modalities.DEFAULT).item() == pytest.approx(2.0, abs=1e-6)
+    other = {m: torch.randn(2, 5, 8) for m in modalities.DEFAULT}
+    loss = sttp.token_loss(a, other, modalities.DEFAULT)
     assert 0 < loss.item() < 2
     loss.backward()
     assert all(t.grad is not None for t in a.values())
@@ -112,7 +113,7 @@ def test_kd_teacher_stays_frozen():
 def test_pixel_loss_counts_masked_patches_only():
     net, _, _, g = setup()
     b = smooth_batch(2)
-    inputs = M.prepare_inputs(b)
+    inputs = modalities.prepare_inputs(b)
     plan = masking.plan_masking(2, 3, 64, masking.MaskingConfig(budget=32), True, g)
     with torch.no_grad():
         preds, _, masked = net(inputs, plan)
@@ -139,8 +140,8 @@ def test_pixel_loss_counts_masked_patches_only():
 def test_masked_mean_skips_samples_without_masked_pixels():
     loss = torch.tensor([[[1.0, 1.0]], [[7.0, 7.0]]])
     w = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])
-    assert sttp._masked_mean(loss, w).item() == 1.0         # not (1 + 0) / 2
-    assert sttp._masked_mean(loss, torch.zeros_like(w)).item() == 0.0
+    assert sttp._masked_mean(loss, w, sttp.Runtime()).item() == 1.0         # not (1 + 0) / 2
+    assert sttp._masked_mean(loss, torch.zeros_like(w), sttp.Runtime()).item() == 0.0
 
 
 def test_patch_normalize():

@@ -14,7 +14,7 @@ import masking
 import model as M
 import train
 import vis
-from test_data import make_esanet, real_sample
+from conftest import make_esanet, real_sample
 
 
 # --- colour maps -----------------------------------------------------------------------
@@ -91,13 +91,13 @@ def test_reconstruct_hides_what_each_condition_says():
         assert hidden.shape == (2, 3, 8, 8)
         visible = (~hidden).flatten(2).sum(-1)                   # per sample and modality
         assert (visible.sum(1) == 20).all()
-        for k, kept in enumerate(keep):
-            if not kept:
+        for k, m in enumerate(net.inputs):
+            if keep is not None and m not in keep:
                 assert (visible[:, k] == 0).all()
         assert preds["rgb"].shape == (2, 3, 64, 64) and preds["semseg"].shape == (2, 10, 16, 16)
     assert net.training is False
     # rgb only: the whole budget on rgb, the rest of rgb hidden
-    _, _, hidden = vis.reconstruct(net, batch, (True, False, False), mcfg, g)
+    _, _, hidden = vis.reconstruct(net, batch, ("rgb",), mcfg, g)
     assert (hidden[:, 0].flatten(1).sum(-1) == n - 20).all()
 
 

@@ -8,25 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engine
+import modalities
 import model as M
+from cli import UserError
+from conftest import tiny
 
-try:   # the scripts' path (file -> train.init_encoder); train.py needs data.py
-    import data
-    import train
-except ImportError:
-    train = None
-
-
-def tiny(**kw):
-    return dataclasses.replace(M.PRESETS["tiny"], num_classes=7, **kw)
 
 
 def load_file(net, path):
-    """What `--init path` does: train.init_encoder, or its steps by hand while train.py
-    can't be imported (data.py not there yet)."""
-    if train is not None:
-        return train.init_encoder(net, str(path))
-    return M.load_encoder_weights(net, torch.load(path, map_location="cpu", weights_only=False))
+    """What `--init path` does (train.py, finetune.py)."""
+    return engine.init_encoder(net, str(path))
 
 
 def timm_vit(timm, cfg: M.ModelConfig, **kw):
@@ -141,7 +133,7 @@ def test_mae_checkpoint_loads_and_reports_its_decoder_ignored(tmp_path):
     # rgb-only weights: depth and semseg projections and the MIM heads stay random
     assert {"input_adapters.depth.proj.weight", "input_adapters.semseg.class_emb.weight"} <= set(report.missing)
     assert any(k.startswith("output_adapters.rgb.") for k in report.missing)
-    for m in M.MODALITIES:                                         # every adapter: the loaded table
+    for m in modalities.DEFAULT:                                         # every adapter: the loaded table
         torch.testing.assert_close(net.input_adapters[m].pos_emb.flatten(2).transpose(1, 2),
                                    state["pos_embed"][:, 1:])
 
@@ -154,7 +146,7 @@ def multimae_state(cfg, class_rows=133):
     state = M.MaskMentor(cfg).state_dict()
     h = cfg.image_size // cfg.patch_size
     state["input_adapters.semseg.class_emb.weight"] = torch.randn(class_rows, cfg.semseg_emb_dim)
-    for m in M.MODALITIES:
+    for m in modalities.DEFAULT:
         state[f"input_adapters.{m}.pos_emb"] = torch.randn(1, cfg.width, h, h)
     return state
 
@@ -209,12 +201,11 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(kw, vit_b, tmp_pa
         M.encoder_state_from_checkpoint(state, net)
     msg = str(e.value)
     assert "\n" not in msg and "does not fit" in msg and "ViT-B/16" in msg, msg
-    if train is not None:
-        path = tmp_path / "vit.pth"
-        torch.save(state, path)
-        with pytest.raises(data.UserError) as e:
-            train.init_encoder(net, str(path))
-        assert "\n" not in str(e.value) and str(path) in str(e.value)
+    path = tmp_path / "vit.pth"
+    torch.save(state, path)
+    with pytest.raises(UserError) as e:
+        engine.init_encoder(net, str(path))
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
 def test_a_224_table_is_resized_for_another_grid():
@@ -248,10 +239,10 @@ def test_the_position_table_survives_save_and_load(tmp_path):
 
     again = M.MaskMentor(cfg)                        # train.py --resume / the kd teacher: strict
     again.load_state_dict(saved)
-    for m in M.MODALITIES:
+    for m in modalities.DEFAULT:
         torch.testing.assert_close(again.input_adapters[m].pos_emb, pre.input_adapters[m].pos_emb)
     seg = M.Segmenter(cfg).eval()                    # finetune.py --pretrained: the trunk, non-strict
-    result = seg.load_state_dict(M.trunk_state_dict(saved), strict=False)
+    result = seg.load_state_dict(M.trunk_state_dict(saved, seg.inputs), strict=False)
     assert not result.unexpected_keys
     torch.testing.assert_close(seg.input_adapters["rgb"].pos_emb, pre.input_adapters["rgb"].pos_emb)
     fresh = M.Segmenter(cfg).eval()                  # evaluate.py: a fine-tuned checkpoint, strict
@@ -266,12 +257,11 @@ def test_not_a_vit_is_refused():
         M.encoder_state_from_checkpoint({"state_dict": {"conv1.weight": torch.zeros(1)}}, M.Segmenter(tiny()))
 
 
-@pytest.mark.skipif(train is None, reason="train.py needs data.py")
 def test_init_encoder_turns_bad_files_into_one_line(tmp_path):
     net = M.Segmenter(tiny())
-    with pytest.raises(data.UserError, match="no such file"):
-        train.init_encoder(net, str(tmp_path / "missing.pth"))
+    with pytest.raises(UserError, match="no such file"):
+        engine.init_encoder(net, str(tmp_path / "missing.pth"))
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(data.UserError, match="not a readable checkpoint") as e:
-        train.init_encoder(net, str(tmp_path / "bad.pth"))
+    with pytest.raises(UserError, match="not a readable checkpoint") as e:
+        engine.init_encoder(net, str(tmp_path / "bad.pth"))
     assert "\n" not in str(e.value)

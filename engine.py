@@ -1,0 +1,459 @@
+"""engine.py — what train.py and finetune.py share around their step: the training loop,
+checkpoints, the learning-rate schedule and the optimiser's parameter groups.
+
+    loop = Loop(cfg, net, optimizer, dataset, generator, device, extra={...})
+    loop.resume(ckpt)                      # optional: continue a saved run exactly
+    loop.run(step)                         # step(batch, epoch) -> {"loss": ..., ...}
+
+The loop runs epochs of deterministic batches (a permutation per (seed, epoch)) with the
+lr schedule, a progress bar, per-epoch logs (log.jsonl) and a loss curve, and writes
+`<out_dir>/ckpt.pt` atomically with the config, optimiser, RNG states and the position
+inside the epoch, so an interrupted run (Ctrl-C, --stop_after, a crash after a
+checkpoint) resumes bit for bit. Under torchrun (runtime.py) every process runs it on
+its slice of each global batch and rank 0 alone writes.
+Like MAE's engine_pretrain.py and util/, this is machinery: the method is in masking.py,
+model.py and sttp.py, each script's own work in its file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.profiler import record_function
+from tqdm import tqdm
+
+import data
+import model as M
+from cli import UserError, parse_config
+from runtime import rank_and_world
+
+VERSION = 1
+# Flags that belong to one invocation, not to the run: --resume may change them.
+RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "compile"}
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# What each script writes: kind -> (how messages name it, the script that writes it).
+CHECKPOINT_KINDS = {"pretrain": ("pre-training", "train.py"), "finetune": ("fine-tuned", "finetune.py")}
+
+
+def load_checkpoint(path: str, kind: str) -> dict:
+    """A checkpoint of the given kind ("pretrain" or "finetune"); anything else (no file, an
+    unreadable or foreign file, the other kind) is one clear line."""
+    noun, script = CHECKPOINT_KINDS[kind]
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no {noun} checkpoint there")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})".splitlines()[0])
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path}: not a MaskMentor checkpoint (no model/config inside)")
+    if ckpt.get("kind") != kind:
+        raise UserError(f"{path}: a {ckpt.get('kind', 'unknown')} checkpoint, not a {noun} one "
+                      f"({script} writes those)")
+    return ckpt
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    cuda = torch.cuda.is_available()
+    return {"torch": torch.get_rng_state(), "mask": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if cuda else [],
+            "cuda_device": torch.cuda.current_device() if cuda else None}
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["mask"])
+    if state.get("cuda") and torch.cuda.is_available():
+        if rank_and_world()[1] > 1:
+            # Every process's GPU had the saving process's GPU stream (all draw alike, for
+            # the global batch): each restores that one into its own GPU.
+            torch.cuda.set_rng_state(state["cuda"][state.get("cuda_device") or 0])
+        else:
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# Schedule, optimiser groups, weights to start from
+
+
+def lr_at(it: int, total: int, warmup: int, base: float, minimum: float) -> float:
+    """Linear warm-up from 0, then cosine decay to `minimum` (MultiMAE / MAE)."""
+    if it < warmup:
+        return base * it / warmup
+    progress = (it - warmup) / max(1, total - warmup)
+    return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list:
+    """AdamW groups: no weight decay on biases, norms and embeddings/tokens; with
+    layer_decay < 1 the lr shrinks by that factor per encoder block going down to the
+    input (BEiT/MultiMAE fine-tuning: adapters and global token are layer 0, the head
+    is layer depth+1)."""
+    depth = len(model.encoder)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(("input_adapters.", "global_tokens")):
+            layer = 0
+        elif name.startswith("encoder."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        no_wd = p.dim() == 1 or name.endswith(("global_tokens", "mask_token")) or "task_embeddings" in name \
+            or "class_emb" in name
+        scale = layer_decay ** (depth + 1 - layer)
+        key = (scale, no_wd)
+        groups.setdefault(key, {"params": [], "lr_scale": scale, "weight_decay": 0.0 if no_wd else weight_decay})
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def init_encoder(net: M.MultiViT, path: str) -> M.InitReport:
+    """--init: load a ViT-B checkpoint (MultiMAE, MAE or timm) into net's encoder in place
+    (model.load_encoder_weights) and print what was loaded, what stays random, what was ignored."""
+    if not os.path.isfile(path):
+        raise UserError(f"--init {path}: no such file")
+    try:
+        if path.endswith(".safetensors"):                # timm's weights on the Hugging Face hub
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file (or no safetensors package)
+        raise UserError(f"--init {path}: not a readable checkpoint ({type(e).__name__}: {e})".splitlines()[0])
+    try:
+        report = M.load_encoder_weights(net, state)
+    except ValueError as e:
+        raise UserError(f"--init {path}: {e}")
+    print(f"encoder initialised from {path}:")
+    for line in report.summary():
+        print(f"  {line}")
+    return report
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list:
+    """This epoch's batches of indices: a permutation that depends only on (seed, epoch),
+    so a resumed run sees exactly the batches an uninterrupted one would."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)[: n // batch_size * batch_size]
+    return perm.view(-1, batch_size).tolist()
+
+
+class Subset(torch.utils.data.Dataset):
+    """The first n samples of a dataset (--subset), keeping set_epoch."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, min(n, len(dataset))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def training_set(cfg):
+    """The training split of cfg.dataset with augmentation, cut to --subset if given."""
+    ds = data.build_dataset(cfg.dataset, cfg.data_root or None, "train", train=True,
+                            image_size=cfg.image_size, seed=cfg.seed)
+    return Subset(ds, cfg.subset) if cfg.subset else ds
+
+
+def check_common_flags(cfg, positive=(), non_negative=()) -> int:
+    """The checks train.py and finetune.py share (their schedule, run-control and image
+    flags), plus the extra names given; returns the preset's patch size."""
+    for name in ("epochs", "batch_size", "image_size") + tuple(positive):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("subset", "stop_after", "ckpt_every", "workers", "clip_grad") + tuple(non_negative):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.lr_warmup_epochs < 0:
+        raise UserError("--lr must be positive, --min_lr and --lr_warmup_epochs >= 0")
+    patch = M.PRESETS[cfg.config].patch_size
+    if cfg.image_size % patch:
+        raise UserError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch}")
+    return patch
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def fetch(loader, device):
+    """The loader's batches, on the device; the fetching and the copy under the profiler
+    label "data" (bench.py's time split; a label costs nothing when no profiler runs)."""
+    batches = iter(loader)
+    while True:
+        with record_function("data"):
+            batch = next(batches, None)
+            if batch is None:
+                return
+            batch = to_device(batch, device)
+        yield batch
+
+
+class Loop:
+    """Epochs of deterministic batches with the lr schedule, a progress bar, per-epoch
+    logs and a loss curve, atomic checkpoints, exact resume and a graceful stop.
+
+    `cfg` needs the fields epochs, batch_size, lr, min_lr, lr_warmup_epochs, seed,
+    out_dir, stop_after, ckpt_every and workers (TrainConfig and FinetuneConfig have them).
+    `net` is the bare network, the one checkpoints save (the step function may run it
+    wrapped in DDP). `extra` goes into every checkpoint beside the standard keys; so does
+    the state of `scaler` (float16's GradScaler), for an exact resume.
+
+    Under torchrun every process runs the loop on its contiguous slice of each global
+    batch of `epoch_batches` (a per-(seed, epoch) permutation: what DistributedSampler
+    with per-epoch shuffling would do, but independent of the process count). Rank 0
+    alone shows the progress bar and writes logs, checkpoints and pictures.
+    """
+
+    def __init__(self, cfg, net, optimizer, dataset, generator, device, extra: dict, scaler=None):
+        self.cfg, self.net, self.optimizer, self.dataset = cfg, net, optimizer, dataset
+        self.generator, self.device, self.extra, self.scaler = generator, device, extra, scaler
+        self.rank, self.world = rank_and_world()
+        if cfg.batch_size % self.world:
+            raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the {self.world} processes")
+        self.path = os.path.join(cfg.out_dir, "ckpt.pt")
+        self.batches_per_epoch = len(dataset) // cfg.batch_size
+        if self.batches_per_epoch == 0:
+            raise UserError(f"{len(dataset)} training images is fewer than --batch_size {cfg.batch_size}")
+        self.total_its = cfg.epochs * self.batches_per_epoch
+        self.warmup_its = int(cfg.lr_warmup_epochs * self.batches_per_epoch)
+        self.epoch, self.batch, self.history = 0, 0, []
+
+    def resume(self, ckpt: dict) -> None:
+        self.net.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng_state"], self.generator)
+        self.epoch, self.batch, self.history = ckpt["epoch"], ckpt["batch"], ckpt["history"]
+
+    def checkpoint(self) -> None:
+        """Rank 0 writes; under DDP the processes first check that they hold the same weights
+        and afterwards wait for the write, so that none moves on without it on disk."""
+        if self.world > 1:
+            self._check_processes_agree()
+        if self.rank == 0:
+            it = self.epoch * self.batches_per_epoch + self.batch
+            scaler = {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
+            save_checkpoint({"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                             "scheduler": {"it": it, "total": self.total_its, "warmup": self.warmup_its},
+                             "epoch": self.epoch, "batch": self.batch, "step": it,
+                             "config": dataclasses.asdict(self.cfg), "rng_state": rng_state(self.generator),
+                             "history": self.history, "version": VERSION, **scaler, **self.extra}, self.path)
+        if self.world > 1:
+            dist.barrier()
+
+    def run(self, step, phase=lambda epoch: "", after_epoch=lambda epochs_done: None) -> None:
+        """step(batch on device, epoch) does one batch's optimiser step(s) and returns a dict
+        of numbers, "loss" among them; phase(epoch) names the epoch's stage for the logs;
+        after_epoch(epochs done) runs on rank 0 after each epoch's checkpoint (pictures)."""
+        cfg = self.cfg
+        main = self.rank == 0
+        if main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        if self.world > 1:
+            print(f"{self.world} processes: batches of {cfg.batch_size} images in all, "
+                  f"{cfg.batch_size // self.world} per process; lr {cfg.lr:g} as given, not rescaled: "
+                  f"the global batch does not change with the number of processes")
+        done_here = 0
+        with GracefulStop() as stop:
+            while self.epoch < cfg.epochs:
+                epoch, name = self.epoch, phase(self.epoch)
+                self.dataset.set_epoch(epoch)
+                batches = epoch_batches(len(self.dataset), cfg.batch_size, cfg.seed, epoch)
+                if self.world > 1:                           # this process's slice of each batch
+                    per = cfg.batch_size // self.world
+                    batches = [b[self.rank * per:(self.rank + 1) * per] for b in batches]
+                loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[self.batch:],
+                                                     num_workers=cfg.workers, collate_fn=data.collate)
+                resumed = self.history and self.history[-1]["epoch"] == epoch + 1 and self.batch > 0
+                sums = dict(self.history[-1]["_sums"]) if resumed else {}
+                t0 = time.time()
+                bar = tqdm(fetch(loader, self.device), desc=f"epoch {epoch + 1}/{cfg.epochs} {name}".rstrip(),
+                           initial=self.batch, total=self.batches_per_epoch, leave=False, dynamic_ncols=True,
+                           disable=None if main else True)
+                for batch in bar:
+                    it = epoch * self.batches_per_epoch + self.batch
+                    set_lr(self.optimizer, lr_at(it, self.total_its, self.warmup_its, cfg.lr, cfg.min_lr))
+                    logs, requested = self._agree(step(batch, epoch), stop.requested)
+                    if not math.isfinite(logs["loss"]):
+                        raise UserError(f"the loss became {logs['loss']} at epoch {epoch + 1}, "
+                                             f"batch {self.batch}; try a lower --lr")
+                    for k, v in logs.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    sums["_n"] = sums.get("_n", 0) + 1
+                    bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                    self.batch += 1
+                    done_here += 1
+                    halt = requested or (cfg.stop_after and done_here >= cfg.stop_after)
+                    if self.batch < self.batches_per_epoch and (
+                            halt or (cfg.ckpt_every and self.batch % cfg.ckpt_every == 0)):
+                        self._record(name, sums, partial=True)
+                        self.checkpoint()
+                        if halt:
+                            bar.close()
+                            print(f"stopped at epoch {epoch + 1}, batch {self.batch}; "
+                                  f"--resume continues from {self.path}")
+                            return
+                bar.close()
+                h = self._record(name, sums, partial=False)
+                print(f"epoch {epoch + 1}/{cfg.epochs} {name} ".replace("  ", " ") +
+                      " ".join(f"{k}={v:.4f}" for k, v in h.items() if k not in ("epoch", "mode")) +
+                      f" ({time.time() - t0:.0f}s)")
+                if main:
+                    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+                        f.write(json.dumps(h) + "\n")
+                self.epoch, self.batch = epoch + 1, 0
+                self.checkpoint()
+                if main:
+                    save_curve(self.history, os.path.join(cfg.out_dir, "loss_curve.png"))
+                    after_epoch(self.epoch)
+                requested = self._agree({}, stop.requested)[1]
+                if (requested or (cfg.stop_after and done_here >= cfg.stop_after)) and self.epoch < cfg.epochs:
+                    print(f"stopped at the end of epoch {self.epoch}; --resume continues from {self.path}")
+                    return
+        agree = f" (the {self.world} processes' weights were equal at every checkpoint)" if self.world > 1 else ""
+        print(f"done: {self.path}{agree}")
+
+    def _agree(self, logs: dict, requested: bool) -> tuple[dict, bool]:
+        """Under DDP, one all-reduce: the logged numbers averaged over the processes (each
+        logs its share of the global-batch losses, runtime.global_mean, so the average is the
+        global batch's), and whether any process was asked to stop (Ctrl-C reaches them in
+        different batches; all must stop after the same one). One process: as given."""
+        if self.world == 1:
+            return logs, requested
+        t = torch.tensor([*logs.values(), float(requested)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(logs, (t[:-1] / self.world).tolist())), bool(t[-1] > 0)
+
+    def _check_processes_agree(self) -> None:
+        """DDP keeps the processes' weights equal (same start, same averaged gradients);
+        checked at every checkpoint from each parameter's sum, gathered from all."""
+        sums = torch.stack([p.detach().double().sum() for p in self.net.parameters()])
+        gathered = [torch.empty_like(sums) for _ in range(self.world)]
+        dist.all_gather(gathered, sums)
+        if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+            raise RuntimeError("the processes' weights differ: DDP lost their synchronisation")
+
+    def _record(self, name: str, sums: dict, partial: bool) -> dict:
+        """Per-epoch means of the logged numbers; a partial epoch keeps its running sums."""
+        n = max(1, sums.get("_n", 1))
+        entry = {"epoch": self.epoch + 1, "mode": name, **{k: v / n for k, v in sums.items() if k != "_n"}}
+        if partial:
+            entry["_sums"] = dict(sums)
+        self.history = [h for h in self.history if h["epoch"] != self.epoch + 1] + [entry]
+        return entry
+
+
+def save_curve(history: list, path: str) -> None:
+    """Line chart of the per-epoch means of every logged loss except the totals (those
+    ending in "loss"): the reconstruction losses per modality over the whole run. PIL only,
+    no plotting dependency."""
+    from PIL import Image, ImageDraw
+    keys = []
+    for h in history:
+        keys += [k for k in h if k not in keys and k not in ("epoch", "mode", "_sums") and not k.endswith("loss")]
+    series = {k: [(h["epoch"], h[k]) for h in history if k in h] for k in keys}
+    if not series:
+        return
+    W, H, left, right, pad = 760, 360, 50, 170, 30
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs = [x for v in series.values() for x, _ in v]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y1 = max(y for v in series.values() for _, y in v) * 1.05 or 1.0
+    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
+    py = lambda y: H - pad - y / y1 * (H - 2 * pad)
+    d.rectangle([left, pad, W - right, H - pad], outline="black")
+    d.text((left, H - pad + 6), f"epoch {x0}", fill="black")
+    d.text((W - right - 50, H - pad + 6), f"epoch {x1}", fill="black")
+    d.text((4, pad - 6), f"{y1:.3g}", fill="black")
+    d.text((4, H - pad - 6), "0", fill="black")
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+    for i, (k, pts) in enumerate(series.items()):
+        c = colours[i % len(colours)]
+        if len(pts) > 1:
+            d.line([(px(x), py(y)) for x, y in pts], fill=c, width=2)
+        for x, y in pts:
+            d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=c)
+        d.text((W - right + 10, pad + 14 * i), k, fill=c)
+    img.save(path)
+
+
+class GracefulStop:
+    """The first Ctrl-C asks the loop to stop after the current batch (with a checkpoint,
+    so --resume is exact); a second one interrupts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this batch (Ctrl-C again to abort)", file=sys.stderr)
+
+
+def check_resume(saved: dict, cfg, given: set, run_control: set) -> None:
+    """--resume continues the saved run; refuse flags that would silently change it."""
+    for name in sorted(given - run_control - {"resume"}):
+        if saved.get(name) != getattr(cfg, name):
+            raise UserError(f"--{name} {getattr(cfg, name)} differs from the run being resumed "
+                                 f"({name}={saved.get(name)}); use a new --out_dir to change it")
+
+
+def start_run(cls, argv, presets, run_control: set, kind: str):
+    """Parse flags; with --resume, load the checkpoint and take its config, except the
+    run-control flags (how long to run now, workers, device), which belong to this
+    invocation. Returns (cfg, checkpoint or None)."""
+    cfg, given = parse_config(cls, argv, presets)
+    if not cfg.resume:
+        return cfg, None
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), kind)
+    saved = dict(ckpt["config"])
+    if "amp" in saved:                  # a checkpoint from before --dtype: --amp was bfloat16
+        saved["dtype"] = "bfloat16" if saved.pop("amp") else "float32"
+    check_resume(saved, cfg, given, run_control)
+    return dataclasses.replace(cls(**saved), **{k: getattr(cfg, k) for k in run_control}), ckpt

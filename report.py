@@ -1,0 +1,310 @@
+"""report.py — the ablation's rows and how its results are written: the variants of the
+paper's Tables 3 and 4 with the paper's NYUDepthV2 numbers, and the writers of
+results/ablation.md (tables laid out like the paper's, ordering checks, cost, robustness,
+diagnostics) and ablation.png (grouped bars, ± 1 std).
+
+reproduce.py runs the variants and hands its result dicts here; nothing in this file
+trains or evaluates anything.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+from PIL import Image, ImageDraw
+
+import rooms
+
+# -----------------------------------------------------------------------------
+# The variants, and the paper's NYUDepthV2 numbers for them (Tables 3 and 4; mIoU, mAcc)
+
+VARIANTS = {
+    #  name        train.py --mode    label in our tables       paper: rgbd, rgb, depth (mIoU, mAcc)
+    "baseline":   (None,   "baseline (no pre-training)", ((56.0, 68.7), (46.7, 56.3), (33.8, 44.2))),
+    "mim":        ("mim",  "+ MIM",                      ((56.8, 69.9), (47.2, 59.2), (38.9, 50.6))),
+    "m2im":       ("m2im", "+ M²IM (pixel-level)",       ((56.8, 70.0), (52.0, 65.9), (42.5, 55.2))),
+    "maskmentor": ("sttp", "+ M²IM + STTP (MaskMentor)", ((57.9, 70.4), (53.3, 66.5), (44.0, 56.8))),
+    "token":      ("token", "token-level MIM",           ((56.6, 69.2), (50.4, 63.3), (39.5, 50.3))),
+    "kd":         ("kd",   "KD + M²IM (separate teacher)", ((56.8, 69.3), (50.7, 65.1), (43.1, 55.8))),
+    # Not run by default: MaskMentor given M²IM's epochs, i.e. 4x the optimiser steps (but the
+    # same distinct batches), the budget a comparison at equal epochs gives it.
+    "maskmentor_epochs": ("sttp", "MaskMentor, M²IM's epochs (4x steps)", ((57.9, 70.4), (53.3, 66.5), (44.0, 56.8))),
+}
+DEFAULT_VARIANTS = ("baseline", "mim", "m2im", "maskmentor", "token", "kd")
+EQUAL_EPOCHS = ("maskmentor_epochs",)             # the variants outside the equal-step budget
+TABLE3 = ("baseline", "mim", "m2im", "maskmentor", "maskmentor_epochs")
+TABLE4 = ("m2im", "token", "kd", "maskmentor")
+SETTINGS = ("rgbd", "rgb", "depth")              # evaluate.SETTINGS: the three input conditions
+TEACHER_ITERS = 3                                 # §3.4; train.py's default
+SELF_TEACHING = ("sttp", "token")                 # the modes with TEACHER_ITERS + 1 steps per batch
+ROBUST_VARIANTS = ("mim", "maskmentor")           # the checkpoints the robustness table compares
+DIAG_IMAGES = 256          # held-out (test-split) images for the pre-training diagnostics
+
+
+def steps_per_batch(mode: str) -> int:
+    return TEACHER_ITERS + 1 if mode in SELF_TEACHING else 1
+
+
+def pretrain_epochs(mode: str, warmup: int, main: int) -> int:
+    """Total epochs of a variant so that all make the same optimiser steps: the warm-up
+    (plain MIM, one step a batch) plus `main` epochs of STTP-sized work (4 steps a batch)."""
+    return warmup + main * steps_per_batch("sttp") // steps_per_batch(mode)
+
+
+def variant_epochs(variant: str, warmup: int, main: int) -> int:
+    """A variant's pre-training epochs: the equal-step budget, except for EQUAL_EPOCHS."""
+    return pretrain_epochs("m2im" if variant in EQUAL_EPOCHS else VARIANTS[variant][0], warmup, main)
+
+
+# -----------------------------------------------------------------------------
+# Summaries: mean ± std over seeds, the tables, the chart
+
+
+def mean_std(values: list) -> tuple:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def by_variant(results: list) -> dict:
+    """The result dicts grouped per variant, in VARIANTS' order and by seed."""
+    out = {}
+    for r in sorted(results, key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"])):
+        out.setdefault(r["variant"], []).append(r)
+    return out
+
+
+def summarise(results: list) -> dict:
+    out = {}
+    for v, runs in by_variant(results).items():
+        conds = {}
+        for c in runs[0]:
+            if isinstance(runs[0][c], dict) and c not in ("pretrain", "finetune", "diagnostics"):
+                conds[c] = {s: {k: mean_std([r[c][s][k] for r in runs]) for k in ("miou", "macc")}
+                            for s in runs[0][c]}
+        out[v] = {"seeds": [r["seed"] for r in runs], **conds,
+                  "pretrain_steps": sorted({r["pretrain"]["steps"] for r in runs if r["pretrain"]}),
+                  "pretrain_images": sorted({r["pretrain"]["images"] for r in runs if r["pretrain"]}),
+                  "finetune_steps": sorted({r["finetune"]["steps"] for r in runs}),
+                  "pretrain_seconds": mean_std([r["pretrain"]["seconds"] for r in runs]) if runs[0]["pretrain"] else None}
+    return out
+
+
+def _nanmean(values: list) -> float:
+    ok = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.fmean(ok) if ok else math.nan
+
+
+def diagnostics(results: list) -> dict:
+    """The runs' diagnostics (see "Diagnostics" above), averaged over seeds, per variant."""
+    out = {"per_class_iou": {}, "pretrain": {}, "finetune_log": {}}
+    for v, runs in by_variant(results).items():
+        out["per_class_iou"][v] = {s: [_nanmean([r["clean"][s]["per_class_iou"][c] for r in runs])
+                                       for c in range(len(runs[0]["clean"][s]["per_class_iou"]))]
+                                   for s in SETTINGS}
+        diags = [r["diagnostics"] for r in runs]
+        out["finetune_log"][v] = {k: _nanmean([d["finetune_log"][k] for d in diags])
+                                  for k in ("last", "last_epoch_drop", "last_epoch_steps")}
+        pre = [d["pretrain"] for d in diags if d["pretrain"]]
+        if pre:
+            log_keys = [k for k in pre[0]["train_log"] if all(k in p["train_log"] for p in pre)]
+            out["pretrain"][v] = {
+                "train_log": {k: _nanmean([p["train_log"][k] for p in pre]) for k in log_keys},
+                "reconstruction": {c: {k: _nanmean([p["reconstruction"][c][k] for p in pre]) for k in terms}
+                                   for c, terms in pre[0]["reconstruction"].items()},
+                "tokens": {k: _nanmean([p["tokens"][k] for p in pre]) for k in pre[0]["tokens"]}}
+    return out
+
+
+def _diagnostics_markdown(diag: dict) -> list:
+    L = ["## Diagnostics: the checks behind the tables", "",
+         "Means over seeds. They answer, in order: is the data really complementary, are the budgets "
+         "equal (the Budgets table below: counted), does pre-training converge, is the teacher's "
+         "token signal about the image, and does M²IM learn what it is meant to (predict a missing "
+         "modality from the other)?", ""]
+    pci = diag["per_class_iou"]
+    shown = [v for v in ("baseline", "mim", "maskmentor") if v in pci]
+    if shown:
+        L += ["### Complementarity: per-class IoU from rgb alone and depth alone", "",
+              "`needs` is what data.py builds each class to need. A class that needs depth should score far "
+              "lower from rgb alone than from depth alone, and the other way round.", "",
+              "| class | needs | " + " | ".join(f"{v}: rgb only | {v}: depth only" for v in shown) + " |",
+              "|---|---|" + "---|---|" * len(shown)]
+        for c, name in enumerate(rooms.SYNTHETIC_CLASSES):
+            cells = [f"{pci[v][s][c]:.1f}" for v in shown for s in ("rgb", "depth")]
+            L.append(f"| {name} | {rooms.SYNTHETIC_CUE[name]} | " + " | ".join(cells) + " |")
+        L.append("")
+    pre = diag["pretrain"]
+    if pre:
+        L += ["### Convergence: training losses", "",
+              "Pixel loss of the pre-training (on complete input where the run has it, i.e. STTP's teacher "
+              "steps; on Algorithm 1 input for m2im and kd), first and last epoch, and how much the last "
+              "epoch still lowered it (relative) in how many optimiser steps; the same for fine-tuning's cross-entropy.", "",
+              "| variant | pre-training loss first → last | last epoch's drop, in steps | final token loss (training) "
+              "| fine-tuning loss, last | last epoch's drop, in steps |", "|---|---|---|---|---|---|"]
+        for v in VARIANTS:
+            ft = diag["finetune_log"].get(v)
+            ftc = f"{ft['last']:.3f} | {100 * ft['last_epoch_drop']:.1f} % in {ft['last_epoch_steps']:.0f}" if ft else "— | —"
+            if v in pre:
+                t = pre[v]["train_log"]
+                tok = f"{t['token_last']:.4f}" if "token_last" in t else "—"
+                L.append(f"| {v} | {t['first']:.3f} → {t['last']:.3f} | {100 * t['last_epoch_drop']:.1f} % in "
+                         f"{t['last_epoch_steps']:.0f} | {tok} | {ftc} |")
+            elif ft:
+                L.append(f"| {v} | — | — | — | {ftc} |")
+        L += ["", "### The teacher's token signal, on held-out images", "",
+              f"1 − cos between a student pass (Algorithm 1 input) and a teacher pass (complete input) of the same "
+              f"network on {DIAG_IMAGES} test images: for the same images (matched) and against other images' "
+              "teacher tokens; raw, and centred (the teacher's mean token at each position removed). Where the raw "
+              "loss for the wrong image is barely above the matched one, most of what the cosine compares is "
+              "shared by all images; the centred numbers show the image-specific part.", "",
+              "| variant | raw: matched | raw: other image | centred: matched | centred: other image |",
+              "|---|---|---|---|---|"]
+        for v in VARIANTS:
+            if v in pre:
+                t = pre[v]["tokens"]
+                L.append(f"| {v} | {t['raw_matched']:.4f} | {t['raw_other_image']:.4f} | "
+                         f"{t['centred_matched']:.3f} | {t['centred_other_image']:.3f} |")
+        L += ["", "### What pre-training learned: held-out reconstruction from one modality", "",
+              f"Pixel losses on {DIAG_IMAGES} test images with the kept modalities fixed (each run's own patch "
+              "masking on what is kept). Under \"rgb only\" all of depth is hidden, so its depth L1 is depth "
+              "*predicted from rgb*; under \"depth only\" the rgb MSE is rgb predicted from depth. This is "
+              "the skill M²IM is designed to add over MIM. Lower is better.", "",
+              "| variant | depth L1 from rgb only | rgb MSE from depth only | semseg CE from rgb only | "
+              "semseg CE from depth only | complete input: rgb MSE | depth L1 |", "|---|---|---|---|---|---|---|"]
+        for v in VARIANTS:
+            if v in pre:
+                r = pre[v]["reconstruction"]
+                L.append(f"| {v} | {r['rgb only']['depth']:.3f} | {r['depth only']['rgb']:.3f} | "
+                         f"{r['rgb only']['semseg']:.3f} | {r['depth only']['semseg']:.3f} | "
+                         f"{r['complete input']['rgb']:.3f} | {r['complete input']['depth']:.3f} |")
+        L.append("")
+    return L
+
+
+def _pm(ms: tuple) -> str:
+    return f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+
+def _table(summary: dict, rows, label_of) -> list:
+    head = "| variant | rgb+depth mIoU | mAcc | rgb only mIoU | mAcc | depth only mIoU | mAcc | paper NYU mIoU (rgbd / rgb / depth) |"
+    lines = [head, "|" + "---|" * 8]
+    for v in rows:
+        if v not in summary:
+            continue
+        paper = VARIANTS[v][2]
+        cells = [_pm(summary[v]["clean"][s][k]) for s in SETTINGS for k in ("miou", "macc")]
+        lines.append(f"| {label_of(v)} | " + " | ".join(cells) + f" | {' / '.join(str(p[0]) for p in paper)} |")
+    return lines
+
+
+def ordering_checks(summary: dict) -> list:
+    """The paper's claims as comparisons of our means, with the gap in pooled stds."""
+    claims = [("m2im", "mim", "M²IM > MIM"), ("maskmentor", "m2im", "STTP > M²IM"),
+              ("maskmentor", "mim", "MaskMentor > MIM"), ("maskmentor", "token", "pixel + token > token only"),
+              ("maskmentor", "kd", "self-teaching > separate teacher"), ("mim", "baseline", "MIM > no pre-training"),
+              ("maskmentor_epochs", "m2im", "STTP > M²IM at equal epochs (4x steps)")]
+    lines = ["| claim | rgb+depth | rgb only | depth only |", "|---|---|---|---|"]
+    for a, b, text in claims:
+        if a not in summary or b not in summary:
+            continue
+        cells = []
+        for s in SETTINGS:
+            (ma, sa), (mb, sb) = summary[a]["clean"][s]["miou"], summary[b]["clean"][s]["miou"]
+            pooled = math.sqrt((sa ** 2 + sb ** 2) / 2)
+            gap = f", {(ma - mb) / pooled:+.1f} σ" if pooled > 0 else ""
+            cells.append(f"{'yes' if ma > mb else '**no**'} ({ma - mb:+.1f}{gap})")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_markdown(cfg, summary: dict, cost: dict, meta: dict, path: str, diag: dict = None) -> None:
+    n = cfg.seeds
+    L = [f"# MaskMentor ablations at toy scale (`python reproduce.py{' --quick' if cfg.quick else ''}`)", "",
+         f"Synthetic RGB-D rooms (data.py), tiny model, {n} seed(s), mean ± std (sample std over seeds) of mIoU / "
+         f"mAcc on {cfg.test_images} test images. Pre-training: {cfg.pretrain_images} images, batch {cfg.batch_size}, "
+         f"{cfg.warmup_epochs} MIM warm-up epoch(s) + {cfg.main_epochs} STTP epochs, or 4x that many epochs of a "
+         f"one-step objective — the same optimiser steps and images for every variant (table at the end)"
+         f"{', except maskmentor_epochs: M²IM' + chr(39) + 's epochs, 4x the steps' if 'maskmentor_epochs' in summary else ''}. "
+         f"Fine-tuning: the first {cfg.finetune_images} training images, {cfg.finetune_epochs} epochs, random "
+         f"rgb-only / depth-only / both per sample. Wall time of this invocation: {meta['wall_minutes']:.1f} min "
+         f"({meta['runs_reused']} of {meta['runs']} runs reused from an earlier invocation) on {meta['machine']}; "
+         f"the runs themselves took {meta['run_minutes']:.1f} min of one core each, added up.",
+         "", "The paper's columns are NYUDepthV2 with ViT-B and 500 + 500 epochs: compare the *ordering* of the "
+         "rows, not the numbers.", "",
+         "## Table 3: M²IM and STTP", "", *_table(summary, TABLE3, lambda v: VARIANTS[v][1]), "",
+         "## Table 4: self-teaching and token/pixel supervision", "",
+         *_table(summary, TABLE4, lambda v: {"m2im": "pixel-level MIM (M²IM)"}.get(v, VARIANTS[v][1])), "",
+         "## Does the paper's ordering appear? (mIoU difference, and in pooled seed stds)", "",
+         *ordering_checks(summary), ""]
+    if cost:
+        pb, wr = cost["per_batch_s"], cost["whole_ratio"]
+        L += ["## Cost of pre-training (measured side by side in this run)", "",
+              f"One batch of {cost['batch_size']} images, tiny model, {cost['threads']} thread(s), median of "
+              "interleaved repeats:", "",
+              "| objective | s / batch | vs MIM per batch | optimiser steps / batch | vs MIM per step |", "|---|---|---|---|---|",
+              *[f"| {m} | {pb[m]:.3f} | {cost['per_batch_ratio'][m]:.2f}x | {steps_per_batch(m)} | "
+                f"{cost['per_step_ratio'][m]:.2f}x |" for m in pb], "",
+              "Whole pre-training at this script's equal budgets (from the per-batch times): "
+              + ", ".join(f"{k} {wr[k]:.2f}x" for k in wr) + " of MIM. kd pays for its teacher's pre-training "
+              "and a teacher forward pass per step; STTP's token targets come from its own last teacher step, free.", ""]
+    robust = [v for v in ROBUST_VARIANTS if v in summary and len(summary[v]) > 0 and "depth holes 10%" in summary[v]]
+    if robust:
+        L += ["## Robustness: degraded inputs (beyond the paper)", "",
+              "mIoU with rgb+depth and with the degraded modality alone; the same corrupted images for every model.", "",
+              "| condition | " + " | ".join(f"{VARIANTS[v][1]}: {s}" for v in robust for s in ("rgb+depth", "alone")) + " |",
+              "|---|" + "---|" * (2 * len(robust))]
+        conditions = [c for c, x in summary[robust[0]].items() if isinstance(x, dict)]   # clean first
+        for cond in conditions:
+            cells = []
+            for v in robust:
+                mod = None if cond == "clean" else cond.split()[0]        # "depth holes 10%": depth
+                cells.append(_pm(summary[v][cond]["rgbd"]["miou"]))
+                cells.append("—" if mod is None else f"{mod}: {_pm(summary[v][cond][mod]['miou'])}")
+            L.append(f"| {cond} | " + " | ".join(cells) + " |")
+        L.append("")
+    if diag:
+        L += _diagnostics_markdown(diag)
+    L += ["## Budgets (counted during the runs)", "",
+          "| variant | optimiser steps | images seen | fine-tuning steps | pre-training wall time, s (parallel runs) |",
+          "|---|---|---|---|---|"]
+    for v, s in summary.items():
+        secs = _pm(s["pretrain_seconds"]) if s["pretrain_seconds"] else "—"
+        L.append(f"| {v} | {', '.join(map(str, s['pretrain_steps'])) or '—'} | "
+                 f"{', '.join(map(str, s['pretrain_images'])) or '—'} | {', '.join(map(str, s['finetune_steps']))} | {secs} |")
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+
+
+def bar_chart(summary: dict, path: str, title: str) -> None:
+    """Grouped bars: input condition x variant, mean mIoU with ± 1 std whiskers (PIL only)."""
+    variants = [v for v in VARIANTS if v in summary]
+    colours = ["#9e9e9e", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd", "#8c564b"]
+    W, H, left, top, bottom, legend = 1000, 420, 50, 40, 60, 260
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    means = [summary[v]["clean"][s]["miou"] for v in variants for s in SETTINGS]
+    ymax = max(10.0, math.ceil(max(m + e for m, e in means) / 10) * 10)
+    py = lambda y: H - bottom - y / ymax * (H - top - bottom)
+    d.text((left, 10), title, fill="black")
+    for y in range(0, int(ymax) + 1, 10):
+        d.line([(left, py(y)), (W - legend - 10, py(y))], fill="#e0e0e0")
+        d.text((8, py(y) - 6), f"{y}", fill="black")
+    group_w = (W - legend - 10 - left) / len(SETTINGS)
+    bar_w = group_w * 0.8 / len(variants)
+    for gi, s in enumerate(SETTINGS):
+        x0 = left + gi * group_w + group_w * 0.1
+        d.text((x0 + group_w * 0.3, H - bottom + 8), {"rgbd": "rgb + depth", "rgb": "rgb only", "depth": "depth only"}[s],
+               fill="black")
+        for vi, v in enumerate(variants):
+            m, e = summary[v]["clean"][s]["miou"]
+            xa = x0 + vi * bar_w
+            d.rectangle([xa, py(m), xa + bar_w - 2, py(0)], fill=colours[vi % len(colours)])
+            xc = xa + bar_w / 2 - 1
+            d.line([(xc, py(m + e)), (xc, py(max(0, m - e)))], fill="black", width=1)
+            for yy in (m + e, max(0, m - e)):
+                d.line([(xc - 3, py(yy)), (xc + 3, py(yy))], fill="black")
+    d.text((8, top - 20), "mIoU", fill="black")
+    for vi, v in enumerate(variants):
+        d.rectangle([W - legend, top + 18 * vi, W - legend + 12, top + 18 * vi + 12], fill=colours[vi % len(colours)])
+        # PIL's default font has no superscript two
+        d.text((W - legend + 18, top + 18 * vi), VARIANTS[v][1].replace("²", "2"), fill="black")
+    img.save(path)

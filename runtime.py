@@ -1,0 +1,180 @@
+"""runtime.py — how a training step runs: several processes under torchrun, mixed
+precision, loss scaling, gradient clipping, torch.compile.
+
+The objectives (sttp.py) and fine-tuning's step (finetune.py) call a `Runtime` for their
+backward and optimiser step, their autocast context and the rows of the global batch they
+hold; `TrainingRuntime` below is the one the scripts pass in. Without torchrun and with
+float32 it does exactly what sttp.Runtime does.
+
+Under `torchrun --nproc_per_node N` each process drives one GPU (or CPU process) through
+DistributedDataParallel, on its contiguous slice of every global batch (engine.Loop).
+Two rules make N processes compute what one does on the same global batch:
+  - randomness per sample is drawn for the whole global batch, from generators every
+    process seeds alike, and each process keeps its rows (`rows`, model.Shard);
+  - a loss that is a mean over samples or pixels is this process's sum divided by the
+    global count (`global_mean`), so the mean of the processes' gradients, which DDP
+    all-reduces, is the one-process gradient. (A mean over the same number of values per
+    sample, like the token loss, needs nothing: every process has as many samples.)
+"""
+from __future__ import annotations
+
+import atexit
+import builtins
+import contextlib
+import os
+import sys
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
+
+import sttp
+from cli import UserError
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) unless torchrun started several."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join torchrun's process group when it started several processes (WORLD_SIZE > 1):
+    NCCL between GPUs, Gloo between CPU processes, and each process takes the GPU
+    cuda:LOCAL_RANK. Every process runs the same script; from here on only rank 0 prints
+    (as MultiMAE's setup_for_distributed does), errors to stderr excepted. Returns (rank,
+    number of processes, device); without torchrun (0, 1, device), nothing touched."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():               # once per process (finetune.main after train.main)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        atexit.register(dist.destroy_process_group)
+        if dist.get_rank() != 0:
+            builtin_print = builtins.print
+
+            def print_errors_only(*args, **kwargs):
+                if kwargs.get("file") is sys.stderr:
+                    builtin_print(*args, **kwargs)
+
+            builtins.print = print_errors_only
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def global_mean(local_sum: torch.Tensor, local_count) -> torch.Tensor:
+    """Under DDP: this process's share of a mean over the global batch, i.e. its sum over the
+    global count, times the number of processes because DDP averages the gradients over
+    them. The gradient is then the one-process gradient of the global-batch mean, and the
+    mean over processes of the returned values is that mean (engine.Loop logs it). The count
+    is all-reduced without gradient; a global count of 0 gives 0 (the sum is empty)."""
+    count = torch.as_tensor(local_count, device=local_sum.device).detach().to(torch.int64)
+    dist.all_reduce(count)
+    return local_sum * (dist.get_world_size() / count.clamp_min(1))
+
+
+# -----------------------------------------------------------------------------
+# Precision
+
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """--dtype -> the autocast dtype (None: float32, no autocast). One line when this
+    device's autocast does not support it (torch would only warn and run float32)."""
+    dtype = DTYPES[name]
+    if dtype is not None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                torch.autocast(device.type, dtype=dtype)
+            except RuntimeError as e:            # e.g. bfloat16 on a GPU without it
+                caught.append(e)
+        if caught:
+            why = str(getattr(caught[0], "message", caught[0])).splitlines()[0]
+            raise UserError(f"--dtype {name}: autocast on {device.type} does not support it ({why})")
+    return dtype
+
+
+def grad_scaler(dtype: Optional[torch.dtype], device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """float16 needs loss scaling (its gradients underflow); bfloat16 has float32's range."""
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
+# -----------------------------------------------------------------------------
+# The runtime the scripts hand to the objectives
+
+
+class TrainingRuntime(sttp.Runtime):
+    """sttp.Runtime for real runs: this process's shard of the global batch under torchrun,
+    autocast to `dtype`, float16's loss scaling, gradient clipping, and the profiler labels
+    "backward" and "optimizer" (bench.py's time split)."""
+
+    def __init__(self, device: torch.device, dtype: Optional[torch.dtype] = None,
+                 scaler: Optional[torch.amp.GradScaler] = None, clip_grad: float = 0.0):
+        self.device, self.dtype, self.scaler, self.clip_grad = device, dtype, scaler, clip_grad
+        self.rank, self.world = rank_and_world()
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.chunk(self.world)[self.rank] if self.world > 1 else x
+
+    def network(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def sample_mean(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return super().sample_mean(values, like)
+        return global_mean(values.sum(), values.numel())
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def step(self, model, optimizer, loss: torch.Tensor) -> None:
+        """Backward and one optimiser step. With float16's GradScaler the loss is scaled for
+        the backward and the gradients unscaled before clipping, so `clip_grad` bounds the
+        true gradient norm; scaler.step skips a step whose gradients overflowed (the same on
+        every process: DDP all-reduces them first)."""
+        optimizer.zero_grad(set_to_none=True)
+        with record_function("backward"):
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        with record_function("optimizer"):
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
+            if self.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
+            if self.scaler is None:
+                optimizer.step()
+            else:
+                self.scaler.step(optimizer)
+                self.scaler.update()
+
+    def wrap(self, net: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+        """The network the training steps run: `net` itself in one process; under torchrun
+        `net` wrapped in DistributedDataParallel, whose backward all-reduces (averages) the
+        gradients, with `net.shard` set to this process's rows. Checkpoints keep saving
+        `net`, so their format doesn't depend on the process count. find_unused_parameters:
+        some parameter may get no gradient in a step (DDP must then look for them after
+        each forward, or it waits for their gradients forever)."""
+        if self.world == 1:
+            return net
+        net.shard = self                    # stochastic depth draws for the global batch
+        return DistributedDataParallel(net, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=find_unused_parameters)
+
+
+def compile_encoder(net: torch.nn.Module) -> None:
+    """--compile: torch.compile each encoder block, in place (parameter names don't change).
+    Not the whole network: the masking's visible-token count is data-dependent (the fused
+    op's output size, the Python branches on which modalities were dropped), which breaks
+    the graph; the ViT blocks are most of the compute and have fixed shapes."""
+    for block in net.encoder:
+        block.compile()

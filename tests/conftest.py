@@ -1,0 +1,85 @@
+"""Helpers several test files share: paths, the real NYU fixture, small models and batches.
+
+pytest puts tests/ on sys.path, so test files import these with `from conftest import ...`.
+"""
+import dataclasses
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
+FIX = os.path.join(ROOT, "tests", "data")                             # small real files (ATTRIBUTION.md)
+
+
+def fixture_path(*parts):
+    return os.path.join(FIX, *parts)
+
+
+def real_sample():
+    """NYU labelled image #1: rgb uint8 [480, 640, 3], label40 uint8 (0 = void),
+    filled depth in metres (float64, from the x10000 PNG), raw depth in metres (holes 0)."""
+    rgb = np.asarray(Image.open(fixture_path("nyu_0001", "rgb.jpg")).convert("RGB"))
+    label40 = np.asarray(Image.open(fixture_path("nyu_0001", "label40.png")))
+    depth = np.asarray(Image.open(fixture_path("nyu_0001", "depth_filled.png"))).astype(np.float64) / 10000
+    raw = np.asarray(Image.open(fixture_path("nyu_0001", "depth_raw.png"))).astype(np.float64) / 10000
+    return rgb, label40, depth, raw
+
+
+def one_line_error(excinfo, *needles):
+    """The message of a pytest.raises(UserError) is one line naming every needle."""
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg, msg
+    for n in needles:
+        assert str(n) in msg, msg
+    return msg
+
+
+def save(path, array):
+    """A numpy array as .npy or as an image file, creating its folder."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if str(path).endswith(".npy"):
+        np.save(path, array)
+    else:
+        Image.fromarray(array).save(path)
+
+
+def save_palette(path, label):
+    """Labels as an 8-bit palette PNG, as MultiMAE and the NYU releases store them."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = Image.fromarray(label.astype(np.uint8), mode="P")
+    img.putpalette(data.palette("nyu").ravel().tolist())
+    img.save(path)
+
+
+def make_esanet(root, rgb, label40, depth):
+    """NYUv2 in ESANet's layout (prepare_dataset.py: 1-based names, depth (m * 1e3).astype(uint16))."""
+    for split in ("train", "test"):
+        save(f"{root}/{split}/rgb/0001.png", rgb)
+        save(f"{root}/{split}/depth/0001.png", (depth * 1e3).astype(np.uint16))
+        save(f"{root}/{split}/depth_raw/0001.png", (depth * 1e3).astype(np.uint16))
+        save(f"{root}/{split}/labels_40/0001.png", label40.astype(np.uint8))
+        save(f"{root}/{split}/labels_894/0001.png", label40.astype(np.uint8))
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny(**kw):
+    """The tiny model preset with 7 classes."""
+    return dataclasses.replace(M.PRESETS["tiny"], num_classes=7, **kw)
+
+
+def smooth_batch(B=4, size=64, classes=7, seed=0):
+    """Structured images (low-frequency patterns), so reconstruction is learnable."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(B, 5, 4, 4, generator=g)
+    up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    return {"rgb": up[:, :3], "depth": up[:, 3:4].abs() + 1.0,
+            "semseg": (up[:, 4] * 2).round().clamp(-3, 3).long() + 3}
