@@ -47,6 +47,7 @@ IGNORE_INDEX = 255
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
 DATASETS = ("synthetic", "nyu", "sun")
+SPLITS = ("train", "val", "test")      # "val": synthetic only
 
 SYNTHETIC_CLASSES = rooms.SYNTHETIC_CLASSES
 # NYU-40 (Gupta et al. 2013) in the official order of `className` in classMapping40.mat.
@@ -170,7 +171,8 @@ def aug_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 def build_dataset(name: str, root: Optional[str] = None, split: str = "train", train: bool = False,
                   image_size: Optional[int] = None, seed: int = 0) -> torch.utils.data.Dataset:
-    """The dataset `name` ("synthetic", "nyu", "sun"), split "train" or "test".
+    """The dataset `name` ("synthetic", "nyu", "sun"), split "train" or "test" (or "val":
+    the synthetic rooms' validation split, for choices made before looking at test).
 
     train=True applies the training augmentation (synthetic: flip; real data: flip,
     rescale, crop to image_size); train=False returns unaugmented images (synthetic:
@@ -178,8 +180,10 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", t
     the layout under it is detected automatically (see the NYU / SUN sections).
     """
     _check_name(name)
-    if split not in ("train", "test"):
-        raise UserError(f"unknown split {split!r}: choose 'train' or 'test'")
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    if split == "val" and name != "synthetic":
+        raise UserError(f"{name}: no 'val' split (NYUv2 and SUN RGB-D come as train and test only)")
     if name == "synthetic":
         return SyntheticRooms(split, train=train, image_size=image_size or rooms.SYNTHETIC_SIZE, seed=seed)
     return build_real_dataset(name, root or default_root(name), split, train, image_size, seed)
@@ -190,7 +194,7 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", t
 
 
 class SyntheticRooms(torch.utils.data.Dataset):
-    """The procedural dataset: 2000 train / 500 test scenes, rendered on the fly at
+    """The procedural dataset: 2000 train / 500 val / 500 test scenes, rendered on the fly at
     image_size x image_size. Scenes depend only on (split, index) — `seed` drives the
     augmentation, as on real data, so runs with different seeds see the same dataset.
     train=True adds a random horizontal flip (scenes are already random)."""
@@ -198,7 +202,7 @@ class SyntheticRooms(torch.utils.data.Dataset):
     def __init__(self, split: str = "train", train: bool = False, image_size: int = rooms.SYNTHETIC_SIZE,
                  seed: int = 0, length: Optional[int] = None):
         if split not in rooms.SYNTHETIC_LENGTH:
-            raise UserError(f"synthetic: unknown split {split!r}: choose 'train' or 'test'")
+            raise UserError(f"synthetic: unknown split {split!r}: choose one of {', '.join(SPLITS)}")
         if image_size < 8:
             raise UserError(f"synthetic: image_size must be at least 8, got {image_size}")
         self.split, self.train, self.size, self.seed = split, train, int(image_size), seed

@@ -76,7 +76,7 @@ class EvalConfig:
     ckpt: str = arg("out/finetune/ckpt.pt", "fine-tuned checkpoint (finetune.py's output)")
     dataset: str = arg("", "dataset (default: the one the checkpoint was fine-tuned on)", ("",) + data.DATASETS)
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
-    split: str = arg("test", "split to evaluate", ("train", "test"))
+    split: str = arg("test", "split to evaluate (val: the synthetic rooms only)", data.SPLITS)
     only: str = arg("", "evaluate just this input condition", ("", "rgbd", "rgb", "depth"))
     batch_size: int = arg(16, "images per batch")
     out_json: str = arg("out/eval/results.json", "where the numbers are written as JSON")

@@ -77,7 +77,8 @@ def summarise(results: list) -> dict:
     for v, runs in by_variant(results).items():
         conds = {}
         for c in runs[0]:
-            if isinstance(runs[0][c], dict) and c not in ("pretrain", "finetune", "diagnostics"):
+            # the input conditions: "clean" and the degradations (test), and "val" (validation)
+            if isinstance(runs[0][c], dict) and c not in ("pretrain", "finetune", "diagnostics", "token"):
                 conds[c] = {s: {k: mean_std([r[c][s][k] for r in runs]) for k in ("miou", "macc")}
                             for s in runs[0][c]}
         out[v] = {"seeds": [r["seed"] for r in runs], **conds,
@@ -252,7 +253,7 @@ def write_markdown(cfg, summary: dict, cost: dict, meta: dict, path: str, diag: 
               "mIoU with rgb+depth and with the degraded modality alone; the same corrupted images for every model.", "",
               "| condition | " + " | ".join(f"{VARIANTS[v][1]}: {s}" for v in robust for s in ("rgb+depth", "alone")) + " |",
               "|---|" + "---|" * (2 * len(robust))]
-        conditions = [c for c, x in summary[robust[0]].items() if isinstance(x, dict)]   # clean first
+        conditions = [c for c, x in summary[robust[0]].items() if isinstance(x, dict) and c != "val"]  # clean first
         for cond in conditions:
             cells = []
             for v in robust:
@@ -308,3 +309,96 @@ def bar_chart(summary: dict, path: str, title: str) -> None:
         # PIL's default font has no superscript two
         d.text((W - legend + 18, top + 18 * vi), VARIANTS[v][1].replace("²", "2"), fill="black")
     img.save(path)
+
+
+# -----------------------------------------------------------------------------
+# The token study (reproduce.py --study token): one factor at a time, chosen on validation
+
+
+def study_score(run: dict) -> float:
+    """The selection score of one run: the mean of its validation mIoU from rgb only and
+    from depth only (the missing-modality conditions the token loss is meant to help)."""
+    return (run["val"]["rgb"]["miou"] + run["val"]["depth"]["miou"]) / 2
+
+
+def study_scores(results: list) -> dict:
+    """Per configuration (a run's "name"): the score's mean and std over seeds, validation
+    and test mIoU per input condition, and the token diagnostics, averaged over seeds."""
+    groups = {}
+    for r in sorted(results, key=lambda r: r["seed"]):
+        groups.setdefault(r["name"], []).append(r)
+    out = {}
+    for name, runs in groups.items():
+        tok = [r["diagnostics"]["pretrain"]["tokens"] for r in runs]
+        out[name] = {"seeds": [r["seed"] for r in runs], "score": mean_std([study_score(r) for r in runs]),
+                     "val": {s: mean_std([r["val"][s]["miou"] for r in runs]) for s in SETTINGS},
+                     "test": {s: mean_std([r["clean"][s]["miou"] for r in runs]) for s in SETTINGS},
+                     "grad_share": mean_std([t["grad_share"] for t in tok]),
+                     "centred_matched": mean_std([t["centred_matched"] for t in tok]),
+                     "centred_other_image": mean_std([t["centred_other_image"] for t in tok]),
+                     "token_last": mean_std([r["diagnostics"]["pretrain"]["train_log"].get("token_last", math.nan)
+                                             for r in runs])}
+    return out
+
+
+def pooled_std(a: tuple, b: tuple) -> float:
+    return math.sqrt((a[1] ** 2 + b[1] ** 2) / 2)
+
+
+def select(names: list, per_config: dict, costs: dict, cost_tolerance: float = 0.05) -> str:
+    """The selection rule of results/token_study/PROTOCOL.md: the highest validation score
+    (study_score, mean over seeds) wins, but every configuration whose score is less than
+    one pooled std (pooled_std of the two) below the best's is a candidate too, and among
+    the candidates the cheapest wins (cost: seconds per STTP batch; costs within
+    `cost_tolerance` of the cheapest count as equal); among equally cheap ones, the best score."""
+    best = max(names, key=lambda n: per_config[n]["score"][0])
+    top = per_config[best]["score"]
+    candidates = [n for n in names if n == best or top[0] - per_config[n]["score"][0] < pooled_std(top, per_config[n]["score"])]
+    cheapest = min(costs[n] for n in candidates)
+    cheap = [n for n in candidates if costs[n] <= cheapest * (1 + cost_tolerance)]
+    return max(cheap, key=lambda n: per_config[n]["score"][0])
+
+
+def write_token_study(study: dict, path: str) -> None:
+    """results/token_study/token_study.md: the one-factor table on validation, the choice, the
+    test table beside the first reading's, the cost of each target, the diagnostics."""
+    pc, costs, cfg = study["per_config"], study["costs"], study["config"]
+    first = "maskmentor"
+    names = list(pc)
+    L = ["# The STTP token target, positions and normalisation: one factor at a time "
+         "(`python reproduce.py --study token`)", "",
+         f"MaskMentor (STTP) at the ablation's recipe: {cfg['pretrain_images']} pre-training images, batch "
+         f"{cfg['batch_size']}, {cfg['warmup_epochs']} MIM warm-up epoch(s) + {cfg['main_epochs']} STTP epochs "
+         f"(equal optimiser steps for every configuration), {cfg['finetune_epochs']} fine-tuning epochs; "
+         f"{cfg['seeds']} seeds; validation: the first {cfg['val_images']} images of the synthetic val split, "
+         f"test: the first {cfg['test_images']} of the test split. The protocol and the selection rule were "
+         "written before the first run: [PROTOCOL.md](PROTOCOL.md).", "",
+         "## Validation (the choice is made here)", "",
+         "Score = mean of rgb-only and depth-only validation mIoU; mean ± std over seeds. "
+         "Cost = seconds per STTP batch, relative to the first reading.", "",
+         "| configuration | score | rgb+depth | rgb only | depth only | cost | token grad / pixel grad | "
+         "centred 1-cos: same / other image |", "|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        c = pc[n]
+        L.append(f"| {n} | {_pm(c['score'])} | " + " | ".join(_pm(c['val'][s]) for s in SETTINGS) +
+                 f" | {costs[n] / costs[first]:.2f}x | {c['grad_share'][0]:.3f} | "
+                 f"{c['centred_matched'][0]:.3f} / {c['centred_other_image'][0]:.3f} |")
+    factors = ("token_target", "token_positions", "token_norm")
+    L += ["", "Best level of each factor (by the rule, among the first reading and that factor's levels): " +
+          ", ".join(f"{f} → {b}" for f, b in zip(factors, study["factor_best"])) +
+          f"; their combination: `{study['combination']}`.", "",
+          f"**Chosen (the rule over every configuration above): `{study['chosen']}`.**", "",
+          "## Test (reported, not used for the choice)", "",
+          "| configuration | rgb+depth | rgb only | depth only |", "|---|---|---|---|"]
+    for n in names:
+        mark = " (chosen)" if n == study["chosen"] else (" (first reading)" if n == first else "")
+        L.append(f"| {n}{mark} | " + " | ".join(_pm(pc[n]['test'][s]) for s in SETTINGS) + " |")
+    cost = study["cost"]
+    L += ["", "## Cost of each target (measured side by side, median of interleaved repeats)", "",
+          "| objective | s / batch | vs an STTP batch |", "|---|---|---|",
+          *[f"| {m} | {cost['per_batch_s'][m]:.3f} | {cost['per_batch_s'][m] / cost['per_batch_s']['sttp']:.2f}x |"
+            for m in cost["per_batch_s"]], "",
+          f"Wall time {study['meta']['wall_minutes']:.1f} min for {study['meta']['runs']} runs "
+          f"({study['meta']['machine']}).", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")

@@ -65,6 +65,7 @@ import finetune
 import masking
 import model as M
 import modalities
+import report
 import rooms
 import sttp
 import train
@@ -88,20 +89,29 @@ class ReproConfig:
     pretrain_images: int = arg(1500, "pre-training images (the first N of the synthetic training split)")
     finetune_images: int = arg(500, "labelled fine-tuning images (the first N of the training split)")
     test_images: int = arg(500, "test images (the first N of the synthetic test split)")
+    val_images: int = arg(500, "validation images (the first N of the synthetic val split): choices are made on them")
     # 8, not train.py's 32: at this scale training is short of optimiser steps, not of images
     # (results/what_we_tried.md); on the CI CPU a step of 8 costs 0.37x one of 32.
     batch_size: int = arg(8, "images per batch, pre-training and fine-tuning")
     warmup_epochs: int = arg(1, "MIM warm-up epochs on complete modalities, every pre-trained variant")
     main_epochs: int = arg(2, "epochs of STTP after the warm-up (pixel-only variants: 4x as many)")
     finetune_epochs: int = arg(10, "fine-tuning epochs")
+    token_target: str = arg("last_teacher_step", "the token-loss variants' target (train.py --token_target)",
+                            tuple(sttp.TOKEN_TARGETS))
+    token_positions: str = arg("all", "their token-loss positions (train.py --token_positions)",
+                               tuple(sttp.TOKEN_POSITIONS))
+    token_norm: str = arg("none", "their token normalisation (train.py --token_norm)", tuple(sttp.TOKEN_NORMS))
+    study: str = arg("", "instead of the ablation: 'token', the one-factor study of the token target, positions "
+                     "and normalisation (results/token_study/)", ("", "token"))
     jobs: int = arg(2, "runs in parallel (processes of --threads threads each)")
     threads: int = arg(1, "torch threads per run")
     work_dir: str = arg("out/reproduce", "checkpoints and logs of every run (finished runs are reused)")
     out_dir: str = arg("results", "where ablation.md, ablation.json and ablation.png go")
 
 
-QUICK = dict(seeds=2, pretrain_images=64, finetune_images=64, test_images=32, batch_size=16, warmup_epochs=1,
-             main_epochs=1, finetune_epochs=2, work_dir="out/reproduce-quick", out_dir="out/reproduce-quick/results")
+QUICK = dict(seeds=2, pretrain_images=64, finetune_images=64, test_images=32, val_images=32, batch_size=16,
+             warmup_epochs=1, main_epochs=1, finetune_epochs=2, work_dir="out/reproduce-quick",
+             out_dir="out/reproduce-quick/results")
 
 
 def parse(argv=None) -> ReproConfig:
@@ -114,8 +124,8 @@ def parse(argv=None) -> ReproConfig:
         raise UserError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
     if "kd" in names and "mim" not in names:
         raise UserError("--variants: kd's teacher is the mim run, so kd needs mim too")
-    for name in ("seeds", "pretrain_images", "finetune_images", "test_images", "batch_size", "main_epochs",
-                 "finetune_epochs", "jobs", "threads"):
+    for name in ("seeds", "pretrain_images", "finetune_images", "test_images", "val_images", "batch_size",
+                 "main_epochs", "finetune_epochs", "jobs", "threads"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     if cfg.warmup_epochs < 0:
@@ -126,24 +136,52 @@ def parse(argv=None) -> ReproConfig:
     return dataclasses.replace(cfg, variants=",".join(names))
 
 
-def run_dir(cfg: ReproConfig, variant: str, seed: int) -> str:
-    return os.path.join(cfg.work_dir, variant, f"seed{seed}")
+TOKEN_FLAGS = ("token_target", "token_positions", "token_norm")
+TOKEN_DEFAULT = ("last_teacher_step", "all", "none")          # the first reading (D4-D6)
+TOKEN_MODES = ("sttp", "token", "kd")                         # the modes with a token loss
 
 
-def pretrain_argv(cfg: ReproConfig, variant: str, seed: int) -> list:
-    mode = VARIANTS[variant][0]
-    argv = ["--mode", mode, "--epochs", variant_epochs(variant, cfg.warmup_epochs, cfg.main_epochs),
+@dataclass(frozen=True)
+class Spec:
+    """One configuration to run: a variant and, for the token-loss variants, the token
+    target, positions and normalisation (sttp.TOKEN_TARGETS, ...). Its name, e.g.
+    "maskmentor+teacher_complete+hidden", names its runs' folder: each level name is unique."""
+    variant: str
+    token: tuple = TOKEN_DEFAULT
+
+    @property
+    def name(self) -> str:
+        if VARIANTS[self.variant][0] not in TOKEN_MODES or self.token == TOKEN_DEFAULT:
+            return self.variant
+        return "+".join([self.variant] + [lv for lv, d in zip(self.token, TOKEN_DEFAULT) if lv != d])
+
+
+def specs(cfg: ReproConfig) -> list:
+    """The configurations of the ablation: every --variants with the --token_* levels."""
+    token = tuple(getattr(cfg, f) for f in TOKEN_FLAGS)
+    return [Spec(v, token) for v in cfg.variants.split(",")]
+
+
+def run_dir(cfg: ReproConfig, spec: Spec, seed: int) -> str:
+    return os.path.join(cfg.work_dir, spec.name, f"seed{seed}")
+
+
+def pretrain_argv(cfg: ReproConfig, spec: Spec, seed: int) -> list:
+    mode = VARIANTS[spec.variant][0]
+    argv = ["--mode", mode, "--epochs", variant_epochs(spec.variant, cfg.warmup_epochs, cfg.main_epochs),
             "--warmup_epochs", cfg.warmup_epochs, "--subset", cfg.pretrain_images,
             "--batch_size", cfg.batch_size, "--teacher_iters", TEACHER_ITERS, "--seed", seed,
-            "--vis_every", 0, "--device", "cpu", "--out_dir", os.path.join(run_dir(cfg, variant, seed), "pretrain")]
+            "--vis_every", 0, "--device", "cpu", "--out_dir", os.path.join(run_dir(cfg, spec, seed), "pretrain")]
+    if mode in TOKEN_MODES:   # explicit, whatever train.py's defaults are
+        argv += [a for f, lv in zip(TOKEN_FLAGS, spec.token) for a in (f"--{f}", lv)]
     if mode == "kd":
-        argv += ["--teacher", os.path.join(run_dir(cfg, "mim", seed), "pretrain", "ckpt.pt")]
+        argv += ["--teacher", os.path.join(run_dir(cfg, Spec("mim"), seed), "pretrain", "ckpt.pt")]
     return [str(a) for a in argv]
 
 
-def finetune_argv(cfg: ReproConfig, variant: str, seed: int) -> list:
-    d = run_dir(cfg, variant, seed)
-    pretrained = "none" if VARIANTS[variant][0] is None else os.path.join(d, "pretrain", "ckpt.pt")
+def finetune_argv(cfg: ReproConfig, spec: Spec, seed: int) -> list:
+    d = run_dir(cfg, spec, seed)
+    pretrained = "none" if VARIANTS[spec.variant][0] is None else os.path.join(d, "pretrain", "ckpt.pt")
     return [str(a) for a in ["--pretrained", pretrained, "--subset", cfg.finetune_images,
                              "--epochs", cfg.finetune_epochs, "--batch_size", cfg.batch_size, "--seed", seed,
                              "--device", "cpu", "--out_dir", os.path.join(d, "finetune")]]
@@ -333,35 +371,45 @@ def loss_log(path: str, batches_per_epoch: int) -> dict:
     return out
 
 
-@torch.no_grad()
 def pretrain_diagnostics(pretrain_dir: str, n_images: int = DIAG_IMAGES) -> dict:
     """For one pre-training run: its loss log, the held-out reconstruction losses from
     complete input, rgb only and depth only (Algorithm 1's outcome fixed, the run's own
     patch masking; a dropped modality's patches are all targets, so e.g. "depth" under
-    "rgb only" is depth predicted from rgb), and the token agreement of a teacher pass
-    (complete input) with a student pass (Algorithm 1) on the same images."""
+    "rgb only" is depth predicted from rgb), the token agreement of the teacher's targets
+    (as the run builds them: its --token_target) with a student pass (Algorithm 1) on the
+    same images, and the token loss's pull on the encoder: the norm of its gradient on the
+    encoder (blocks, input adapters, global token) over that of the pixel loss, for that
+    student pass (with the run's --token_positions, --token_norm and --token_weight)."""
     ckpt = load_checkpoint(os.path.join(pretrain_dir, "ckpt.pt"), "pretrain")
     net = M.MaskMentor(M.ModelConfig.from_dict(ckpt["model_config"]))
     net.load_state_dict(ckpt["model"])
     net.eval()
-    mcfg = train.objective_config(train.TrainConfig(**ckpt["config"]), sttp.Runtime()).masking
+    ocfg = train.objective_config(train.TrainConfig(**ckpt["config"]), sttp.Runtime())
+    mcfg = ocfg.masking
     test = data.build_dataset("synthetic", None, "test", image_size=net.cfg.image_size)
     batch = data.collate([test[i] for i in range(min(n_images, len(test)))])
     inputs = modalities.prepare_inputs(batch, net.inputs)
     B = batch["rgb"].shape[0]
     K, N = len(net.inputs), net.num_tokens(*M.image_size(inputs))
     recon = {}
-    for cond, keep in vis.RECON_CONDITIONS.items():
-        kept = torch.tensor([keep is None or m in keep for m in net.inputs]).expand(B, K)
-        plan = masking.plan_masking(B, K, N, mcfg, False, torch.Generator().manual_seed(0), keep=kept)
-        preds, _, masked = net(inputs, plan)
-        recon[cond] = {k: float(v) for k, v in sttp.pixel_losses(preds, inputs, masked.mask, net).items()}
+    with torch.no_grad():
+        for cond, keep in vis.RECON_CONDITIONS.items():
+            kept = torch.tensor([keep is None or m in keep for m in net.inputs]).expand(B, K)
+            plan = masking.plan_masking(B, K, N, mcfg, False, torch.Generator().manual_seed(0), keep=kept)
+            preds, _, masked = net(inputs, plan)
+            recon[cond] = {k: float(v) for k, v in sttp.pixel_losses(preds, inputs, masked.mask, net).items()}
     g = torch.Generator().manual_seed(1)
-    _, teacher, _ = net(inputs, masking.plan_masking(B, K, N, mcfg, False, g))
-    _, student, _ = net(inputs, masking.plan_masking(B, K, N, mcfg, True, g))
+    targets = sttp.teacher_targets(net, inputs, ocfg, g)       # "last_teacher_step": a teacher pass, no step
+    student = sttp._forward(net, inputs, ocfg, True, g)
+    tokens = token_agreement({m: t.detach() for m, t in student.tokens.items()}, targets)
+    encoder = [p for n, p in net.named_parameters() if n.startswith(("encoder.", "input_adapters.", "global_tokens"))]
+    norm = lambda loss: float(torch.cat([g.flatten() for g in torch.autograd.grad(
+        loss, encoder, retain_graph=True, allow_unused=True) if g is not None]).norm())
+    pixel = norm(sum(student.losses.values()))
+    tokens["grad_share"] = norm(ocfg.token_weight * sttp._student_token_loss(student, targets, net.inputs, ocfg)) / pixel
     batches = ckpt["config"]["subset"] // ckpt["config"]["batch_size"]       # the loader drops the last
     return {"train_log": loss_log(os.path.join(pretrain_dir, "log.jsonl"), batches), "reconstruction": recon,
-            "tokens": token_agreement(student, teacher)}
+            "tokens": tokens}
 
 
 # -----------------------------------------------------------------------------
@@ -409,13 +457,14 @@ def _stage(out_dir: str, main, argv: list) -> dict:
     return info
 
 
-def run_variant(cfg: ReproConfig, variant: str, seed: int, stage: str) -> dict:
-    """stage "pretrain": train.py for this variant and seed. stage "finetune": finetune.py,
-    then evaluation; writes and returns the run's result.json."""
-    d = run_dir(cfg, variant, seed)
+def run_variant(cfg: ReproConfig, spec: Spec, seed: int, stage: str) -> dict:
+    """stage "pretrain": train.py for this configuration and seed. stage "finetune":
+    finetune.py, then evaluation on validation and test; writes and returns the run's result.json."""
+    d = run_dir(cfg, spec, seed)
+    pretrained = VARIANTS[spec.variant][0] is not None
     if stage == "pretrain":
         pre_dir = os.path.join(d, "pretrain")
-        info = _stage(pre_dir, train.main, pretrain_argv(cfg, variant, seed))
+        info = _stage(pre_dir, train.main, pretrain_argv(cfg, spec, seed))
         diag_path = os.path.join(pre_dir, "diagnostics.json")
         if not os.path.isfile(diag_path):
             _write_json(pretrain_diagnostics(pre_dir), diag_path)
@@ -423,19 +472,22 @@ def run_variant(cfg: ReproConfig, variant: str, seed: int, stage: str) -> dict:
     result_path = os.path.join(d, "result.json")
     if os.path.isfile(result_path):
         result = json.load(open(result_path))
-        if result.get("test_images") == cfg.test_images and result["finetune"].get("argv") == finetune_argv(cfg, variant, seed):
+        if (result.get("test_images"), result.get("val_images")) == (cfg.test_images, cfg.val_images) \
+                and result["finetune"].get("argv") == finetune_argv(cfg, spec, seed):
             return result
         # else: evaluated with other settings; _stage below says so if the fine-tuning differs
-    pre = json.load(open(os.path.join(d, "pretrain", "budget.json"))) if VARIANTS[variant][0] else None
-    pre_diag = json.load(open(os.path.join(d, "pretrain", "diagnostics.json"))) if VARIANTS[variant][0] else None
-    fine = _stage(os.path.join(d, "finetune"), finetune.main, finetune_argv(cfg, variant, seed))
+    pre = json.load(open(os.path.join(d, "pretrain", "budget.json"))) if pretrained else None
+    pre_diag = json.load(open(os.path.join(d, "pretrain", "diagnostics.json"))) if pretrained else None
+    fine = _stage(os.path.join(d, "finetune"), finetune.main, finetune_argv(cfg, spec, seed))
     net, _ = evaluate.load_segmenter(os.path.join(d, "finetune", "ckpt.pt"), "cpu")
-    test = Subset(data.build_dataset("synthetic", None, "test", image_size=net.cfg.image_size),
-                        cfg.test_images)
+    split = lambda name, n: Subset(data.build_dataset("synthetic", None, name, image_size=net.cfg.image_size), n)
     t0 = time.time()
-    scores = evaluate_conditions(net, test, 50, robustness=variant in ROBUST_VARIANTS)
-    result = {"variant": variant, "seed": seed, "test_images": cfg.test_images, "pretrain": pre, "finetune": fine,
-              "eval_seconds": time.time() - t0,
+    val = evaluate_conditions(net, split("val", cfg.val_images), 50, robustness=False)["clean"]
+    scores = evaluate_conditions(net, split("test", cfg.test_images), 50,
+                                 robustness=spec.variant in ROBUST_VARIANTS)
+    result = {"variant": spec.variant, "name": spec.name, "token": dict(zip(TOKEN_FLAGS, spec.token)), "seed": seed,
+              "test_images": cfg.test_images, "val_images": cfg.val_images, "pretrain": pre, "finetune": fine,
+              "eval_seconds": time.time() - t0, "val": val,
               "diagnostics": {"pretrain": pre_diag, "finetune_log": loss_log(os.path.join(d, "finetune", "log.jsonl"),
                                                        cfg.finetune_images // cfg.batch_size)},
               **scores}
@@ -443,18 +495,18 @@ def run_variant(cfg: ReproConfig, variant: str, seed: int, stage: str) -> dict:
     return result
 
 
-def run_all(cfg: ReproConfig) -> list:
-    """Every (variant, seed) run, `--jobs` at a time, pre-training before fine-tuning, the
-    mim runs first (kd's teachers). Returns the result dicts."""
-    names, seeds = cfg.variants.split(","), range(cfg.seeds)
-    order = sorted(names, key=lambda v: (v != "mim", v == "kd"))
-    todo = [(v, s, "pretrain") for v in order if VARIANTS[v][0] for s in seeds] + \
-           [(v, s, "finetune") for v in order for s in seeds]
+def run_all(cfg: ReproConfig, todo_specs: list) -> list:
+    """Every (configuration, seed) run, `--jobs` at a time, pre-training before fine-tuning,
+    the mim runs first (kd's teachers). Returns the result dicts."""
+    seeds = range(cfg.seeds)
+    order = sorted(todo_specs, key=lambda sp: (sp.variant != "mim", sp.variant == "kd"))
+    todo = [(sp, s, "pretrain") for sp in order if VARIANTS[sp.variant][0] for s in seeds] + \
+           [(sp, s, "finetune") for sp in order for s in seeds]
 
     def ready(task, done):
-        v, s, stage = task
-        needs = [(v, s, "pretrain")] if stage == "finetune" and VARIANTS[v][0] else []
-        needs += [("mim", s, "pretrain")] if v == "kd" and stage == "pretrain" else []
+        sp, s, stage = task
+        needs = [(sp, s, "pretrain")] if stage == "finetune" and VARIANTS[sp.variant][0] else []
+        needs += [(Spec("mim"), s, "pretrain")] if sp.variant == "kd" and stage == "pretrain" else []
         return all(n in done for n in needs)
 
     results, done, running = [], set(), {}
@@ -472,7 +524,7 @@ def run_all(cfg: ReproConfig) -> list:
                 done.add(task)
                 if task[2] == "finetune":
                     results.append(out)
-                bar.set_postfix_str(f"{task[0]} seed {task[1]} {task[2]}")
+                bar.set_postfix_str(f"{task[0].name} seed {task[1]} {task[2]}")
                 bar.update()
     bar.close()
     return results
@@ -486,7 +538,18 @@ def measure_cost(cfg: ReproConfig, repeats: int = 7) -> dict:
     """Seconds per pre-training batch of mim, sttp (3 teacher + 1 student steps) and kd
     (a frozen teacher's forward + 1 student step) on the same batch, interleaved so that
     load changes hit all three alike; medians. From them the whole pre-training's cost
-    under this script's equal-step budgets, kd including its teacher's pre-training."""
+    under this script's equal-step budgets, kd including its teacher's pre-training. With
+    --threads threads, as each run has (more threads than free cores make every timing
+    meaningless: OpenMP threads spin while they wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _measure_cost(cfg, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_cost(cfg: ReproConfig, repeats: int) -> dict:
     torch.manual_seed(0)
     model_cfg = dataclasses.replace(M.PRESETS["tiny"], num_classes=data.num_classes("synthetic"))
     net, teacher = M.MaskMentor(model_cfg), M.MaskMentor(model_cfg).eval().requires_grad_(False)
@@ -496,13 +559,16 @@ def measure_cost(cfg: ReproConfig, repeats: int = 7) -> dict:
     ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=train.TRAIN_PRESETS["tiny"]["budget"]),
                                 teacher_iters=TEACHER_ITERS)
     g = torch.Generator().manual_seed(0)
-    times = {"mim": [], "sttp": [], "kd": []}
+    # "sttp <target>": STTP with that --token_target (the default, last_teacher_step, is "sttp")
+    runs = {"mim": ocfg, "sttp": ocfg, "kd": ocfg,
+            **{f"sttp {t}": dataclasses.replace(ocfg, token_target=t) for t in list(sttp.TOKEN_TARGETS)[1:]}}
+    times = {m: [] for m in runs}
     for r in range(repeats + 1):
-        for mode in times:
+        for name, c in runs.items():
             t0 = time.perf_counter()
-            sttp.OBJECTIVES[mode](net, opt, batch, ocfg, g, teacher)
+            sttp.OBJECTIVES[name.split()[0]](net, opt, batch, c, g, teacher)
             if r:                        # the first round warms up
-                times[mode].append(time.perf_counter() - t0)
+                times[name].append(time.perf_counter() - t0)
     per_batch = {m: statistics.median(t) for m, t in times.items()}
     batches = cfg.pretrain_images // cfg.batch_size
     W, E = cfg.warmup_epochs * batches, cfg.main_epochs * batches           # warm-up / STTP batches
@@ -512,26 +578,73 @@ def measure_cost(cfg: ReproConfig, repeats: int = 7) -> dict:
              "kd (teacher + student)": (W + S * E) * per_batch["mim"] + W * per_batch["mim"] + S * E * per_batch["kd"]}
     return {"batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "per_batch_s": per_batch,
             "per_batch_ratio": {m: t / per_batch["mim"] for m, t in per_batch.items()},
-            "per_step_ratio": {m: per_batch[m] / steps_per_batch(m) / per_batch["mim"] for m in per_batch},
+            "per_step_ratio": {m: per_batch[m] / steps_per_batch(m.split()[0]) / per_batch["mim"] for m in per_batch},
+            "vs_sttp_batch": {m: per_batch[m] / per_batch["sttp"] for m in per_batch if m.startswith("sttp")},
             "whole_pretraining_s": whole, "whole_ratio": {k: v / whole["mim"] for k, v in whole.items()}}
 
 
 # -----------------------------------------------------------------------------
 
 
+def count_runs(cfg: ReproConfig, todo_specs: list) -> tuple:
+    """(runs, runs already finished): a run is one pre-training or one fine-tuning + evaluation."""
+    stages = [os.path.join(run_dir(cfg, sp, seed), stage) for sp in todo_specs for seed in range(cfg.seeds)
+              for stage in (("pretrain", "finetune") if VARIANTS[sp.variant][0] else ("finetune",))]
+    return len(stages), sum(os.path.isfile(os.path.join(d, "budget.json")) for d in stages)
+
+
+def token_study(cfg: ReproConfig) -> dict:
+    """`--study token`: MaskMentor with one factor of its token loss changed at a time from
+    the first reading (D4-D6), then with each factor's best level; chosen on the validation
+    split by report.select, reported on test (results/token_study/PROTOCOL.md, written
+    before the first run)."""
+    t0 = time.time()
+    base = Spec("maskmentor")
+    one_factor = [Spec("maskmentor", TOKEN_DEFAULT[:i] + (level,) + TOKEN_DEFAULT[i + 1:])
+                  for i, levels in enumerate((sttp.TOKEN_TARGETS, sttp.TOKEN_POSITIONS, sttp.TOKEN_NORMS))
+                  for level in levels if level != TOKEN_DEFAULT[i]]
+    print(f"token study: {1 + len(one_factor)} configurations x {cfg.seeds} seed(s), then the combination; "
+          f"runs in {cfg.work_dir}, results in {cfg.out_dir}")
+    cost = measure_cost(cfg, repeats=2 if cfg.quick else 7)
+    results = run_all(cfg, [base] + one_factor)
+    per_config = report.study_scores(results)
+    costs = {sp.name: cost["per_batch_s"]["sttp" if sp.token[0] == TOKEN_DEFAULT[0] else f"sttp {sp.token[0]}"]
+             for sp in [base] + one_factor}
+    best = [report.select([sp.name for sp in [base] + one_factor if sp.token[:i] + sp.token[i + 1:] ==
+                           TOKEN_DEFAULT[:i] + TOKEN_DEFAULT[i + 1:]], per_config, costs)
+            for i in range(3)]
+    combo = Spec("maskmentor", tuple(next(sp for sp in [base] + one_factor if sp.name == b).token[i]
+                                     for i, b in enumerate(best)))
+    configs = [base] + one_factor + ([combo] if combo not in [base] + one_factor else [])
+    if combo not in [base] + one_factor:
+        results += run_all(cfg, [combo])
+        per_config = report.study_scores(results)
+    costs[combo.name] = cost["per_batch_s"]["sttp" if combo.token[0] == TOKEN_DEFAULT[0] else f"sttp {combo.token[0]}"]
+    chosen = report.select([sp.name for sp in configs], per_config, costs)
+    meta = {"wall_minutes": (time.time() - t0) / 60, "runs": count_runs(cfg, configs)[0],
+            "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
+    out = {"config": dataclasses.asdict(cfg), "meta": meta, "cost": cost, "costs": costs, "per_config": per_config,
+           "factor_best": best, "combination": combo.name, "chosen": chosen,
+           "tokens": {sp.name: dict(zip(TOKEN_FLAGS, sp.token)) for sp in configs}, "runs": results}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    _write_json(out, os.path.join(cfg.out_dir, "token_study.json"))
+    report.write_token_study(out, os.path.join(cfg.out_dir, "token_study.md"))
+    print(f"chosen on validation: {chosen}; wrote {cfg.out_dir}/token_study.md in {meta['wall_minutes']:.1f} min")
+    return out
+
+
 def main(argv=None) -> dict:
     cfg = parse(argv)
+    if cfg.study == "token":
+        return token_study(cfg)
     t0 = time.time()
-    stages = [os.path.join(run_dir(cfg, v, seed), stage) for v in cfg.variants.split(",") for seed in range(cfg.seeds)
-              for stage in (("pretrain", "finetune") if VARIANTS[v][0] else ("finetune",))]
-    n_runs = len(stages)                    # a run = one pre-training or one fine-tuning + evaluation
-    before = sum(os.path.isfile(os.path.join(d, "budget.json")) for d in stages)
+    n_runs, before = count_runs(cfg, specs(cfg))
     print(f"reproduce: {cfg.variants} x {cfg.seeds} seed(s), {cfg.jobs} job(s) of {cfg.threads} thread(s); "
           f"runs in {cfg.work_dir}, results in {cfg.out_dir}")
     cost = measure_cost(cfg, repeats=2 if cfg.quick else 7)
     print("cost per pre-training batch: " + ", ".join(f"{m} {s:.3f} s ({cost['per_batch_ratio'][m]:.2f}x)"
                                                       for m, s in cost["per_batch_s"].items()))
-    results = run_all(cfg)
+    results = run_all(cfg, specs(cfg))
     summary = summarise(results)
     diag = diagnostics(results)
     run_seconds = sum(r[st]["seconds"] for r in results for st in ("pretrain", "finetune") if r[st]) + \

@@ -64,8 +64,9 @@ SYNTHETIC_CUE = {"floor": "either", "wall": "either", "ceiling": "either", "rug"
 
 FLOOR, WALL, CEILING, RUG, POSTER, PILLAR, BALL, DISC, BOX, TABLE = range(len(SYNTHETIC_CLASSES))
 SYNTHETIC_SIZE = 64                       # default image side, pixels
-SYNTHETIC_LENGTH = {"train": 2000, "test": 500}
-_SYNTHETIC_SPLIT_KEY = {"train": 1, "test": 2}   # different seed streams: no shared scene
+# The validation split is for choices (recipes, settings); test is for reporting only.
+SYNTHETIC_LENGTH = {"train": 2000, "val": 500, "test": 500}
+_SYNTHETIC_SPLIT_KEY = {"train": 1, "test": 2, "val": 3}   # different seed streams: no shared scene
 _SYNTHETIC_BASE_SEED = 20240229
 _HFOV = math.radians(60.0)                # about a Kinect's 58°
 

@@ -133,6 +133,18 @@ class TrainingRuntime(sttp.Runtime):
             return super().sample_mean(values, like)
         return global_mean(values.sum(), values.numel())
 
+    def mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return super().mean(total, count)
+        return global_mean(total, count)
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        return x
+
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,14 @@ class Runtime(Shard):
             return like.sum() * 0.0
         return values.mean()
 
+    def mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """The global batch's `total` over its `count` (0 when the count is 0)."""
+        return total / count.clamp_min(1)
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """A sum over the global batch of per-shard sums (no gradient): `x` itself here."""
+        return x
+
     def autocast(self):
         """The context the forward passes run in (mixed precision: runtime.py)."""
         return contextlib.nullcontext()
@@ -65,12 +74,48 @@ class Runtime(Shard):
         optimizer.step()
 
 
+# The three choices the paper leaves open about the STTP token target (docs/method.md
+# §4, decisions D4-D6); the first level of each is this project's first reading.
+TOKEN_TARGETS = {
+    # D4, where the target comes from. The paper: the teacher is "the teacher with complete
+    # modality input" and "provides token-level knowledge of the missing modality".
+    "last_teacher_step": "the tokens of the last teacher iteration's training forward (patch-masked, "
+                         "before that iteration's optimiser step): no extra forward",
+    "teacher_complete": "after the teacher steps, a no-grad forward of the updated network on the complete "
+                        "input with every patch visible",
+    "teacher_masked_fresh": "after the teacher steps, a no-grad forward of the updated network on the complete "
+                            "input with the usual patch masking",
+}
+TOKEN_POSITIONS = {
+    # D5, where the loss is taken. Figure 2: knowledge "of the missing modality".
+    "all": "every patch position of every modality",
+    "missing": "the positions of the modalities the student lacks (dropped by Algorithm 1)",
+    "hidden": "every position the student does not see: its missing modalities and its masked patches",
+}
+TOKEN_NORMS = {
+    # D6, the scale. The paper: "Cosine similarity is adopted to measure the token-level
+    # reconstruction loss" (§3.5), nothing more.
+    "none": "raw cosine of the tokens",
+    "center": "cosine after subtracting the detached teacher's per-channel mean over the batch's tokens",
+    "standardize": "cosine after standardising each channel by the detached teacher's mean and std",
+}
+
+
 @dataclass
 class ObjectiveConfig:
     masking: masking.MaskingConfig = field(default_factory=masking.MaskingConfig)
     teacher_iters: int = 3        # teacher iterations per batch before the student's (§3.4)
     token_weight: float = 1.0     # the paper gives no weight: 1, like the pixel losses (D6)
+    token_target: str = "last_teacher_step"   # TOKEN_TARGETS (D4)
+    token_positions: str = "all"              # TOKEN_POSITIONS (D5)
+    token_norm: str = "none"                  # TOKEN_NORMS (D6)
     runtime: Runtime = field(default_factory=Runtime)
+
+    def __post_init__(self):
+        for name, levels in (("token_target", TOKEN_TARGETS), ("token_positions", TOKEN_POSITIONS),
+                             ("token_norm", TOKEN_NORMS)):
+            if getattr(self, name) not in levels:
+                raise ValueError(f"{name} must be one of {', '.join(levels)}, got {getattr(self, name)!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -135,33 +180,99 @@ def pixel_losses(preds: dict, inputs: dict, mask: torch.Tensor, model: MaskMento
     return out
 
 
-def token_loss(student: dict, teacher: dict, names) -> torch.Tensor:
-    """1 - cosine similarity of output token embeddings, averaged over every patch
-    position of every modality in `names` (§3.4). The teacher's side carries no gradient."""
-    losses = [1 - F.cosine_similarity(student[m].float(), teacher[m].detach().float(), dim=-1).mean()
-              for m in names]
-    return torch.stack(losses).mean()
+def normalize_tokens(student: torch.Tensor, teacher: torch.Tensor, norm: str, runtime: Runtime = Runtime()):
+    """One modality's tokens [B, N, d] for the cosine, by TOKEN_NORMS. The output tokens of
+    all images share one dominant direction (the heads' biases, position and task
+    embeddings: at initialisation two random tokens have cosine ~0.9), so the raw cosine
+    hardly depends on the image. "center" subtracts the teacher's per-channel mean over the
+    (global) batch's tokens, "standardize" also divides by its per-channel std. The same
+    map, computed from the detached teacher, is applied to the student's prediction: the
+    loss then compares the image-specific parts of the two, and the student is not asked to
+    remove an offset that the teacher role, the same network, still produces. No gradient
+    flows into the statistics."""
+    t = teacher.detach().float()
+    s = student.float()
+    if norm == "none":
+        return s, t
+    count = torch.tensor(float(t.shape[0] * t.shape[1]), device=t.device)
+    n = runtime.all_sum(count)
+    mean = runtime.all_sum(t.sum((0, 1))) / n
+    if norm == "center":
+        return s - mean, t - mean
+    var = runtime.all_sum(((t - mean) ** 2).sum((0, 1))) / (n - 1).clamp_min(1)
+    std = torch.sqrt(var + 1e-6)
+    return (s - mean) / std, (t - mean) / std
+
+
+def token_loss(student: dict, teacher: dict, names, weight: Optional[torch.Tensor] = None,
+               norm: str = "none", runtime: Runtime = Runtime()) -> torch.Tensor:
+    """1 - cosine similarity of output token embeddings (§3.4). The teacher's side carries
+    no gradient. With `weight` None: averaged over every patch position of each modality in
+    `names`, then over the modalities (TOKEN_POSITIONS "all"). With `weight` [B, K*N] (the
+    modalities in `names` order): the mean over the positions it selects, pooled."""
+    cos = []
+    for m in names:
+        s, t = normalize_tokens(student[m], teacher[m], norm, runtime)
+        cos.append(F.cosine_similarity(s, t, dim=-1))                          # [B, N]
+    if weight is None:
+        return torch.stack([1 - c.mean() for c in cos]).mean()
+    loss = 1 - torch.cat(cos, dim=1)
+    return runtime.mean((loss * weight).sum(), weight.sum())
+
+
+def token_weight(positions: str, keep: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+    """Which token positions the loss is taken on (TOKEN_POSITIONS): None for all of them,
+    else Float[B, K*N] from the student's Algorithm 1 outcome `keep` Bool[B, K] and its
+    Masked.mask `hidden` Bool[B, K*N] (True = not seen by the encoder)."""
+    if positions == "all":
+        return None
+    if positions == "missing":
+        return (~keep).repeat_interleave(hidden.shape[1] // keep.shape[1], dim=1).float()
+    return hidden.float()
 
 
 # -----------------------------------------------------------------------------
 # Shared mechanics
 
 
-def _forward(model, inputs: dict, cfg: ObjectiveConfig, drop_modalities: bool, generator):
+@dataclass
+class Pass:
+    """One masked forward of the pre-training network: its pixel losses and output token
+    embeddings, what the encoder saw (Masked: mask True = hidden) and which modalities
+    Algorithm 1 kept (Bool[B, K])."""
+    losses: dict
+    tokens: dict
+    masked: masking.Masked
+    keep: torch.Tensor
+
+
+def _forward(model, inputs: dict, cfg: ObjectiveConfig, drop_modalities: bool, generator,
+             complete: bool = False) -> Pass:
     """Mask (complete modalities, or Algorithm 1 first), run, and score the pixels. `model`
-    is a MaskMentor, or whatever the runtime wraps it in (DDP syncs gradients in backward)."""
+    is a MaskMentor, or whatever the runtime wraps it in (DDP syncs gradients in backward).
+    complete=True: no masking at all, every patch of every modality visible (no draw)."""
     rt = cfg.runtime
     net = rt.network(model)
     any_input = inputs[net.inputs[0]]
     B, device = any_input.shape[0], any_input.device
+    K, N = len(net.inputs), net.num_tokens(*image_size(inputs))
     with record_function("forward"):
-        # Drawn for the global batch, this call's rows kept (Shard).
-        plan = masking.plan_masking(B * rt.world, len(net.inputs), net.num_tokens(*image_size(inputs)),
-                                    cfg.masking, drop_modalities, generator, device)
-        plan = masking.MaskPlan(rt.rows(plan.keep), rt.rows(plan.num_visible), rt.rows(plan.noise))
+        if complete:
+            plan = masking.MaskPlan(torch.ones(B, K, dtype=torch.bool, device=device),
+                                    torch.full((B, K), N, dtype=torch.long, device=device),
+                                    torch.arange(K * N, dtype=torch.float32, device=device).expand(B, K * N))
+        else:
+            # Drawn for the global batch, this call's rows kept (Shard).
+            plan = masking.plan_masking(B * rt.world, K, N, cfg.masking, drop_modalities, generator, device)
+            plan = masking.MaskPlan(rt.rows(plan.keep), rt.rows(plan.num_visible), rt.rows(plan.noise))
         with rt.autocast():
             preds, tokens, masked = model(inputs, plan)
-        return pixel_losses(preds, inputs, masked.mask, net, rt), tokens
+        return Pass(pixel_losses(preds, inputs, masked.mask, net, rt), tokens, masked, plan.keep)
+
+
+def _student_token_loss(student: Pass, targets: dict, names, cfg: ObjectiveConfig) -> torch.Tensor:
+    weight = token_weight(cfg.token_positions, student.keep, student.masked.mask)
+    return token_loss(student.tokens, targets, names, weight, cfg.token_norm, cfg.runtime)
 
 
 def _numbers(losses: dict, prefix: str = "") -> dict:
@@ -176,10 +287,24 @@ M2IM = "m2im_"
 
 def _pixel_objective(model, optimizer, batch, cfg, generator, drop_modalities: bool) -> dict:
     inputs = prepare_inputs(batch, cfg.runtime.network(model).inputs)
-    losses, _ = _forward(model, inputs, cfg, drop_modalities, generator)
+    losses = _forward(model, inputs, cfg, drop_modalities, generator).losses
     loss = sum(losses.values())
     cfg.runtime.step(model, optimizer, loss)
     return {"loss": float(loss.detach()), **_numbers(losses, M2IM if drop_modalities else "")}
+
+
+@torch.no_grad()
+def teacher_targets(teacher, inputs: dict, cfg: ObjectiveConfig, generator, last: Optional[Pass] = None) -> dict:
+    """The token targets, by cfg.token_target (TOKEN_TARGETS), detached. `teacher` is the
+    network in its teacher role (STTP: the same network, after its teacher steps; kd: the
+    frozen separate teacher); `last` is the last teacher training forward, if there was one.
+    The fresh forwards run on the bare network (no DDP: nothing to synchronise)."""
+    if cfg.token_target == "last_teacher_step" and last is not None:
+        tokens = last.tokens
+    else:     # kd has no teacher steps: "last_teacher_step" is a fresh masked forward there
+        net = cfg.runtime.network(teacher)
+        tokens = _forward(net, inputs, cfg, False, generator, complete=cfg.token_target == "teacher_complete").tokens
+    return {m: t.detach() for m, t in tokens.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -200,30 +325,28 @@ def _self_teaching(model, optimizer, batch, cfg, generator, student_pixel_loss: 
     """Teacher and student are one network (under torchrun one DDP-wrapped network). Each of
     the teacher_iters + 1 iterations is an ordinary training iteration: a forward, a
     backward, its own optimiser step; no gradient carries over from one to the next. The
-    student's token targets are the last teacher forward's tokens, detached: no gradient
-    flows into them (each process holds the targets of its own rows)."""
+    student's token targets (teacher_targets) are detached: no gradient flows into them
+    (each process holds the targets of its own rows)."""
     net = cfg.runtime.network(model)
     inputs = prepare_inputs(batch, net.inputs)
     logs = {}
     # Teacher role (§3.4): complete modalities, patch masking only, pixel loss; 3 steps.
     for _ in range(cfg.teacher_iters):
-        losses, tokens = _forward(model, inputs, cfg, False, generator)
-        loss = sum(losses.values())
+        last = _forward(model, inputs, cfg, False, generator)
+        loss = sum(last.losses.values())
         cfg.runtime.step(model, optimizer, loss)
-        for k, v in _numbers({"teacher_loss": loss, **losses}).items():
+        for k, v in _numbers({"teacher_loss": loss, **last.losses}).items():
             logs[k] = logs.get(k, 0.0) + v / cfg.teacher_iters
-    # The token targets are the last teacher iteration's output token embeddings, detached:
-    # they were computed on complete modalities for this same batch, and reusing them costs
-    # no extra forward pass (the paper stresses STTP's cost-effectiveness; decision D4).
-    targets = {m: tokens[m].detach() for m in net.inputs}
+    # By default the targets are the last teacher iteration's output token embeddings: they
+    # were computed on complete modalities for this same batch, and reusing them costs no
+    # extra forward pass (the paper stresses STTP's cost-effectiveness; decision D4).
+    targets = teacher_targets(model, inputs, cfg, generator, last)
     # Student role: the same network on Algorithm 1 input; pixel and/or token loss; 1 step.
-    losses, tokens = _forward(model, inputs, cfg, True, generator)
-    tok = token_loss(tokens, targets, net.inputs)
-    loss = cfg.token_weight * tok + (sum(losses.values()) if student_pixel_loss else 0.0)
+    student = _forward(model, inputs, cfg, True, generator)
+    tok = _student_token_loss(student, targets, net.inputs, cfg)
+    loss = cfg.token_weight * tok + (sum(student.losses.values()) if student_pixel_loss else 0.0)
     cfg.runtime.step(model, optimizer, loss)
-    return {**logs, "loss": float(loss.detach()), "token": float(tok.detach()), **_numbers(losses, M2IM)}
-
-
+    return {**logs, "loss": float(loss.detach()), "token": float(tok.detach()), **_numbers(student.losses, M2IM)}
 def sttp(model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=None) -> dict:
     """STTP (§3.4): 3 teacher iterations, then 1 student iteration (pixel + token loss)."""
     return _self_teaching(model, optimizer, batch, cfg, generator, student_pixel_loss=True)
@@ -242,13 +365,12 @@ def kd(model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=No
         raise ValueError("kd needs a frozen teacher network")
     net = cfg.runtime.network(model)
     inputs = prepare_inputs(batch, net.inputs)
-    with torch.no_grad():
-        _, targets = _forward(teacher, inputs, cfg, False, generator)
-    losses, tokens = _forward(model, inputs, cfg, True, generator)
-    tok = token_loss(tokens, targets, net.inputs)
-    loss = sum(losses.values()) + cfg.token_weight * tok
+    targets = teacher_targets(teacher, inputs, cfg, generator)
+    student = _forward(model, inputs, cfg, True, generator)
+    tok = _student_token_loss(student, targets, net.inputs, cfg)
+    loss = sum(student.losses.values()) + cfg.token_weight * tok
     cfg.runtime.step(model, optimizer, loss)
-    return {"loss": float(loss.detach()), "token": float(tok.detach()), **_numbers(losses, M2IM)}
+    return {"loss": float(loss.detach()), "token": float(tok.detach()), **_numbers(student.losses, M2IM)}
 
 
 OBJECTIVES = {"mim": mim, "m2im": m2im, "sttp": sttp, "token": token, "kd": kd}

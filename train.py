@@ -63,6 +63,10 @@ class TrainConfig:
     at_least_one_dropped: bool = arg(False, "Figure 2's caption: the student always misses a modality")
     teacher_iters: int = arg(3, "teacher iterations per student iteration (sttp, token)")
     token_weight: float = arg(1.0, "weight of the token loss")
+    token_target: str = arg("last_teacher_step", "where the token targets come from (docs/method.md D4)",
+                            tuple(sttp.TOKEN_TARGETS))
+    token_positions: str = arg("all", "where the token loss is taken (D5)", tuple(sttp.TOKEN_POSITIONS))
+    token_norm: str = arg("none", "normalisation of the tokens before the cosine (D6)", tuple(sttp.TOKEN_NORMS))
     teacher: str = arg("", "--mode kd: checkpoint of the separately pre-trained frozen teacher")
     clip_grad: float = arg(0.0, "gradient-norm clipping (0 = off)")
     seed: int = arg(0, "seed of data order, masking and initialisation")
@@ -106,6 +110,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--modalities {cfg.modalities}: {e}")
     if len(names) < 2 and cfg.mode != "mim":
         raise UserError(f"--mode {cfg.mode} drops modalities and needs at least two, got --modalities {cfg.modalities}")
+    token_flags = [f"--{n}" for n in ("token_target", "token_positions", "token_norm")
+                   if getattr(cfg, n) != getattr(TrainConfig, n)]
+    if token_flags and cfg.mode not in ("sttp", "token", "kd"):
+        raise UserError(f"{', '.join(token_flags)}: the token loss belongs to --mode sttp, token or kd, "
+                        f"not {cfg.mode}")
     if cfg.mode == "kd" and not cfg.teacher:
         raise UserError("--mode kd needs --teacher PATH (a pre-training checkpoint, e.g. from --mode mim)")
 
@@ -115,7 +124,8 @@ def objective_config(cfg: TrainConfig, runtime: sttp.Runtime) -> sttp.ObjectiveC
                                patch_masking=cfg.patch_masking, mask_ratio=cfg.mask_ratio,
                                at_least_one_dropped=cfg.at_least_one_dropped)
     return sttp.ObjectiveConfig(masking=mc, teacher_iters=cfg.teacher_iters, token_weight=cfg.token_weight,
-                                runtime=runtime)
+                                token_target=cfg.token_target, token_positions=cfg.token_positions,
+                                token_norm=cfg.token_norm, runtime=runtime)
 
 
 def load_teacher(path: str, model_cfg: M.ModelConfig, device) -> M.MaskMentor:

@@ -98,6 +98,18 @@ def test_two_processes_equal_one(tmp_path, one_process, mode):
 
 
 @pytest.mark.slow
+def test_two_processes_equal_one_with_the_token_options(tmp_path):
+    # teacher_complete: a no-grad forward of the bare network; missing: a mean over a count
+    # that differs between the processes (runtime.mean); standardize: statistics over the
+    # global batch's tokens (runtime.all_sum).
+    args = PRE + ["--token_target", "teacher_complete", "--token_positions", "missing", "--token_norm", "standardize"]
+    train.main(args + ["--out_dir", str(tmp_path / "one")])
+    rc, out, err = torchrun("train.py", *args, "--out_dir", tmp_path / "two")
+    assert rc == 0, err[-3000:]
+    assert_same_run(load(tmp_path / "one" / "ckpt.pt"), load(tmp_path / "two" / "ckpt.pt"))
+
+
+@pytest.mark.slow
 def test_finetune_two_processes_equal_one(tmp_path, one_process):
     # Stochastic depth on: its draws, like the modality choice, are made for the global batch.
     args = FT + ["--pretrained", one_process("sttp"), "--drop_path", "0.2"]

@@ -2,6 +2,7 @@
 what they say, and the --quick miniature end to end."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_every_pretraining_variant_gets_the_same_optimiser_steps():
 def test_the_equal_epochs_variant_gets_4x_the_steps_of_sttp():
     cfg = R.parse([])
     assert "maskmentor_epochs" not in cfg.variants.split(",")            # not in the default run
-    argv = {v: R.pretrain_argv(cfg, v, 0) for v in ("m2im", "maskmentor", "maskmentor_epochs")}
+    argv = {v: R.pretrain_argv(cfg, R.Spec(v), 0) for v in ("m2im", "maskmentor", "maskmentor_epochs")}
     epochs = {v: int(a[a.index("--epochs") + 1]) for v, a in argv.items()}
     assert epochs["maskmentor_epochs"] == epochs["m2im"] == 1 + 4 * (epochs["maskmentor"] - 1)
     assert argv["maskmentor_epochs"][argv["maskmentor_epochs"].index("--mode") + 1] == "sttp"
@@ -53,14 +54,14 @@ def _tiny_cfg(tmp_path, **kw):
 
 @pytest.mark.slow
 def test_a_run_is_deterministic_with_its_seed(tmp_path):
-    a = R.run_variant(_tiny_cfg(tmp_path / "a"), "maskmentor", 0, "pretrain")
-    b = R.run_variant(_tiny_cfg(tmp_path / "b"), "maskmentor", 0, "pretrain")
+    a = R.run_variant(_tiny_cfg(tmp_path / "a"), R.Spec("maskmentor"), 0, "pretrain")
+    b = R.run_variant(_tiny_cfg(tmp_path / "b"), R.Spec("maskmentor"), 0, "pretrain")
     assert a["steps"] == b["steps"] > 0 and a["images"] == b["images"] == a["steps"] * 16
     wa = torch.load(tmp_path / "a/runs/maskmentor/seed0/pretrain/ckpt.pt", weights_only=False)["model"]
     wb = torch.load(tmp_path / "b/runs/maskmentor/seed0/pretrain/ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    ra = R.run_variant(_tiny_cfg(tmp_path / "a"), "maskmentor", 0, "finetune")
-    rb = R.run_variant(_tiny_cfg(tmp_path / "b"), "maskmentor", 0, "finetune")
+    ra = R.run_variant(_tiny_cfg(tmp_path / "a"), R.Spec("maskmentor"), 0, "finetune")
+    rb = R.run_variant(_tiny_cfg(tmp_path / "b"), R.Spec("maskmentor"), 0, "finetune")
     assert ra["clean"] == rb["clean"] and ra["depth holes 30%"] == rb["depth holes 30%"]
 
 
@@ -161,7 +162,10 @@ def test_quick_runs_everything_end_to_end_and_resumes(tmp_path):
     md = (tmp_path / "res" / "ablation.md").read_text()
     assert "## Table 3" in md and "## Table 4" in md and "56.0 / 46.7 / 33.8" in md and "depth holes 50%" in md
     saved = json.loads((tmp_path / "res" / "ablation.json").read_text())
-    assert set(saved["cost"]["per_batch_s"]) == {"mim", "sttp", "kd"}
+    assert set(saved["cost"]["per_batch_s"]) == {"mim", "sttp", "kd", "sttp teacher_complete",
+                                                 "sttp teacher_masked_fresh"}
+    for r in out["results"]:               # every run is scored on validation too, and it is not test
+        assert set(r["val"]) == set(R.SETTINGS) and r["val"] != {s: r["clean"][s] for s in R.SETTINGS}
     # the diagnostics: per-class IoU of every variant, held-out checks of every pre-training
     diag = out["diagnostics"]
     assert set(diag["per_class_iou"]) == set(R.DEFAULT_VARIANTS) and set(diag["pretrain"]) == set(R.DEFAULT_VARIANTS) - {"baseline"}
@@ -171,6 +175,7 @@ def test_quick_runs_everything_end_to_end_and_resumes(tmp_path):
         assert set(r) == {"complete input", "rgb only", "depth only"}
         assert all(0 < x < 10 for losses in r.values() for x in losses.values()), v
         assert d["tokens"]["raw_matched"] < d["tokens"]["raw_other_image"], v
+        assert d["tokens"]["grad_share"] > 0, v
         assert ("token_last" in d["train_log"]) == (v in ("maskmentor", "token", "kd"))
     assert "## Diagnostics" in md and "| pillar | depth |" in md
     # A second invocation reuses every finished run and reports the same numbers.
@@ -215,3 +220,61 @@ def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
     assert R._stage(str(out), None, ["--batch_size", "32"])["steps"] == 3          # same settings: reused
     with pytest.raises(data.UserError, match="finished earlier with other settings"):
         R._stage(str(out), None, ["--batch_size", "8"])
+
+
+def test_a_configuration_is_named_by_its_levels_and_passes_them_all():
+    cfg = R.parse(["--token_norm", "center"])
+    mm, mim = R.specs(cfg)[3], R.specs(cfg)[1]
+    assert mm.name == "maskmentor+center" and mim.name == "mim"
+    assert R.Spec("maskmentor", ("teacher_complete", "hidden", "none")).name == "maskmentor+teacher_complete+hidden"
+    argv = R.pretrain_argv(cfg, mm, 0)
+    for flag, level in [("--token_target", "last_teacher_step"), ("--token_positions", "all"), ("--token_norm", "center")]:
+        assert argv[argv.index(flag) + 1] == level
+    assert "--token_norm" not in R.pretrain_argv(cfg, mim, 0)
+    assert R.run_dir(cfg, mm, 1).endswith(os.path.join("maskmentor+center", "seed1"))
+
+
+def per_config(**scores):
+    return {n: {"score": s} for n, s in scores.items()}
+
+
+def test_the_selection_rule():
+    costs = {"a": 1.0, "b": 1.0, "c": 2.0, "d": 1.03}
+    # the best wins when nothing is within one pooled std of it
+    assert report.select(["a", "b"], per_config(a=(50.0, 0.5), b=(48.0, 0.5)), costs) == "a"
+    # c is best, a is within one pooled std (sqrt((1^2 + 1^2)/2) = 1) and cheaper: a
+    assert report.select(["a", "c"], per_config(a=(50.0, 1.0), c=(50.9, 1.0)), costs) == "a"
+    # ... but not when it is more than one pooled std below
+    assert report.select(["a", "c"], per_config(a=(49.0, 1.0), c=(50.9, 1.0)), costs) == "c"
+    # equally cheap (within 5 %): the higher score
+    assert report.select(["a", "d"], per_config(a=(50.0, 1.0), d=(50.5, 1.0)), costs) == "d"
+
+
+def fake_result(spec, seed, rgb, depth):
+    clean = {s: {"miou": 60.0 + seed, "macc": 70.0} for s in R.SETTINGS}
+    val = {"rgbd": {"miou": 60.0}, "rgb": {"miou": rgb + 0.1 * seed}, "depth": {"miou": depth - 0.1 * seed}}
+    tokens = {"grad_share": 0.1, "centred_matched": 0.5, "centred_other_image": 1.0}
+    return {"variant": spec.variant, "name": spec.name, "seed": seed, "val": val, "clean": clean,
+            "diagnostics": {"pretrain": {"tokens": tokens, "train_log": {"token_last": 0.1}}}}
+
+
+def test_the_token_study_chooses_on_validation_and_runs_the_combination(tmp_path, monkeypatch):
+    """The study's flow with the training replaced by fixed scores: `missing` and
+    `standardize` are each their factor's best, so their combination is run, and it wins."""
+    val = {"maskmentor": 40, "maskmentor+missing": 43, "maskmentor+standardize": 42,
+           "maskmentor+missing+standardize": 45}
+    asked = []
+
+    def run_all(cfg, todo):
+        asked.append([sp.name for sp in todo])
+        return [fake_result(sp, s, val.get(sp.name, 39), val.get(sp.name, 39)) for sp in todo for s in range(3)]
+
+    monkeypatch.setattr(R, "run_all", run_all)
+    monkeypatch.setattr(R, "measure_cost", lambda cfg, repeats: {"per_batch_s": {
+        "mim": 1.0, "sttp": 4.0, "kd": 1.3, "sttp teacher_complete": 6.0, "sttp teacher_masked_fresh": 4.6}})
+    out = R.main(["--study", "token", "--work_dir", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "res")])
+    assert len(asked[0]) == 7 and asked[1] == ["maskmentor+missing+standardize"]
+    assert out["factor_best"] == ["maskmentor", "maskmentor+missing", "maskmentor+standardize"]
+    assert out["chosen"] == "maskmentor+missing+standardize"
+    md = (tmp_path / "res" / "token_study.md").read_text()
+    assert "**Chosen (the rule over every configuration above): `maskmentor+missing+standardize`.**" in md
