@@ -170,22 +170,28 @@ def aug_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def build_dataset(name: str, root: Optional[str] = None, split: str = "train", train: bool = False,
-                  image_size: Optional[int] = None, seed: int = 0) -> torch.utils.data.Dataset:
+                  image_size: Optional[int] = None, seed: int = 0, cues: float = 0.0) -> torch.utils.data.Dataset:
     """The dataset `name` ("synthetic", "nyu", "sun"), split "train" or "test" (or "val":
     the synthetic rooms' validation split, for choices made before looking at test).
 
     train=True applies the training augmentation (synthetic: flip; real data: flip,
     rescale, crop to image_size); train=False returns unaugmented images (synthetic:
     rendered at image_size; real data: full size). `root` defaults to default_root(name);
-    the layout under it is detected automatically (see the NYU / SUN sections).
+    the layout under it is detected automatically (see the NYU / SUN sections). `cues` in
+    [0, 1]: the synthetic rooms' cross-modal cues (rooms.py, "Cross-modal cues"); 0 = the
+    rooms as they always were.
     """
     _check_name(name)
+    SyntheticRooms.check_cues(cues)
+    if cues != 0 and name != "synthetic":
+        raise UserError(f"--cues applies to the synthetic rooms only, not {name}")
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     if split == "val" and name != "synthetic":
         raise UserError(f"{name}: no 'val' split (NYUv2 and SUN RGB-D come as train and test only)")
     if name == "synthetic":
-        return SyntheticRooms(split, train=train, image_size=image_size or rooms.SYNTHETIC_SIZE, seed=seed)
+        return SyntheticRooms(split, train=train, image_size=image_size or rooms.SYNTHETIC_SIZE, seed=seed,
+                              cues=cues)
     return build_real_dataset(name, root or default_root(name), split, train, image_size, seed)
 
 
@@ -197,17 +203,26 @@ class SyntheticRooms(torch.utils.data.Dataset):
     """The procedural dataset: 2000 train / 500 val / 500 test scenes, rendered on the fly at
     image_size x image_size. Scenes depend only on (split, index) — `seed` drives the
     augmentation, as on real data, so runs with different seeds see the same dataset.
-    train=True adds a random horizontal flip (scenes are already random)."""
+    train=True adds a random horizontal flip (scenes are already random). cues in [0, 1]:
+    the strength of the cross-modal cues (rooms.py); the same scenes and labels at every
+    level, 0 = the rooms as they always were."""
 
     def __init__(self, split: str = "train", train: bool = False, image_size: int = rooms.SYNTHETIC_SIZE,
-                 seed: int = 0, length: Optional[int] = None):
+                 seed: int = 0, length: Optional[int] = None, cues: float = 0.0):
         if split not in rooms.SYNTHETIC_LENGTH:
             raise UserError(f"synthetic: unknown split {split!r}: choose one of {', '.join(SPLITS)}")
         if image_size < 8:
             raise UserError(f"synthetic: image_size must be at least 8, got {image_size}")
+        self.check_cues(cues)
         self.split, self.train, self.size, self.seed = split, train, int(image_size), seed
+        self.cues = float(cues)
         self.length = rooms.SYNTHETIC_LENGTH[split] if length is None else length
         self.epoch = 0
+
+    @staticmethod
+    def check_cues(cues: float) -> None:
+        if not 0.0 <= cues <= 1.0:        # also refuses NaN
+            raise UserError(f"--cues must be in [0, 1], got {cues}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -218,7 +233,7 @@ class SyntheticRooms(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        rgb, depth, label = rooms.render_synthetic(self.split, index, self.size)
+        rgb, depth, label = rooms.render_synthetic(self.split, index, self.size, self.cues)
         if self.train and aug_rng(self.seed, self.epoch, index).uniform() < 0.5:
             rgb, depth, label = rgb[:, ::-1], depth[:, ::-1], label[:, ::-1]
         return make_sample(normalize_rgb(rgb), torch.from_numpy(depth.copy())[None],
