@@ -30,7 +30,7 @@ import modalities
 import ops
 import sttp
 import vis
-from cli import UserError, arg, pick_device, run_cli
+from cli import UserError, arg, check_numbers, pick_device, run_cli
 from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_checkpoint, param_groups,
                     start_run, to_device, training_set)
 from runtime import DTYPES, TrainingRuntime, autocast_dtype, compile_encoder, grad_scaler, init_distributed
@@ -73,6 +73,7 @@ class TrainConfig:
     out_dir: str = arg("out/pretrain", "where ckpt.pt, log.jsonl, loss_curve.png and recon_*.png go")
     vis_every: int = arg(1, "write a reconstruction picture (Figure 4) every N epochs and at the end; 0 = never")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt")
+    overwrite: bool = arg(False, "start over in an --out_dir that holds a run (its checkpoint and logs are replaced)")
     stop_after: int = arg(0, "stop (with a checkpoint) after this many batches; 0 = run to the end")
     ckpt_every: int = arg(0, "also checkpoint every N batches (0 = at the end of each epoch)")
     workers: int = arg(0, "DataLoader worker processes")
@@ -92,11 +93,11 @@ TRAIN_PRESETS = {
 
 
 def validate(cfg: TrainConfig) -> None:
-    patch = check_common_flags(cfg, positive=("budget", "teacher_iters", "alpha"), non_negative=("vis_every",))
+    patch = check_common_flags(cfg, positive=("budget", "teacher_iters", "alpha"),
+                               non_negative=("vis_every", "token_weight"))
+    check_numbers(cfg, unit=("p_drop", "mask_ratio"))
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise UserError(f"--warmup_epochs must be in [0, --epochs={cfg.epochs}], got {cfg.warmup_epochs}")
-    if not 0.0 <= cfg.p_drop <= 1.0:
-        raise UserError(f"--p_drop must be in [0, 1], got {cfg.p_drop}")
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise UserError(f"--mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
     n = (cfg.image_size // patch) ** 2
@@ -117,6 +118,8 @@ def validate(cfg: TrainConfig) -> None:
                         f"not {cfg.mode}")
     if cfg.mode == "kd" and not cfg.teacher:
         raise UserError("--mode kd needs --teacher PATH (a pre-training checkpoint, e.g. from --mode mim)")
+    if cfg.teacher and cfg.mode != "kd":
+        raise UserError(f"--teacher is the frozen teacher of --mode kd; --mode {cfg.mode} has none")
 
 
 def objective_config(cfg: TrainConfig, runtime: sttp.Runtime) -> sttp.ObjectiveConfig:
@@ -159,7 +162,7 @@ def main(argv=None):
     # Seeded alike in every process: masking is drawn for the global batch (model.Shard).
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    dataset = training_set(cfg)
+    dataset = training_set(cfg, augmentation="pretrain")
     model_cfg = dataclasses.replace(M.PRESETS[cfg.config], image_size=cfg.image_size,
                                     num_classes=data.num_classes(cfg.dataset),
                                     modalities=tuple(cfg.modalities.split(",")))
