@@ -37,7 +37,8 @@ from runtime import rank_and_world
 VERSION = 1
 # Flags that belong to one invocation, not to the run: --resume may change them. (out_dir
 # too: a run folder that was moved or copied resumes where it is now.)
-RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "compile", "overwrite", "out_dir"}
+RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "compile", "overwrite", "out_dir",
+               "grad_ckpt"}
 # What a run writes into its folder; --overwrite removes these before a new run starts.
 RUN_FILES = ("ckpt.pt", "log.jsonl", "loss_curve.png")
 

@@ -74,6 +74,7 @@ class TrainConfig:
     vis_every: int = arg(1, "write a reconstruction picture (Figure 4) every N epochs and at the end; 0 = never")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt")
     overwrite: bool = arg(False, "start over in an --out_dir that holds a run (its checkpoint and logs are replaced)")
+    grad_ckpt: bool = arg(False, "recompute encoder activations in the backward (less memory, ~30 % more time)")
     stop_after: int = arg(0, "stop (with a checkpoint) after this many batches; 0 = run to the end")
     ckpt_every: int = arg(0, "also checkpoint every N batches (0 = at the end of each epoch)")
     workers: int = arg(0, "DataLoader worker processes")
@@ -175,9 +176,11 @@ def main(argv=None):
     runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad)
     ocfg = objective_config(cfg, runtime)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
-                extra={"kind": "pretrain", "model_config": dataclasses.asdict(model_cfg)}, scaler=scaler)
+                extra={"kind": "pretrain", "model_config": dataclasses.asdict(model_cfg),
+                       "data": data.conventions(cfg.dataset, cfg.image_size)}, scaler=scaler)
     if ckpt is not None:
         loop.resume(ckpt)
+    net.grad_ckpt = cfg.grad_ckpt
     if cfg.compile:
         compile_encoder(net)
     # Under torchrun every parameter gets a gradient in every step, except in --mode token:
