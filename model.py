@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -99,10 +98,13 @@ PRESETS = {
 # Positions
 
 
-@lru_cache(maxsize=32)
-def _sincos(h: int, w: int, dim: int, device: str) -> torch.Tensor:
+def sincos_pos_embed(h: int, w: int, dim: int, device) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding [1, h*w, dim] (MoCo-v3, as MultiMAE builds it):
-    a quarter of the channels each for sin and cos of the row, then of the column."""
+    a quarter of the channels each for sin and cos of the row, then of the column.
+    Computed for the actual grid rather than interpolated from 14x14: it is fixed, not
+    learned, so any image size gets exact positions. (Computed anew each call, on the CPU
+    as always so the values do not depend on the device: it is tiny, and a cache would keep
+    the fake tensors of torch.compile / torch.onnx.export tracing.)"""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs width % 4 == 0, got {dim}")
     omega = 1.0 / (10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)))
@@ -111,12 +113,6 @@ def _sincos(h: int, w: int, dim: int, device: str) -> torch.Tensor:
     r = rows.flatten()[:, None] * omega[None]
     c = cols.flatten()[:, None] * omega[None]
     return torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)[None].to(device)
-
-
-def sincos_pos_embed(h: int, w: int, dim: int, device) -> torch.Tensor:
-    # Computed for the actual grid rather than interpolated from 14x14: it is fixed,
-    # not learned, so any image size gets exact positions.
-    return _sincos(h, w, dim, str(device))
 
 
 # -----------------------------------------------------------------------------

@@ -53,7 +53,7 @@ class TrainConfig:
     lr: float = arg(1e-3, "peak learning rate (paper: 1e-5)")
     min_lr: float = arg(0.0, "final learning rate of the cosine schedule")
     lr_warmup_epochs: float = arg(0.5, "linear learning-rate warm-up from 0, in epochs")
-    weight_decay: float = arg(0.05, "AdamW weight decay (MultiMAE)")
+    weight_decay: float = arg(0.05, "AdamW weight decay (MultiMAE's value; biases, norms, tokens exempt: ours)")
     image_size: int = arg(64, "training crop size")
     budget: int = arg(32, "visible tokens over all modalities (MultiMAE: 98 of 3x196)")
     alpha: float = arg(1.0, "Dirichlet concentration of the token split (MultiMAE: 1)")
