@@ -92,14 +92,14 @@ def palette(name: str) -> np.ndarray:
     return out
 
 
-def conventions(name: str, image_size: int) -> dict:
+def conventions(name: str, image_size: int, cues: float = 0.0) -> dict:
     """What a checkpoint must record about the data it was trained on, so that inference on
     new images needs nothing repeated (evaluate.py reads it): the dataset and its classes,
     the training crop, how rgb was normalised and what unit depth was in."""
     return {"dataset": name, "classes": list(CLASS_NAMES[name]), "image_size": int(image_size),
             "rgb_mean": list(RGB_MEAN), "rgb_std": list(RGB_STD), "depth_unit": "metres",
             "depth_missing": 0.0, "depth_normalisation": "per image, modalities.standardize_depth",
-            "ignore_index": IGNORE_INDEX}
+            "ignore_index": IGNORE_INDEX, **({"cues": float(cues)} if name == "synthetic" else {})}
 
 
 def default_root(name: str) -> Optional[str]:

@@ -189,7 +189,7 @@ def training_set(cfg, augmentation: str = "finetune"):
     """The training split of cfg.dataset with augmentation ("pretrain" or "finetune": see
     data.build_dataset), cut to --subset if given."""
     ds = data.build_dataset(cfg.dataset, cfg.data_root or None, "train", train=True,
-                            image_size=cfg.image_size, seed=cfg.seed, augmentation=augmentation)
+                            image_size=cfg.image_size, seed=cfg.seed, augmentation=augmentation, cues=cfg.cues)
     return Subset(ds, cfg.subset) if cfg.subset else ds
 
 
@@ -201,6 +201,9 @@ def check_common_flags(cfg, positive=(), non_negative=()) -> int:
                                 "lr_warmup_epochs", "weight_decay") + tuple(non_negative))
     if cfg.min_lr > cfg.lr:
         raise UserError(f"--min_lr {cfg.min_lr} is above --lr {cfg.lr}")
+    check_numbers(cfg, unit=("cues",))
+    if cfg.cues and cfg.dataset != "synthetic":
+        raise UserError(f"--cues applies to the synthetic rooms only, not --dataset {cfg.dataset}")
     if cfg.dataset == "synthetic" and cfg.data_root:
         raise UserError(f"--data_root {cfg.data_root}: the synthetic rooms are generated, not read; "
                         f"give --dataset nyu or sun to read a dataset folder")

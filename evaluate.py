@@ -96,6 +96,7 @@ class EvalConfig:
     """Evaluate a fine-tuned checkpoint on rgb+depth, rgb only and depth only."""
     ckpt: str = arg("out/finetune/ckpt.pt", "fine-tuned checkpoint (finetune.py's output)")
     dataset: str = arg("", "dataset (default: the one the checkpoint was fine-tuned on)", ("",) + data.DATASETS)
+    cues: float = arg(-1.0, "synthetic rooms: their cue level, 0 to 1 (default -1: the checkpoint's)")
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
     split: str = arg("test", "split to evaluate (val: the synthetic rooms only)", data.SPLITS)
     only: str = arg("", "evaluate (or export) just this input condition", ("", "rgbd", "rgb", "depth"))
@@ -527,7 +528,9 @@ def check_png(path: str, flag: str) -> None:
 def check_request(cfg) -> str:
     """Flags and output paths, before the model is loaded. Returns the mode: "export",
     "folder", "image" or "dataset"."""
-    check_numbers(cfg, positive=("batch_size", "depth_scale"), non_negative=("num_vis", "workers"))
+    check_numbers(cfg, positive=("batch_size", "depth_scale"), non_negative=("num_vis", "workers"), finite=("cues",))
+    if cfg.cues > 1:
+        raise UserError(f"--cues must be in [0, 1] (or -1: the checkpoint's), got {cfg.cues}")
     if cfg.export_onnx:
         if cfg.rgb or cfg.depth:
             raise UserError("--export_onnx exports the model; segment images (--rgb, --depth) in another run")
@@ -578,8 +581,9 @@ def main(argv=None):
     if mode == "image":
         return segment_one_image(cfg, net, conv, device)
     dataset_name, names = conv.dataset, conv.classes
+    cues = cfg.cues if cfg.cues >= 0 else ckpt.get("data", {}).get("cues", 0.0) if dataset_name == "synthetic" else 0.0
     dataset = data.build_dataset(dataset_name, cfg.data_root or None, cfg.split, train=False,
-                                 image_size=net.cfg.image_size)
+                                 image_size=net.cfg.image_size, cues=cues)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                          collate_fn=data.collate)
     print(f"evaluating {cfg.ckpt} on {dataset_name} {cfg.split} ({len(dataset)} images): {', '.join(settings)}")

@@ -41,6 +41,7 @@ class FinetuneConfig:
     dataset: str = arg("synthetic", "dataset to fine-tune on", data.DATASETS)
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
     subset: int = arg(0, "use only the first N training images (0 = all)")
+    cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (rooms.py)")
     pretrained: str = arg("out/pretrain/ckpt.pt", "pre-training checkpoint, or 'none' for the baseline")
     init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
     config: str = arg("tiny", "model preset (default: the pre-training checkpoint's)", tuple(M.PRESETS))
@@ -188,7 +189,7 @@ def main(argv=None):
     runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "finetune", "model_config": dataclasses.asdict(model_cfg),
-                       "dataset": cfg.dataset, "data": data.conventions(cfg.dataset, cfg.image_size)},
+                       "dataset": cfg.dataset, "data": data.conventions(cfg.dataset, cfg.image_size, cfg.cues)},
                 scaler=scaler)
     if ckpt is not None:
         loop.resume(ckpt)

@@ -42,6 +42,7 @@ class TrainConfig:
     dataset: str = arg("synthetic", "dataset to pre-train on", data.DATASETS)
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
     subset: int = arg(0, "use only the first N training images (0 = all)")
+    cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (rooms.py)")
     config: str = arg("tiny", "model preset and its training defaults", tuple(M.PRESETS))
     init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
     mode: str = arg("sttp", "objective after the warm-up", tuple(sttp.OBJECTIVES))
@@ -147,9 +148,11 @@ def picture_batch(cfg, device, n: int = 2) -> dict:
     training split if there is no test split), unaugmented, centre-cropped to the
     training size. The same images every time, so the pictures show training progress."""
     try:
-        dataset = data.build_dataset(cfg.dataset, cfg.data_root or None, "test", image_size=cfg.image_size)
+        dataset = data.build_dataset(cfg.dataset, cfg.data_root or None, "test", image_size=cfg.image_size,
+                                     cues=cfg.cues)
     except UserError:
-        dataset = data.build_dataset(cfg.dataset, cfg.data_root or None, "train", image_size=cfg.image_size)
+        dataset = data.build_dataset(cfg.dataset, cfg.data_root or None, "train", image_size=cfg.image_size,
+                                     cues=cfg.cues)
     samples = [data.center_crop(dataset[i], cfg.image_size) for i in range(min(n, len(dataset)))]
     return to_device(data.collate(samples), device)
 
@@ -177,7 +180,7 @@ def main(argv=None):
     ocfg = objective_config(cfg, runtime)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "pretrain", "model_config": dataclasses.asdict(model_cfg),
-                       "data": data.conventions(cfg.dataset, cfg.image_size)}, scaler=scaler)
+                       "data": data.conventions(cfg.dataset, cfg.image_size, cfg.cues)}, scaler=scaler)
     if ckpt is not None:
         loop.resume(ckpt)
     net.grad_ckpt = cfg.grad_ckpt
