@@ -13,7 +13,9 @@ dataclasses). Nothing here knows about models or data.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 from dataclasses import field, fields
 from typing import Optional
@@ -32,7 +34,11 @@ def arg(default, help: str, choices=None):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors."""
+    """argparse with one-line errors, and no abbreviated flags: `--epoch 1` is an error,
+    not a silent `--epochs 1`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):                       # one line, no usage dump
         raise UserError(f"{self.prog}: {message} (see --help)")
@@ -62,12 +68,23 @@ def parse_config(cls, argv=None, presets: Optional[dict] = None):
     return cls(**values), set(given)
 
 
+def one_line(e: UserError) -> str:
+    """A UserError's message. One raised in a DataLoader worker process comes back wrapped
+    in the worker's traceback ("Caught UserError in DataLoader worker process 0 ...
+    Original Traceback ..."); its last line holds the original message."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = re.sub(r"^[\w.]*UserError: ", "", last)
+    return msg
+
+
 def run_cli(main):
     """Run a script's main(); a UserError is printed as one line, exit status 2."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -75,7 +92,54 @@ def pick_device(name: str) -> torch.device:
     """--device: auto (a GPU when one is visible), cpu, cuda or cuda:N."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is visible")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return torch.device(name)
+
+
+def check_numbers(cfg, finite=(), positive=(), non_negative=(), unit=()) -> None:
+    """One-line errors for numeric flags: NaN or infinity (`finite`; implied by the other
+    lists), <= 0 (`positive`), < 0 (`non_negative`), outside [0, 1] (`unit`)."""
+    for name in dict.fromkeys(tuple(finite) + tuple(positive) + tuple(non_negative) + tuple(unit)):
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in unit:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UserError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
+
+
+def check_output(path: str, flag: str, kind: str = "dir") -> None:
+    """Before any work: `path` can be written as a folder (kind "dir") or a file ("file").
+    An empty name, a file where a folder is needed (or the reverse), and an unwritable
+    location are one line each."""
+    if not path:
+        raise UserError(f"{flag} is empty: give a {'folder' if kind == 'dir' else 'file'} name")
+    if os.path.exists(path):
+        if kind == "dir" and not os.path.isdir(path):
+            raise UserError(f"{flag} {path}: a file is there, not a folder")
+        if kind == "file" and os.path.isdir(path):
+            raise UserError(f"{flag} {path}: a folder is there, not a file")
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {path}: not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):                  # the folders that will be created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: {parent} is not writable")
 

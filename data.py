@@ -27,6 +27,7 @@ number of DataLoader workers.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -89,6 +90,16 @@ def palette(name: str) -> np.ndarray:
             k >>= 3
         out[c] = rgb
     return out
+
+
+def conventions(name: str, image_size: int, cues: float = 0.0) -> dict:
+    """What a checkpoint must record about the data it was trained on, so that inference on
+    new images needs nothing repeated (evaluate.py reads it): the dataset and its classes,
+    the training crop, how rgb was normalised and what unit depth was in."""
+    return {"dataset": name, "classes": list(CLASS_NAMES[name]), "image_size": int(image_size),
+            "rgb_mean": list(RGB_MEAN), "rgb_std": list(RGB_STD), "depth_unit": "metres",
+            "depth_missing": 0.0, "depth_normalisation": "per image, modalities.standardize_depth",
+            "ignore_index": IGNORE_INDEX, **({"cues": float(cues)} if name == "synthetic" else {})}
 
 
 def default_root(name: str) -> Optional[str]:
@@ -170,12 +181,14 @@ def aug_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def build_dataset(name: str, root: Optional[str] = None, split: str = "train", train: bool = False,
-                  image_size: Optional[int] = None, seed: int = 0, cues: float = 0.0) -> torch.utils.data.Dataset:
+                  image_size: Optional[int] = None, seed: int = 0, augmentation: str = "finetune",
+                  cues: float = 0.0) -> torch.utils.data.Dataset:
     """The dataset `name` ("synthetic", "nyu", "sun"), split "train" or "test" (or "val":
     the synthetic rooms' validation split, for choices made before looking at test).
 
-    train=True applies the training augmentation (synthetic: flip; real data: flip,
-    rescale, crop to image_size); train=False returns unaugmented images (synthetic:
+    train=True applies the training augmentation (synthetic: flip; real data: MultiMAE's
+    for `augmentation` "finetune" (flip, rescale, crop to image_size) or "pretrain" (random
+    resized crop, flip)); train=False returns unaugmented images (synthetic:
     rendered at image_size; real data: full size). `root` defaults to default_root(name);
     the layout under it is detected automatically (see the NYU / SUN sections). `cues` in
     [0, 1]: the synthetic rooms' cross-modal cues (rooms.py, "Cross-modal cues"); 0 = the
@@ -192,7 +205,7 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", t
     if name == "synthetic":
         return SyntheticRooms(split, train=train, image_size=image_size or rooms.SYNTHETIC_SIZE, seed=seed,
                               cues=cues)
-    return build_real_dataset(name, root or default_root(name), split, train, image_size, seed)
+    return build_real_dataset(name, root or default_root(name), split, train, image_size, seed, augmentation)
 
 
 # =============================================================================
@@ -360,6 +373,58 @@ def _read_uint16(path: str) -> np.ndarray:
     raise UserError(f"{path}: unexpected depth image mode {img.mode}, expected a 16-bit PNG")
 
 
+# Depth in the wrong unit decodes to numbers, not to an error: each image's median depth is
+# checked against what an indoor RGB-D sensor sees (a Kinect: ~0.5-10 m; a room's median
+# depth lies in 1-6 m, the lower bound here allows close-ups), and a split's median over a
+# few images against the narrower room range. Outside them the file's unit is wrong; the
+# ratio to a typical 2.5 m suggests which unit it is.
+IMAGE_MEDIAN_RANGE = (0.25, 15.0)     # metres, one image
+SPLIT_MEDIAN_RANGE = (1.0, 6.0)       # metres, the median of a split's image medians
+UNIT_HINTS = ((1000.0, "millimetres where metres were expected"),
+              (1e-3, "metres (whole numbers) where millimetres were expected"),
+              (10.0, "metres x 10000 (e.g. Depth2HHA's PNGs) read as millimetres"),
+              (1 / 6.5536, "millimetres read with MultiMAE's encoding (2^16 per 10 m)"),
+              (6.5536, "MultiMAE's encoding (2^16 per 10 m) read as millimetres"))
+
+
+def unit_hint(median: float) -> str:
+    """Which wrong unit a median depth (metres, as decoded) most likely comes from."""
+    ratio = median / 2.5
+    factor, what = min(UNIT_HINTS, key=lambda h: abs(math.log(ratio / h[0])))
+    return what if abs(math.log(ratio / factor)) < math.log(2.5) else "an unknown unit"
+
+
+def check_depth_range(path: str, depth: np.ndarray) -> None:
+    """One-line errors for a depth map (metres, 0 = missing) that has no measurement at all
+    or whose median is not an indoor distance."""
+    valid = depth[depth > 0]
+    if valid.size == 0:
+        raise UserError(f"{path}: every depth pixel is 0 (no measurement): the image has no depth; "
+                        f"fix or remove it, or segment it from rgb alone")
+    median = float(np.median(valid))
+    lo, hi = IMAGE_MEDIAN_RANGE
+    if not lo <= median <= hi:
+        raise UserError(f"{path}: depth {float(valid.min()):.3g}..{float(valid.max()):.3g} m, median {median:.3g} m, "
+                        f"is not an indoor range ({lo}-{hi} m median): likely {unit_hint(median)}")
+
+
+def check_split_depth(root: str, split: str, layout: Layout, items: list, dataset: str, n: int = 8) -> None:
+    """The median depth of a split (over n images spread across it, read when the dataset
+    is built, before any work) must be a room's: catches a unit off by a small factor that
+    each image alone would pass (MultiMAE's encoding read from millimetre PNGs: 6.55x)."""
+    picks = items[:: max(1, len(items) // n)][:n]
+    medians = []
+    for item in picks:
+        depth = read_depth(item.depth, layout, dataset)
+        medians.append(float(np.median(depth[depth > 0])))
+    median = float(np.median(medians))
+    lo, hi = SPLIT_MEDIAN_RANGE
+    if not lo <= median <= hi:
+        raise UserError(f"{root}: the {split} split's median depth is {median:.3g} m over {len(picks)} images "
+                        f"(rooms: {lo}-{hi} m) as the {layout.key} layout's encoding ({layout.depth}): "
+                        f"likely {unit_hint(median)}")
+
+
 def read_depth(path: str, layout: Layout, dataset: str) -> np.ndarray:
     """float32 [H, W] metres, 0 = missing, decoded as the layout table says."""
     if path.endswith(".npy"):
@@ -392,6 +457,7 @@ def read_depth(path: str, layout: Layout, dataset: str) -> np.ndarray:
         raise UserError(f"{path}: depth contains NaN or infinite values")
     if (depth < 0).any():
         raise UserError(f"{path}: depth contains negative values (min {depth.min():.3g})")
+    check_depth_range(path, depth)
     if dataset == "nyu" and depth.size and depth.max() > NYU_MAX_DEPTH:
         raise UserError(f"{path}: depth up to {depth.max():.1f} m read as the {layout.key} layout's encoding "
                         f"({layout.depth}); NYU's Kinect sees at most ~10 m, so the file uses another encoding")
@@ -403,8 +469,10 @@ def read_depth_file(path: str, metres_per_unit: float = 0.001) -> np.ndarray:
     metres, or a 16-bit PNG whose values times `metres_per_unit` are metres (0.001 for
     millimetres, the Kinect/NYU convention). float32 [H, W], 0 = missing."""
     if path.endswith(".npy"):
-        return read_depth(path, MASKMENTOR, "synthetic")      # metres, checked for NaN / < 0
-    return (_read_uint16(path) * metres_per_unit).astype(np.float32)
+        return read_depth(path, MASKMENTOR, "synthetic")      # metres, checked for NaN / < 0 / range
+    depth = (_read_uint16(path) * metres_per_unit).astype(np.float32)
+    check_depth_range(path, depth)
+    return depth
 
 
 def read_label(path: str, layout: Layout, classes: int) -> np.ndarray:
@@ -449,15 +517,19 @@ class RealRGBD(torch.utils.data.Dataset):
     """A list of (rgb, depth, label) files in a known layout → sample dicts.
 
     train=False: the images at full size, unaugmented. train=True: the paper's
-    augmentation (§4.1: random flip, crop, rescale; `augment`), drawn from
-    aug_rng(seed, epoch, index). Files are checked for existence up front and decoded
-    (and validated) when a sample is read.
+    augmentation, "following [1]" (§4.1), i.e. MultiMAE's for each stage:
+    augmentation="finetune" (`augment`: random rescale, crop, flip) or "pretrain"
+    (`augment_pretrain`: random resized crop, flip), drawn from aug_rng(seed, epoch, index).
+    Files are checked for existence up front and decoded (and validated) when a sample is read.
     """
 
     def __init__(self, name: str, root: str, layout: Layout, items: list, train: bool = False,
-                 image_size: Optional[int] = None, seed: int = 0, scale_range=SCALE_RANGE):
+                 image_size: Optional[int] = None, seed: int = 0, scale_range=SCALE_RANGE,
+                 augmentation: str = "finetune"):
+        if augmentation not in ("finetune", "pretrain"):
+            raise ValueError(f"augmentation must be 'finetune' or 'pretrain', got {augmentation!r}")
         self.name, self.root, self.layout, self.items = name, root, layout, items
-        self.train, self.seed, self.scale_range = train, seed, scale_range
+        self.train, self.seed, self.scale_range, self.augmentation = train, seed, scale_range, augmentation
         self.crop = int(image_size or DEFAULT_CROP)
         self.classes = num_classes(name)
         self.epoch = 0
@@ -478,8 +550,11 @@ class RealRGBD(torch.utils.data.Dataset):
         depth_t = torch.from_numpy(depth)[None]
         label_t = torch.from_numpy(label)
         if self.train:
-            rgb_t, depth_t, label_t = augment(rgb_t, depth_t, label_t, aug_rng(self.seed, self.epoch, index),
-                                              self.crop, self.scale_range)
+            rng = aug_rng(self.seed, self.epoch, index)
+            if self.augmentation == "pretrain":
+                rgb_t, depth_t, label_t = augment_pretrain(rgb_t, depth_t, label_t, rng, self.crop)
+            else:
+                rgb_t, depth_t, label_t = augment(rgb_t, depth_t, label_t, rng, self.crop, self.scale_range)
         return make_sample(rgb_t, depth_t, label_t, item.id)
 
 
@@ -555,6 +630,11 @@ def detect_layout(name: str, root: str, split: str):
         for layout, *sub in _SPLIT_FOLDER_LAYOUTS:
             if os.path.isdir(os.path.join(root, split, sub[2])):
                 return layout, _split_folder_items(root, split, layout, tuple(sub))
+        for layout, *sub in _SPLIT_FOLDER_LAYOUTS:          # the layout is there, the split is not
+            others = [s for s in SPLITS if s != split and os.path.isdir(os.path.join(root, s, sub[2]))]
+            if others:
+                raise UserError(f"{root}: the {layout.key} layout has no {split} split ({os.path.join(split, sub[2])}"
+                                f"/ is missing; found {', '.join(o + '/' for o in others)} only)")
     if os.path.isdir(os.path.join(root, "RGB")) and os.path.isdir(os.path.join(root, "Depth")) and \
             _first_folder(root, ("Label", "labels", "label")):
         layout = CMX_NYU if name == "nyu" else CMX_SUN
@@ -568,9 +648,11 @@ def detect_layout(name: str, root: str, split: str):
 
 
 def build_real_dataset(name: str, root: str, split: str, train: bool, image_size: Optional[int],
-                       seed: int) -> RealRGBD:
+                       seed: int, augmentation: str = "finetune") -> RealRGBD:
     layout, items = detect_layout(name, root, split)
-    return RealRGBD(name, root, layout, items, train=train, image_size=image_size, seed=seed)
+    check_split_depth(root, split, layout, items, name)
+    return RealRGBD(name, root, layout, items, train=train, image_size=image_size, seed=seed,
+                    augmentation=augmentation)
 
 
 # =============================================================================
@@ -611,5 +693,45 @@ def augment(rgb: torch.Tensor, depth: torch.Tensor, label: torch.Tensor, rng: np
     crop = (slice(y0, y0 + size), slice(x0, x0 + size))
     rgb, depth, label = rgb[(slice(None),) + crop], depth[(slice(None),) + crop], label[crop]
     if flip:
+        rgb, depth, label = rgb.flip(-1), depth.flip(-1), label.flip(-1)
+    return rgb.contiguous(), depth.contiguous(), label.contiguous()
+
+
+# MultiMAE pre-trains with torchvision's RandomResizedCrop(scale=(0.2, 1.0)) and a flip, and
+# fine-tunes with rescale / pad / crop / flip (`augment`); the paper applies "random
+# flipping, cropping, and rescaling following the approach described in [1]" (§4.1) to
+# both stages, so each stage follows MultiMAE's own (decision D15 of docs/method.md).
+PRETRAIN_SCALE = (0.2, 1.0)           # fraction of the image's area a crop covers
+PRETRAIN_RATIO = (3 / 4, 4 / 3)       # its aspect ratio (width / height)
+
+
+def augment_pretrain(rgb: torch.Tensor, depth: torch.Tensor, label: torch.Tensor, rng: np.random.Generator,
+                     size: int, scale=PRETRAIN_SCALE, ratio=PRETRAIN_RATIO):
+    """MultiMAE's pre-training augmentation, jointly on rgb [3,H,W], depth [1,H,W] and
+    label [H,W]: a random crop of `scale` of the area and `ratio` aspect (torchvision's
+    RandomResizedCrop: up to 10 tries, else the largest centred crop of an allowed
+    aspect), resized to size x size (rgb bilinear, antialiased when shrinking; depth and
+    labels nearest, so no depth is invented across an edge or a hole), then a flip with
+    p = 0.5."""
+    H, W = label.shape
+    for _ in range(10):
+        area = H * W * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= W and 0 < h <= H:
+            y0, x0 = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+            break
+    else:
+        aspect = min(max(W / H, ratio[0]), ratio[1])
+        w, h = (W, round(W / aspect)) if W / H < aspect else (round(H * aspect), H)
+        w, h = min(w, W), min(h, H)
+        y0, x0 = (H - h) // 2, (W - w) // 2
+    crop = (slice(y0, y0 + h), slice(x0, x0 + w))
+    rgb, depth, label = rgb[(slice(None),) + crop], depth[(slice(None),) + crop], label[crop]
+    rgb = torch.nn.functional.interpolate(rgb[None], (size, size), mode="bilinear", align_corners=False,
+                                          antialias=size < h or size < w)[0]
+    depth = torch.nn.functional.interpolate(depth[None], (size, size), mode="nearest-exact")[0]
+    label = torch.nn.functional.interpolate(label[None, None].float(), (size, size), mode="nearest-exact")[0, 0].long()
+    if rng.uniform() < 0.5:
         rgb, depth, label = rgb.flip(-1), depth.flip(-1), label.flip(-1)
     return rgb.contiguous(), depth.contiguous(), label.contiguous()

@@ -31,12 +31,16 @@ from tqdm import tqdm
 
 import data
 import model as M
-from cli import UserError, parse_config
+from cli import UserError, check_numbers, check_output, parse_config
 from runtime import rank_and_world
 
 VERSION = 1
-# Flags that belong to one invocation, not to the run: --resume may change them.
-RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "compile"}
+# Flags that belong to one invocation, not to the run: --resume may change them. (out_dir
+# too: a run folder that was moved or copied resumes where it is now.)
+RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "compile", "overwrite", "out_dir",
+               "grad_ckpt"}
+# What a run writes into its folder; --overwrite removes these before a new run starts.
+RUN_FILES = ("ckpt.pt", "log.jsonl", "loss_curve.png")
 
 
 # -----------------------------------------------------------------------------
@@ -181,24 +185,28 @@ class Subset(torch.utils.data.Dataset):
         self.dataset.set_epoch(epoch)
 
 
-def training_set(cfg):
-    """The training split of cfg.dataset with augmentation, cut to --subset if given."""
+def training_set(cfg, augmentation: str = "finetune"):
+    """The training split of cfg.dataset with augmentation ("pretrain" or "finetune": see
+    data.build_dataset), cut to --subset if given."""
     ds = data.build_dataset(cfg.dataset, cfg.data_root or None, "train", train=True,
-                            image_size=cfg.image_size, seed=cfg.seed)
+                            image_size=cfg.image_size, seed=cfg.seed, augmentation=augmentation, cues=cfg.cues)
     return Subset(ds, cfg.subset) if cfg.subset else ds
 
 
 def check_common_flags(cfg, positive=(), non_negative=()) -> int:
     """The checks train.py and finetune.py share (their schedule, run-control and image
     flags), plus the extra names given; returns the preset's patch size."""
-    for name in ("epochs", "batch_size", "image_size") + tuple(positive):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("subset", "stop_after", "ckpt_every", "workers", "clip_grad") + tuple(non_negative):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.lr_warmup_epochs < 0:
-        raise UserError("--lr must be positive, --min_lr and --lr_warmup_epochs >= 0")
+    check_numbers(cfg, positive=("epochs", "batch_size", "image_size", "lr") + tuple(positive),
+                  non_negative=("subset", "stop_after", "ckpt_every", "workers", "clip_grad", "min_lr",
+                                "lr_warmup_epochs", "weight_decay") + tuple(non_negative))
+    if cfg.min_lr > cfg.lr:
+        raise UserError(f"--min_lr {cfg.min_lr} is above --lr {cfg.lr}")
+    check_numbers(cfg, unit=("cues",))
+    if cfg.cues and cfg.dataset != "synthetic":
+        raise UserError(f"--cues applies to the synthetic rooms only, not --dataset {cfg.dataset}")
+    if cfg.dataset == "synthetic" and cfg.data_root:
+        raise UserError(f"--data_root {cfg.data_root}: the synthetic rooms are generated, not read; "
+                        f"give --dataset nyu or sun to read a dataset folder")
     patch = M.PRESETS[cfg.config].patch_size
     if cfg.image_size % patch:
         raise UserError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch}")
@@ -255,8 +263,10 @@ class Loop:
         self.total_its = cfg.epochs * self.batches_per_epoch
         self.warmup_its = int(cfg.lr_warmup_epochs * self.batches_per_epoch)
         self.epoch, self.batch, self.history = 0, 0, []
+        self.resumed = None           # the checkpoint a resumed run started from
 
     def resume(self, ckpt: dict) -> None:
+        self.resumed = ckpt
         self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None:
@@ -287,7 +297,7 @@ class Loop:
         cfg = self.cfg
         main = self.rank == 0
         if main:
-            os.makedirs(cfg.out_dir, exist_ok=True)
+            prepare_out_dir(cfg, self.resumed)
         if self.world > 1:
             print(f"{self.world} processes: batches of {cfg.batch_size} images in all, "
                   f"{cfg.batch_size // self.world} per process; lr {cfg.lr:g} as given, not rescaled: "
@@ -390,6 +400,8 @@ def save_curve(history: list, path: str) -> None:
     keys = []
     for h in history:
         keys += [k for k in h if k not in keys and k not in ("epoch", "mode", "_sums") and not k.endswith("loss")]
+    if not keys:                          # fine-tuning logs only its loss: draw that
+        keys = [k for k in history[0] if k.endswith("loss")] if history else []
     series = {k: [(h["epoch"], h[k]) for h in history if k in h] for k in keys}
     if not series:
         return
@@ -444,16 +456,48 @@ def check_resume(saved: dict, cfg, given: set, run_control: set) -> None:
                                  f"({name}={saved.get(name)}); use a new --out_dir to change it")
 
 
+def check_out_dir(cfg, kind: str) -> None:
+    """Never lose a run: before any work, --out_dir must be a writable folder, and one that
+    holds a run (a checkpoint or a log) is refused unless this invocation --resume's it
+    or --overwrite's it."""
+    check_output(cfg.out_dir, "--out_dir")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if held and not cfg.resume and not cfg.overwrite:
+        raise UserError(f"--out_dir {cfg.out_dir} holds a run ({', '.join(held)}); pass --resume to continue it, "
+                        f"--overwrite to replace it, or another --out_dir")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out_dir, --overwrite replaces it: pass one of them")
+
+
+def prepare_out_dir(cfg, ckpt) -> None:
+    """Once the checks have passed, just before the work: remove what a crash left behind
+    (ckpt.pt.tmp* files), the old run with --overwrite (its files, not the folder), and on
+    --resume rewrite log.jsonl from the checkpoint's history, so that epochs finished
+    after the last checkpoint (they are run again) don't appear twice. Rank 0 only."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    for f in os.listdir(cfg.out_dir):
+        if f.startswith("ckpt.pt.tmp") or (cfg.overwrite and (f in RUN_FILES or f.startswith("recon_epoch"))):
+            os.remove(os.path.join(cfg.out_dir, f))
+    if ckpt is not None:
+        with open(os.path.join(cfg.out_dir, "log.jsonl"), "w") as f:
+            for h in ckpt["history"]:
+                if "_sums" not in h:          # finished epochs only (a partial one has running sums)
+                    f.write(json.dumps(h) + "\n")
+
+
 def start_run(cls, argv, presets, run_control: set, kind: str):
     """Parse flags; with --resume, load the checkpoint and take its config, except the
-    run-control flags (how long to run now, workers, device), which belong to this
-    invocation. Returns (cfg, checkpoint or None)."""
+    run-control flags (how long to run now, workers, device, where the folder is now),
+    which belong to this invocation. Checks --out_dir (check_out_dir). Returns (cfg,
+    checkpoint or None)."""
     cfg, given = parse_config(cls, argv, presets)
+    check_out_dir(cfg, kind)
     if not cfg.resume:
         return cfg, None
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), kind)
     saved = dict(ckpt["config"])
     if "amp" in saved:                  # a checkpoint from before --dtype: --amp was bfloat16
         saved["dtype"] = "bfloat16" if saved.pop("amp") else "float32"
+    saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}}
     check_resume(saved, cfg, given, run_control)
     return dataclasses.replace(cls(**saved), **{k: getattr(cfg, k) for k in run_control}), ckpt

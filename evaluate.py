@@ -4,6 +4,8 @@
     python evaluate.py --only depth         # just one condition
     python evaluate.py --out_json r.json
     python evaluate.py --rgb img.png --depth d.png --out seg.png   # one image, either input optional
+    python evaluate.py --rgb imgs/ --depth depths/ --out segs/     # every image of a folder
+    python evaluate.py --export_onnx onnx/  # rgbd.onnx, rgb.onnx, depth.onnx (docs/deploy.md)
 
 This is the paper's Tables 1-3 protocol: the *same* network is run with both modalities,
 with rgb alone and with depth alone (the missing modality simply contributes no tokens),
@@ -14,16 +16,29 @@ convention (docs/method.md §1). It prints a table (plus per-class IoU with clas
 writes the same numbers as JSON: keys rgbd, rgb, depth, each with miou, macc,
 per_class_iou. It also draws the paper's Figure 3 for the first --num_vis images (vis.py):
 rgb | depth | ground truth | prediction from rgb+depth, rgb only, depth only.
+
+Every prediction (`predict`) sees the grid fine-tuning saw: an image smaller than the
+fine-tuning crop is padded at the bottom/right to the crop (rgb 0 = the mean, depth 0 =
+missing), as MultiMAE pads its test images, and the prediction is cropped back (decision
+D16). Images and folders of images (`--rgb`, `--depth`) are read with the conventions the
+checkpoint carries (classes, rgb normalisation, crop size: `ckpt["data"]`); a very large
+image is segmented at a bounded size (MAX_SIDE) and its class map scaled back. The ONNX
+graphs are the same forward at a fixed crop-sized input. Every output path is checked
+before the model is loaded, so a typo costs a second, not an evaluation.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
@@ -32,10 +47,16 @@ import data
 import model as M
 import modalities
 import vis
-from cli import UserError, arg, parse_config, pick_device, run_cli
+from cli import UserError, arg, check_numbers, check_output, one_line, parse_config, pick_device, run_cli
 from engine import load_checkpoint, to_device
 
 SETTINGS = {"rgbd": ("rgb", "depth"), "rgb": ("rgb",), "depth": ("depth",)}
+# The long side of an image given with --rgb / --depth is limited to MAX_SIDE x the
+# fine-tuning crop (1280 px for the paper's 640). See segment().
+MAX_SIDE = 2
+RGB_EXTS, DEPTH_EXTS = (".png", ".jpg", ".jpeg"), (".png", ".npy")
+# The real NYU image the ONNX graphs are checked on (tests/data; a synthetic room without it).
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "nyu_0001")
 
 
 # -----------------------------------------------------------------------------
@@ -75,19 +96,42 @@ class EvalConfig:
     """Evaluate a fine-tuned checkpoint on rgb+depth, rgb only and depth only."""
     ckpt: str = arg("out/finetune/ckpt.pt", "fine-tuned checkpoint (finetune.py's output)")
     dataset: str = arg("", "dataset (default: the one the checkpoint was fine-tuned on)", ("",) + data.DATASETS)
+    cues: float = arg(-1.0, "synthetic rooms: their cue level, 0 to 1 (default -1: the checkpoint's)")
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
     split: str = arg("test", "split to evaluate (val: the synthetic rooms only)", data.SPLITS)
-    only: str = arg("", "evaluate just this input condition", ("", "rgbd", "rgb", "depth"))
+    only: str = arg("", "evaluate (or export) just this input condition", ("", "rgbd", "rgb", "depth"))
     batch_size: int = arg(16, "images per batch")
     out_json: str = arg("out/eval/results.json", "where the numbers are written as JSON")
     save_vis: str = arg("out/eval/vis", "folder for Figure-3 pictures of the first --num_vis images ('' = none)")
     num_vis: int = arg(4, "how many images get a picture")
-    rgb: str = arg("", "single-image mode: segment this rgb image (with or without --depth)")
-    depth: str = arg("", "single-image mode: this depth image (16-bit PNG, or .npy in metres)")
-    depth_scale: float = arg(0.001, "single-image mode: metres per unit of the depth PNG (0.001 = mm)")
-    out: str = arg("seg.png", "single-image mode: the predicted class map (palette PNG, pixel = class id)")
+    rgb: str = arg("", "segment this rgb image, or every image in this folder (with or without --depth)")
+    depth: str = arg("", "this depth image, or a folder of them matched to --rgb by name "
+                         "(16-bit PNG, or .npy in metres)")
+    depth_scale: float = arg(0.001, "--depth: metres per unit of the depth PNGs (0.001 = mm)")
+    out: str = arg("", "where class maps go (palette PNG, pixel = class id): a .png file for one image, "
+                       "a folder for folders ('' = seg.png or seg/)")
+    export_onnx: str = arg("", "write one ONNX graph per input condition into this folder, check them, and stop")
     workers: int = arg(0, "DataLoader worker processes")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+
+
+# -----------------------------------------------------------------------------
+# The checkpoint and the data conventions it carries
+
+
+@dataclass
+class Conventions:
+    """What the model expects of its inputs and means by its outputs. Fine-tuned
+    checkpoints carry it as ckpt["data"]; older ones only name their dataset, whose
+    classes and ImageNet statistics (data.py) were then the only possibility."""
+    dataset: str
+    classes: tuple
+    image_size: int            # the fine-tuning crop: images are padded up to it (D16)
+    rgb_mean: tuple
+    rgb_std: tuple
+
+    def palette(self) -> np.ndarray:
+        return data.palette(self.dataset)
 
 
 def load_segmenter(path: str, device) -> tuple[M.Segmenter, dict]:
@@ -97,22 +141,78 @@ def load_segmenter(path: str, device) -> tuple[M.Segmenter, dict]:
     return net.to(device).eval(), ckpt
 
 
+def conventions(ckpt: dict, net: M.Segmenter, path: str, dataset: str = "") -> Conventions:
+    """The checkpoint's data conventions; `dataset` (--dataset) overrides its class set."""
+    d = ckpt.get("data")
+    if d is None:
+        conv = Conventions(ckpt["dataset"], data.CLASS_NAMES[ckpt["dataset"]], net.cfg.image_size,
+                           data.RGB_MEAN, data.RGB_STD)
+    else:
+        keys = ("dataset", "classes", "image_size", "rgb_mean", "rgb_std", "depth_unit")
+        if not isinstance(d, dict) or any(k not in d for k in keys):
+            raise UserError(f"{path}: ckpt['data'] must be a dict with {', '.join(keys)}")
+        if d["depth_unit"] != "metres":
+            raise UserError(f"{path}: the model expects depth in {d['depth_unit']}; this version reads metres")
+        conv = Conventions(d["dataset"], tuple(d["classes"]), int(d["image_size"]),
+                           tuple(d["rgb_mean"]), tuple(d["rgb_std"]))
+    if dataset and dataset != conv.dataset:
+        conv.dataset, conv.classes = dataset, data.CLASS_NAMES[dataset]
+    if conv.dataset not in data.DATASETS:
+        raise UserError(f"{path}: fine-tuned on {conv.dataset!r}, a dataset this version has no palette for")
+    if len(conv.classes) != net.cfg.num_classes:
+        raise UserError(f"{path}: the model predicts {net.cfg.num_classes} classes, "
+                        f"{conv.dataset} has {len(conv.classes)}")
+    return conv
+
+
+# -----------------------------------------------------------------------------
+# Prediction: every image padded to (at least) the grid fine-tuning saw
+
+
+def padded_size(H: int, W: int, crop: int, patch: int) -> tuple[int, int]:
+    """The size an H x W image is run at: at least crop x crop, rounded up to the patch."""
+    return -(-max(H, crop) // patch) * patch, -(-max(W, crop) // patch) * patch
+
+
 @torch.no_grad()
-def predict(net: M.Segmenter, batch: dict, settings) -> dict:
-    """{setting: class map Long[B, H, W]} for a batch of rgb and/or depth (any size: padded
-    to the patch grid for the network, the prediction cropped back)."""
+def predict(net: M.Segmenter, batch: dict, settings, crop: int | None = None) -> dict:
+    """{setting: class map Long[B, H, W]} for a batch of normalised rgb [B,3,H,W] and/or
+    depth in metres [B,1,H,W].
+
+    Fine-tuning sees crop x crop windows (`crop`, default net.cfg.image_size; 640 in the
+    paper's setting), so a position table loaded with --init is interpolated to the crop's
+    grid (40x40). Run at 480x640, the same table would be interpolated to 30x40 and every
+    vertical position squeezed by 4/3. So, as MultiMAE does at test time, the batch is
+    padded at the bottom/right to at least the crop in both dimensions (and to a multiple
+    of the patch): the image keeps the positions it was trained with, and the prediction
+    is cropped back. Padding is rgb 0 (the mean colour after normalisation) and depth 0
+    (missing; depth is standardised over valid pixels only, so its statistics don't
+    change) — what the training crops are padded with. A dimension larger than the crop
+    keeps its size (rounded up to the patch). Decision D16 of docs/method.md.
+    """
     H, W = next(batch[m] for m in ("rgb", "depth") if m in batch).shape[-2:]
-    p = net.cfg.patch_size
-    padded = {m: F.pad(batch[m], (0, -W % p, 0, -H % p)) for m in ("rgb", "depth") if m in batch}
+    Hp, Wp = padded_size(H, W, crop or net.cfg.image_size, net.cfg.patch_size)
+    padded = {m: F.pad(batch[m], (0, Wp - W, 0, Hp - H)) for m in ("rgb", "depth") if m in batch}
     inputs = modalities.prepare_inputs(padded)
     return {s: net({m: inputs[m] for m in SETTINGS[s]}).argmax(1)[:, :H, :W] for s in settings}
+
+
+def batches(loader):
+    """The loader's batches, with one-line errors from worker processes too: a UserError
+    raised in a DataLoader worker (an unreadable file, say) comes back from torch wrapped in
+    the worker's traceback; callers (run_cli, reproduce.py, tests) get the original line."""
+    try:
+        yield from loader
+    except UserError as e:
+        raise UserError(one_line(e)) from None
 
 
 @torch.no_grad()
 def evaluate(net: M.Segmenter, loader, num_classes: int, settings, device) -> dict:
     """One pass over the loader; every batch is run once per input condition."""
     cms = {s: torch.zeros(num_classes, num_classes, dtype=torch.long) for s in settings}
-    for batch in tqdm(loader, desc="evaluating", leave=False, dynamic_ncols=True, disable=None):
+    for batch in tqdm(batches(loader), total=len(loader), desc="evaluating", leave=False,
+                      dynamic_ncols=True, disable=None):
         batch = to_device(batch, device)
         for s, pred in predict(net, batch, settings).items():
             cms[s] += confusion_matrix(pred, batch["semseg"], num_classes).cpu()
@@ -135,28 +235,326 @@ def save_pictures(net: M.Segmenter, dataset, n: int, folder: str, dataset_name: 
     return paths
 
 
-def segment_one_image(cfg, net: M.Segmenter, dataset_name: str, device) -> dict:
-    """Single-image mode: --rgb and/or --depth in, a palette PNG of class ids out."""
+# -----------------------------------------------------------------------------
+# Images and folders of images (--rgb, --depth)
+
+
+def read_inputs(rgb_path: str, depth_path: str, depth_scale: float, conv: Conventions) -> dict:
+    """One image pair as a batch of one: rgb normalised with the checkpoint's statistics
+    [1,3,H,W], depth in metres [1,1,H,W]; either may be absent ("")."""
     batch = {}
-    if cfg.rgb:
-        rgb = data.read_rgb(cfg.rgb)
-        batch["rgb"] = data.normalize_rgb(rgb)[None]
-    if cfg.depth:
-        depth = data.read_depth_file(cfg.depth, cfg.depth_scale)
-        if cfg.rgb:
-            data.check_same_size(cfg.rgb, rgb, {cfg.depth: depth})
+    if rgb_path:
+        rgb = data.read_rgb(rgb_path)
+        x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)   # as data.normalize_rgb
+        mean, std = torch.tensor(conv.rgb_mean).view(3, 1, 1), torch.tensor(conv.rgb_std).view(3, 1, 1)
+        batch["rgb"] = ((x - mean) / std)[None]
+    if depth_path:
+        depth = data.read_depth_file(depth_path, depth_scale)
+        if rgb_path:
+            data.check_same_size(rgb_path, rgb, {depth_path: depth})
         batch["depth"] = torch.from_numpy(depth)[None, None]
-    setting = "rgbd" if cfg.rgb and cfg.depth else ("rgb" if cfg.rgb else "depth")
-    pred = predict(net, to_device(batch, device), [setting])[setting][0].cpu()
-    names = data.CLASS_NAMES[dataset_name]
+    return batch
+
+
+def working_size(H: int, W: int, crop: int) -> tuple[int, int]:
+    """The size an H x W image is segmented at: its own, unless the long side exceeds
+    MAX_SIDE x crop; then scaled down to that, keeping the aspect ratio."""
+    limit = MAX_SIDE * crop
+    if max(H, W) <= limit:
+        return H, W
+    s = limit / max(H, W)
+    return max(1, round(H * s)), max(1, round(W * s))
+
+
+def resize(batch: dict, h: int, w: int) -> dict:
+    """rgb bilinear (antialiased), depth nearest so that no depth is invented across an edge
+    or a hole (as data.augment rescales)."""
+    out = dict(batch)
+    if "rgb" in batch:
+        out["rgb"] = F.interpolate(batch["rgb"], (h, w), mode="bilinear", align_corners=False, antialias=True)
+    if "depth" in batch:
+        out["depth"] = F.interpolate(batch["depth"], (h, w), mode="nearest-exact")
+    return out
+
+
+def segment(net: M.Segmenter, batch: dict, setting: str, crop: int, device) -> torch.Tensor:
+    """Class map Long[H, W] of one image (a batch of one), whatever its size.
+
+    Full-image attention grows with the square of the tokens: a 4000x3000 photo at patch
+    16 is 47k tokens per modality, minutes on a CPU and tens of GB. It is also far from
+    what the model learnt: fine-tuning rescales images by 0.5-2 before taking crops, so
+    objects are never much larger than at 2x a 640x480 view. So instead of tiling at full
+    resolution (each tile would see a few fragments of an object at a scale never trained
+    on), the image is scaled down to a long side of MAX_SIDE x crop, segmented whole, and
+    the class map scaled back up with nearest (class ids can't be interpolated)."""
+    H, W = next(batch[m] for m in ("rgb", "depth") if m in batch).shape[-2:]
+    h, w = working_size(H, W, crop)
+    small = batch if (h, w) == (H, W) else resize(batch, h, w)
+    pred = predict(net, to_device(small, device), [setting], crop)[setting].cpu()
+    if (h, w) != (H, W):
+        pred = F.interpolate(pred[:, None].float(), (H, W), mode="nearest-exact")[:, 0].long()
+    return pred[0]
+
+
+def size_note(H: int, W: int, crop: int) -> str:
+    """What will happen to an H x W image, for the line printed before the work."""
+    h, w = working_size(H, W, crop)
+    if (h, w) != (H, W):
+        return (f"{W}x{H}, larger than {MAX_SIDE * crop} px (MAX_SIDE = {MAX_SIDE} x the {crop} px fine-tuning "
+                f"crop): segmented at {w}x{h}, class map scaled back to {W}x{H} (nearest)")
+    Hp, Wp = padded_size(H, W, crop, 1)
+    return f"{W}x{H}" + (f" padded to {Wp}x{Hp}, the fine-tuning crop" if (Hp, Wp) != (H, W) else "")
+
+
+def write_class_map(pred: torch.Tensor, path: str, palette: np.ndarray) -> None:
+    """A palette PNG: opening it shows colours, reading it gives class ids."""
     img = Image.fromarray(pred.numpy().astype(np.uint8), mode="P")
-    img.putpalette(data.palette(dataset_name).reshape(-1).tolist())
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    img.save(cfg.out)
+    img.putpalette(palette.reshape(-1).tolist())
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    img.save(path)
+
+
+def segment_one_image(cfg, net: M.Segmenter, conv: Conventions, device) -> dict:
+    """--rgb and/or --depth files in, a palette PNG of class ids out."""
+    out = cfg.out or "seg.png"
+    batch = read_inputs(cfg.rgb, cfg.depth, cfg.depth_scale, conv)
+    setting = "rgbd" if cfg.rgb and cfg.depth else ("rgb" if cfg.rgb else "depth")
+    H, W = next(iter(batch.values())).shape[-2:]
+    print(f"segmenting {cfg.rgb or cfg.depth} ({setting} input, {size_note(H, W, conv.image_size)}) on {device}")
+    pred = segment(net, batch, setting, conv.image_size, device)
+    write_class_map(pred, out, conv.palette())
+    names = conv.classes
     counts = torch.bincount(pred.flatten(), minlength=len(names)).double() / pred.numel()
     top = ", ".join(f"{names[c]} {100 * counts[c]:.0f}%" for c in counts.argsort(descending=True)[:5] if counts[c] > 0)
-    print(f"{setting} input, {pred.shape[1]}x{pred.shape[0]}: wrote {cfg.out} (pixel value = {dataset_name} class id); {top}")
+    print(f"wrote {out} (pixel value = {conv.dataset} class id); {top}")
     return {"setting": setting, "pred": pred}
+
+
+def list_images(folder: str, exts: tuple) -> dict:
+    """{file name without extension: path} of the images in a folder."""
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(f)
+        if ext.lower() in exts and not f.startswith("."):
+            if stem in out:
+                raise UserError(f"{folder}: {os.path.basename(out[stem])} and {f} have the same name; "
+                                f"class maps are named after their input, keep one")
+            out[stem] = os.path.join(folder, f)
+    if not out:
+        raise UserError(f"{folder}: no images ({', '.join(exts)}) in it")
+    return out
+
+
+def _few(paths: list, most: int = 4) -> str:
+    return ", ".join(paths[:most]) + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+def folder_pairs(rgb_dir: str, depth_dir: str) -> list:
+    """[(name, rgb path or "", depth path or "")], rgb and depth matched by file name
+    without extension; a file without its partner is an error naming it."""
+    rgbs = list_images(rgb_dir, RGB_EXTS) if rgb_dir else {}
+    depths = list_images(depth_dir, DEPTH_EXTS) if depth_dir else {}
+    if rgb_dir and depth_dir:
+        lonely = [rgbs[s] for s in rgbs if s not in depths] + [depths[s] for s in depths if s not in rgbs]
+        if lonely:
+            raise UserError(f"--rgb {rgb_dir} and --depth {depth_dir} are matched by file name without "
+                            f"extension: no partner for {_few(lonely)}")
+    return [(s, rgbs.get(s, ""), depths.get(s, "")) for s in sorted(rgbs or depths)]
+
+
+def segment_folder(cfg, net: M.Segmenter, conv: Conventions, device) -> dict:
+    """Every image of --rgb and/or --depth folders -> <--out>/<name>.png."""
+    out = cfg.out or "seg"
+    pairs = folder_pairs(cfg.rgb, cfg.depth)
+    setting = "rgbd" if cfg.rgb and cfg.depth else ("rgb" if cfg.rgb else "depth")
+    print(f"segmenting {len(pairs)} image(s) of {cfg.rgb or cfg.depth} ({setting} input) into {out}/ on "
+          f"{device}; a long side over {MAX_SIDE * conv.image_size} px is segmented at that size")
+    os.makedirs(out, exist_ok=True)
+    palette, written = conv.palette(), []
+    for name, rgb, depth in tqdm(pairs, desc="segmenting", unit="image", dynamic_ncols=True, disable=None):
+        batch = read_inputs(rgb, depth, cfg.depth_scale, conv)
+        written.append(os.path.join(out, name + ".png"))
+        write_class_map(segment(net, batch, setting, conv.image_size, device), written[-1], palette)
+    print(f"wrote {len(written)} class map(s) to {out}/ (pixel value = {conv.dataset} class id)")
+    return {"setting": setting, "written": written}
+
+
+# -----------------------------------------------------------------------------
+# ONNX export
+
+
+class ExportGraph(nn.Module):
+    """What one exported graph computes, for one input condition: the inputs as
+    read_inputs gives them (normalised rgb [1,3,S,S], depth in metres [1,1,S,S], S = the
+    fine-tuning crop) -> (logits [1,C,S,S], class ids Long[1,S,S]). The depth
+    standardisation is inside; the padding to S is the caller's (docs/deploy.md).
+
+    The depth statistics are sums over the whole map (~300k pixels at 640x640).
+    onnxruntime's float32 ReduceSum accumulates them less accurately than PyTorch's
+    pairwise sums (measured: standardised depth off by 5e-4, ViT-B logits by 1e-3), so the
+    graph standardises depth in float64: then it matches PyTorch's float32 to 1 ulp."""
+
+    def __init__(self, net: M.Segmenter, names: tuple):
+        super().__init__()
+        self.net, self.names = net, names
+
+    def forward(self, *images):
+        batch = {m: x.double() if m == "depth" else x for m, x in zip(self.names, images)}
+        inputs = modalities.prepare_inputs(batch)
+        logits = self.net({m: inputs[m].float() for m in self.names})
+        return logits, logits.argmax(1)
+
+
+def export_graph(graph: ExportGraph, example: tuple, path: str) -> str:
+    """torch.onnx.export with the default (dynamo) exporter, else the TorchScript one.
+    Returns which exporter wrote the file."""
+    names = dict(input_names=list(graph.names), output_names=["logits", "classes"])
+    try:
+        torch.onnx.export(graph, example, path, external_data=False, verbose=False, **names)
+        how = "dynamo"
+    except Exception as e:          # any exporter failure: try the older exporter once
+        print(f"  the dynamo exporter failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+              f"using dynamo=False")
+        with warnings.catch_warnings():   # the input size is fixed: shape branches are constants
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)   # "legacy exporter": said above
+            torch.onnx.export(graph, example, path, dynamo=False, **names)
+        how = "torchscript (dynamo=False)"
+    return how
+
+
+def add_metadata(path: str, conv: Conventions, setting: str) -> int:
+    """Store the data conventions in the ONNX file (session.get_modelmeta().custom_metadata_map);
+    returns the graph's opset."""
+    import onnx
+    m = onnx.load(path)
+    meta = {"classes": json.dumps(list(conv.classes)), "dataset": conv.dataset, "input_condition": setting,
+            "image_size": str(conv.image_size), "rgb_mean": json.dumps(list(conv.rgb_mean)),
+            "rgb_std": json.dumps(list(conv.rgb_std)), "depth_unit": "metres, 0 = missing",
+            "padding": "bottom/right to image_size: rgb 0 (after normalisation), depth 0"}
+    for k, v in meta.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, path)
+    return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def check_images(conv: Conventions) -> list:
+    """(name, {rgb, depth}) inputs of the graph's size S to compare ONNX and PyTorch on:
+    the real NYU image of tests/data with filled and with raw depth (holes), fitted into
+    S x S (scaled down if larger, as segment() does) and padded as predict() pads; a
+    synthetic room without the fixture."""
+    S = conv.image_size
+    if os.path.isdir(FIXTURE):
+        rgb = os.path.join(FIXTURE, "rgb.jpg")
+        pairs = [(f"NYU #1 ({kind} depth", read_inputs(rgb, os.path.join(FIXTURE, f"depth_{kind}.png"), 1e-4, conv))
+                 for kind in ("filled", "raw")]                          # x10000 PNGs; raw has holes
+    else:
+        s = data.build_dataset("synthetic", split="test", image_size=S)[0]
+        pairs = [("a synthetic room (", {"rgb": s["rgb"][None], "depth": s["depth"][None]})]
+    out = []
+    for name, batch in pairs:
+        H, W = batch["rgb"].shape[-2:]
+        scale = min(1.0, S / max(H, W))                                  # fitted into S x S
+        h, w = round(H * scale), round(W * scale)
+        batch = resize(batch, h, w) if (h, w) != (H, W) else batch
+        out.append((f"{name}, {w}x{h} padded to {S}x{S})",
+                    {m: F.pad(x, (0, S - w, 0, S - h)) for m, x in batch.items()}))
+    return out
+
+
+def compare(path: str, graph: ExportGraph, images: list) -> dict:
+    """Run the ONNX file with onnxruntime and the network in PyTorch on the same inputs:
+    the largest absolute difference of the logits and the share of pixels whose class differs."""
+    import onnxruntime
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()        # as many threads as PyTorch
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    worst, differ = 0.0, 0.0
+    for _, batch in images:
+        feed = [batch[m] for m in graph.names]
+        logits, classes = session.run(None, {m: x.numpy() for m, x in zip(graph.names, feed)})
+        with torch.no_grad():                      # the plain PyTorch forward, as predict() runs it
+            inputs = modalities.prepare_inputs(dict(zip(graph.names, feed)))
+            ref_logits = graph.net({m: inputs[m] for m in graph.names})
+            ref_classes = ref_logits.argmax(1)
+        worst = max(worst, float(np.abs(logits - ref_logits.numpy()).max()))
+        differ = max(differ, float((classes != ref_classes.numpy()).mean()))
+    return {"max_abs_diff": worst, "class_differs": differ}
+
+
+def export_onnx(net: M.Segmenter, conv: Conventions, folder: str, settings) -> dict:
+    """<folder>/<setting>.onnx for each input condition, each checked against PyTorch."""
+    net = net.cpu().eval()
+    os.makedirs(folder, exist_ok=True)
+    S = conv.image_size
+    have_ort = importlib.util.find_spec("onnxruntime") is not None
+    images = check_images(conv) if have_ort else []
+    print(f"exporting {', '.join(settings)} at {S}x{S} to {folder}/" +
+          (f"; checked with onnxruntime on {len(images)} image(s): {'; '.join(n for n, _ in images)}"
+           if have_ort else "; onnxruntime is not installed: the graphs are not checked"))
+    results = {}
+    for s in settings:
+        graph = ExportGraph(net, SETTINGS[s]).eval()
+        example = tuple(images[0][1][m] if images else torch.zeros(1, 3 if m == "rgb" else 1, S, S)
+                        for m in graph.names)
+        path = os.path.join(folder, f"{s}.onnx")
+        start = time.time()
+        how = export_graph(graph, example, path)
+        r = {"path": path, "exporter": how, "opset": add_metadata(path, conv, s),
+             "seconds": time.time() - start}
+        line = f"wrote {path} ({how} exporter, opset {r['opset']}, {r['seconds']:.1f} s)"
+        if have_ort:
+            r.update(compare(path, graph, images))
+            line += (f"; onnxruntime vs PyTorch: max |logit diff| {r['max_abs_diff']:.2e}, "
+                     f"class differs at {100 * r['class_differs']:.3f}% of pixels")
+        print(line)
+        results[s] = r
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Output paths, checked before anything is loaded
+
+
+def check_png(path: str, flag: str) -> None:
+    """A class-map file: a .png (lossless, with a palette) that can be written."""
+    ext = os.path.splitext(path)[1]
+    if ext.lower() != ".png":
+        raise UserError(f"{flag} {path}: class maps are palette PNGs, the name must end in .png "
+                        f"(got {ext or 'no extension'})")
+    check_output(path, flag, "file")
+
+
+def check_request(cfg) -> str:
+    """Flags and output paths, before the model is loaded. Returns the mode: "export",
+    "folder", "image" or "dataset"."""
+    check_numbers(cfg, positive=("batch_size", "depth_scale"), non_negative=("num_vis", "workers"), finite=("cues",))
+    if cfg.cues > 1:
+        raise UserError(f"--cues must be in [0, 1] (or -1: the checkpoint's), got {cfg.cues}")
+    if cfg.export_onnx:
+        if cfg.rgb or cfg.depth:
+            raise UserError("--export_onnx exports the model; segment images (--rgb, --depth) in another run")
+        if importlib.util.find_spec("onnx") is None:
+            raise UserError("--export_onnx needs the onnx package (and onnxscript): pip install onnx onnxscript")
+        check_output(cfg.export_onnx, "--export_onnx")
+        return "export"
+    if cfg.rgb or cfg.depth:
+        given = [(f, p) for f, p in (("--rgb", cfg.rgb), ("--depth", cfg.depth)) if p]
+        for flag, p in given:
+            if not os.path.exists(p):
+                raise UserError(f"{flag} {p}: file not found")
+        folders = [os.path.isdir(p) for _, p in given]
+        if any(folders) and not all(folders):
+            raise UserError(f"{' and '.join(f'{f} {p}' for f, p in given)}: give two files or two folders")
+        if all(folders):
+            check_output(cfg.out or "seg", "--out")
+            return "folder"
+        check_png(cfg.out or "seg.png", "--out")
+        return "image"
+    check_output(cfg.out_json, "--out_json", "file")
+    if cfg.save_vis and cfg.num_vis:
+        check_output(cfg.save_vis, "--save_vis")
+    return "dataset"
 
 
 def format_table(results: dict, class_names) -> str:
@@ -171,24 +569,23 @@ def format_table(results: dict, class_names) -> str:
 
 def main(argv=None):
     cfg, _ = parse_config(EvalConfig, argv)
-    if cfg.batch_size <= 0:
-        raise UserError(f"--batch_size must be positive, got {cfg.batch_size}")
-    if cfg.num_vis < 0 or cfg.depth_scale <= 0:
-        raise UserError("--num_vis must be >= 0 and --depth_scale positive")
-    device = pick_device(cfg.device)
+    mode = check_request(cfg)
+    device = pick_device("cpu" if mode == "export" else cfg.device)
     net, ckpt = load_segmenter(cfg.ckpt, device)
-    dataset_name = cfg.dataset or ckpt["dataset"]
-    names = data.CLASS_NAMES[dataset_name]
-    if len(names) != net.cfg.num_classes:
-        raise UserError(f"{cfg.ckpt}: the model predicts {net.cfg.num_classes} classes, "
-                             f"{dataset_name} has {len(names)}")
-    if cfg.rgb or cfg.depth:
-        return segment_one_image(cfg, net, dataset_name, device)
+    conv = conventions(ckpt, net, cfg.ckpt, cfg.dataset)
+    settings = [cfg.only] if cfg.only else list(SETTINGS)
+    if mode == "export":
+        return export_onnx(net, conv, cfg.export_onnx, settings)
+    if mode == "folder":
+        return segment_folder(cfg, net, conv, device)
+    if mode == "image":
+        return segment_one_image(cfg, net, conv, device)
+    dataset_name, names = conv.dataset, conv.classes
+    cues = cfg.cues if cfg.cues >= 0 else ckpt.get("data", {}).get("cues", 0.0) if dataset_name == "synthetic" else 0.0
     dataset = data.build_dataset(dataset_name, cfg.data_root or None, cfg.split, train=False,
-                                 image_size=net.cfg.image_size)
+                                 image_size=net.cfg.image_size, cues=cues)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                          collate_fn=data.collate)
-    settings = [cfg.only] if cfg.only else list(SETTINGS)
     print(f"evaluating {cfg.ckpt} on {dataset_name} {cfg.split} ({len(dataset)} images): {', '.join(settings)}")
     results = evaluate(net, loader, net.cfg.num_classes, settings, device)
     print(format_table(results, names))

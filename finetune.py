@@ -28,7 +28,7 @@ import data
 import model as M
 import modalities
 import ops
-from cli import UserError, arg, pick_device, run_cli
+from cli import UserError, arg, check_numbers, pick_device, run_cli
 from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_checkpoint, param_groups,
                     start_run, training_set)
 from runtime import (DTYPES, TrainingRuntime, autocast_dtype, compile_encoder, global_mean, grad_scaler,
@@ -41,6 +41,7 @@ class FinetuneConfig:
     dataset: str = arg("synthetic", "dataset to fine-tune on", data.DATASETS)
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
     subset: int = arg(0, "use only the first N training images (0 = all)")
+    cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (rooms.py)")
     pretrained: str = arg("out/pretrain/ckpt.pt", "pre-training checkpoint, or 'none' for the baseline")
     init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
     config: str = arg("tiny", "model preset (default: the pre-training checkpoint's)", tuple(M.PRESETS))
@@ -58,6 +59,8 @@ class FinetuneConfig:
     seed: int = arg(0, "seed of data order, modality choice and head initialisation")
     out_dir: str = arg("out/finetune", "where ckpt.pt, log.jsonl and loss_curve.png go")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt")
+    overwrite: bool = arg(False, "start over in an --out_dir that holds a run (its checkpoint and logs are replaced)")
+    grad_ckpt: bool = arg(False, "recompute encoder activations in the backward (less memory, ~30 % more time)")
     stop_after: int = arg(0, "stop (with a checkpoint) after this many batches; 0 = run to the end")
     ckpt_every: int = arg(0, "also checkpoint every N batches (0 = at the end of each epoch)")
     workers: int = arg(0, "DataLoader worker processes")
@@ -76,8 +79,7 @@ FINETUNE_PRESETS = {
 
 def validate(cfg: FinetuneConfig) -> None:
     check_common_flags(cfg)
-    if not 0.0 <= cfg.p_missing <= 1.0:
-        raise UserError(f"--p_missing must be in [0, 1], got {cfg.p_missing}")
+    check_numbers(cfg, unit=("p_missing",), finite=("layer_decay", "drop_path"))
     if not 0.0 < cfg.layer_decay <= 1.0:
         raise UserError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
     if not 0.0 <= cfg.drop_path < 1.0:
@@ -187,9 +189,11 @@ def main(argv=None):
     runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "finetune", "model_config": dataclasses.asdict(model_cfg),
-                       "dataset": cfg.dataset}, scaler=scaler)
+                       "dataset": cfg.dataset, "data": data.conventions(cfg.dataset, cfg.image_size, cfg.cues)},
+                scaler=scaler)
     if ckpt is not None:
         loop.resume(ckpt)
+    net.grad_ckpt = cfg.grad_ckpt
     if cfg.compile:
         compile_encoder(net)
     # Every parameter gets a gradient in every step, even when no sample of a process shows

@@ -199,8 +199,8 @@ def _sample_gamma(alpha: float, shape, generator, device) -> torch.Tensor:
     alpha = 1 (MultiMAE's value) is the exponential distribution, -log(1 - U). Other
     alphas use Marsaglia & Tsang's squeeze method (2000), boosted by U^(1/alpha) below 1.
     """
-    if alpha <= 0:
-        raise ValueError(f"Dirichlet alpha must be > 0, got {alpha}")
+    if not 0 < alpha < math.inf:        # NaN or inf would never be accepted by the loop below
+        raise ValueError(f"Dirichlet alpha must be a positive finite number, got {alpha}")
     if alpha == 1.0:
         return -torch.log1p(-torch.rand(shape, generator=generator, device=device))
     a = alpha if alpha >= 1 else alpha + 1

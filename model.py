@@ -27,13 +27,14 @@ teachers, losses or schedules (sttp.py), nor of processes (runtime.py).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import masking
 import modalities
@@ -97,10 +98,13 @@ PRESETS = {
 # Positions
 
 
-@lru_cache(maxsize=32)
-def _sincos(h: int, w: int, dim: int, device: str) -> torch.Tensor:
+def sincos_pos_embed(h: int, w: int, dim: int, device) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding [1, h*w, dim] (MoCo-v3, as MultiMAE builds it):
-    a quarter of the channels each for sin and cos of the row, then of the column."""
+    a quarter of the channels each for sin and cos of the row, then of the column.
+    Computed for the actual grid rather than interpolated from 14x14: it is fixed, not
+    learned, so any image size gets exact positions. (Computed anew each call, on the CPU
+    as always so the values do not depend on the device: it is tiny, and a cache would keep
+    the fake tensors of torch.compile / torch.onnx.export tracing.)"""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs width % 4 == 0, got {dim}")
     omega = 1.0 / (10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)))
@@ -109,12 +113,6 @@ def _sincos(h: int, w: int, dim: int, device: str) -> torch.Tensor:
     r = rows.flatten()[:, None] * omega[None]
     c = cols.flatten()[:, None] * omega[None]
     return torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)[None].to(device)
-
-
-def sincos_pos_embed(h: int, w: int, dim: int, device) -> torch.Tensor:
-    # Computed for the actual grid rather than interpolated from 14x14: it is fixed,
-    # not learned, so any image size gets exact positions.
-    return _sincos(h, w, dim, str(device))
 
 
 # -----------------------------------------------------------------------------
@@ -309,6 +307,9 @@ class MultiViT(nn.Module):
         self.cfg = cfg
         self.inputs = inputs                 # names of the modalities it takes, in sequence order
         self.shard = WHOLE_BATCH             # runtime.py sets its own under torchrun
+        # --grad_ckpt: keep only each encoder block's input for the backward and recompute
+        # its activations there (torch.utils.checkpoint): less memory, one more forward.
+        self.grad_ckpt = False
         self.input_adapters = nn.ModuleDict({m: input_adapter(cfg, m) for m in inputs})
         # One learned token appended after the patch tokens, with no position (MultiMAE).
         self.global_tokens = nn.Parameter(torch.zeros(1, cfg.num_global_tokens, cfg.width))
@@ -327,7 +328,11 @@ class MultiViT(nn.Module):
         if pad is not None:
             key_mask = torch.cat([~pad, pad.new_ones(B, self.cfg.num_global_tokens)], dim=1)
         for block in self.encoder:
-            x = block(x, key_mask, self.shard)
+            if self.grad_ckpt and self.training and torch.is_grad_enabled():
+                # The RNG state is replayed in the recomputation: stochastic depth drops the same.
+                x = torch.utils.checkpoint.checkpoint(block, x, key_mask, self.shard, use_reentrant=False)
+            else:
+                x = block(x, key_mask, self.shard)
         return x
 
     def init_weights(self):
@@ -641,8 +646,11 @@ def _from_vit(state: dict, report: InitReport):
     return out, tables
 
 
-def _from_multimae(state: dict, report: InitReport):
-    """MultiMAE names are ours: split off the position tables and the output adapters."""
+def _from_multimae(state: dict, report: InitReport, decoders: bool):
+    """MultiMAE names are ours: split off the position tables, and keep the output adapters
+    (MultiMAE's pre-training decoders: ours key for key, but for the fixed sin-cos pos_emb
+    they store and we compute) when `decoders`, i.e. when loading into a pre-training
+    network; a fine-tuning network has none."""
     out, tables = {}, {}
     for k, v in state.items():
         parts = k.split(".")
@@ -650,6 +658,11 @@ def _from_multimae(state: dict, report: InitReport):
             tables[parts[1]] = v
         elif k.startswith(("encoder.", "global_tokens", "input_adapters.")):
             out[k] = v
+        elif k.startswith("output_adapters.") and decoders:
+            if parts[-1] == "pos_emb":
+                report.ignored[k] = "the decoders' fixed sin-cos positions: computed here"
+            else:
+                out[k] = v
         else:
             report.ignored[k] = "output adapters / heads: not the encoder" \
                 if k.startswith("output_adapters.") else "not part of the encoder"
@@ -667,11 +680,15 @@ def encoder_state_from_checkpoint(state: dict, model: "MultiViT"):
         src, tables = _from_vit(state, report)
     elif any(k.startswith(("encoder.", "input_adapters.", "global_tokens")) for k in state):
         report = InitReport("MultiMAE")
-        src, tables = _from_multimae(state, report)
+        src, tables = _from_multimae(state, report, decoders=isinstance(model, MaskMentor))
     else:
         raise ValueError("no ViT encoder in it (neither MultiMAE's encoder.N.* nor timm/MAE's blocks.N.* keys)")
 
     # The architecture first, so that a ViT-L or a /14 model gets one plain sentence.
+    odd = [k for k in src if k.startswith("encoder.") and not re.match(r"encoder\.\d+\.", k)]
+    if odd:
+        raise ValueError(f"{odd[0]}: not a block of MultiMAE's encoder (expected encoder.N.*, N the block "
+                         f"number; {len(odd)} such keys)")
     blocks = {int(k.split(".")[1]) for k in src if k.startswith("encoder.")}
     width = next((v.shape[0] for k, v in src.items() if k.endswith("norm1.weight")), None)
     proj = src.get("input_adapters.rgb.proj.weight", src.get("input_adapters.depth.proj.weight"))
@@ -696,6 +713,9 @@ def encoder_state_from_checkpoint(state: dict, model: "MultiViT"):
         elif k.endswith("class_emb.weight"):
             # Another label set (MultiMAE: COCO's 133 classes): its embeddings mean nothing here.
             report.ignored[k] = f"semseg class embedding of {v.shape[0]} rows, this model has {own[k].shape[0]}"
+        elif k.startswith("output_adapters.") and k.endswith(("out_proj.weight", "out_proj.bias")):
+            # The semseg decoder's last layer predicts the checkpoint's classes (COCO's 133).
+            report.ignored[k] = f"decoder output for {v.shape[0]} values per patch, this model has {own[k].shape[0]}"
         else:
             raise ValueError(f"{k}: shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
 
@@ -720,6 +740,13 @@ def encoder_state_from_checkpoint(state: dict, model: "MultiViT"):
         report.notes.append(f"position table {shared.shape[2]}x{shared.shape[3]} from the checkpoint replaces "
                             f"the sin-cos one for {', '.join(model.input_adapters)}{resized}")
 
+    # Strict about the encoder: a checkpoint that lacks a block tensor or the global token
+    # would leave part of the pre-trained encoder random without anyone noticing. (Input
+    # adapters may be missing: an rgb ViT has none for depth.)
+    lacking = [k for k in own if k.startswith(("encoder.", "global_tokens")) and k not in mapped]
+    if lacking:
+        raise ValueError(f"the checkpoint lacks {len(lacking)} encoder tensor(s), e.g. {lacking[0]}: "
+                         f"a truncated or partial checkpoint")
     report.loaded = list(mapped)
     report.missing = [k for k in own if k not in mapped]
     return mapped, report

@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from cli import check_output
 from data import IGNORE_INDEX, UserError, default_root
 
 
@@ -186,6 +187,7 @@ def main(argv=None) -> None:
     p.add_argument("--depth", default="filled", choices=("filled", "raw"),
                    help="the filled `depths` (default) or the Kinect's `rawDepths` with holes")
     args = p.parse_args(argv)
+    check_output(args.out, "--out")            # before reading 2.8 GB
     counts = prepare_nyu(args.mat, args.out, args.splits, args.mapping, args.depth)
     print(f"prepare_nyu: {counts['written']} images written, {counts['skipped']} already there, in {args.out}")
 

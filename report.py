@@ -402,3 +402,108 @@ def write_token_study(study: dict, path: str) -> None:
           f"({study['meta']['machine']}).", ""]
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# The cue sweep (reproduce.py --study cues): does M²IM help when the rooms have cues?
+
+# The classes that differ from their surroundings by one modality only (rooms.SYNTHETIC_CUE),
+# and the modality each lacks without cues.
+ONE_MODALITY_CLASSES = {"rug": "rgb", "poster": "rgb", "pillar": "depth", "ball": "depth"}
+CUE_DIFFERENCES = (("m2im", "mim", "M²IM − MIM"), ("maskmentor", "m2im", "MaskMentor − M²IM"))
+
+
+def difference(summary: dict, a: str, b: str, setting: str, n: int) -> tuple:
+    """(mean of a − mean of b, the std of that difference of means: sqrt((σa² + σb²) / n))."""
+    (ma, sa), (mb, sb) = summary[a]["clean"][setting]["miou"], summary[b]["clean"][setting]["miou"]
+    return ma - mb, math.sqrt((sa ** 2 + sb ** 2) / n)
+
+
+def write_cues(sweep: dict, path: str, png: str) -> None:
+    """results/cues/cues.md and cues.png: predictability, mIoU per level and variant, the
+    differences with their σ, the one-modality classes' IoU."""
+    levels, cfg = sweep["levels"], sweep["config"]
+    n = cfg["seeds"]
+    classes = list(rooms.SYNTHETIC_CLASSES)
+    L = ["# Cross-modal cues in the synthetic rooms (`python reproduce.py --study cues`)", "",
+         f"MIM, M²IM and MaskMentor (token settings: {cfg['token_target']}, {cfg['token_positions']}, "
+         f"{cfg['token_norm']}) pre-trained, fine-tuned and evaluated on rooms at cue levels "
+         f"{', '.join(levels)}; {n} seeds; the ablation's recipe and counted budgets ({cfg['pretrain_images']} "
+         f"pre-training images, batch {cfg['batch_size']}, {cfg['warmup_epochs']} + {cfg['main_epochs']} STTP-sized "
+         f"epochs, {cfg['finetune_epochs']} fine-tuning epochs); test: the first {cfg['test_images']} test images "
+         "at the same cue level. Protocol, written before the first run: [PROTOCOL.md](PROTOCOL.md).", "",
+         "## What the knob does, before any training", "",
+         "Held-out R² of a small regressor per class (1 = exact, 0 = no better than the image's mean; "
+         "rooms.cross_modal_predictability): how well one modality predicts the other.", ""]
+    pred = sweep["predictability"]
+    for kind in ("depth_from_rgb", "orientation_from_rgb", "rgb_from_depth"):
+        L += [f"**{kind.replace('_', ' ')}**", "", "| cues | " + " | ".join(classes) + " |",
+              "|---|" + "---|" * len(classes)]
+        for x, p in pred.items():
+            L.append(f"| {x} | " + " | ".join(f"{p[kind].get(c, math.nan):.2f}" for c in classes) + " |")
+        L.append("")
+    L += ["## mIoU (test), mean ± std over seeds", "",
+          "| cues | variant | rgb + depth | rgb only | depth only |", "|---|---|---|---|---|"]
+    for x, lv in levels.items():
+        for v, s in lv["summary"].items():
+            L.append(f"| {x} | {VARIANTS[v][1]} | " + " | ".join(_pm(s['clean'][st]['miou']) for st in SETTINGS) + " |")
+    L += ["", "## The differences the paper claims, against cue strength", "",
+          f"Mean difference ± its σ (sqrt((σa² + σb²)/{n})); **bold** where it exceeds its σ.", "",
+          "| cues | " + " | ".join(f"{label}, {st}" for _, _, label in CUE_DIFFERENCES for st in ("rgb only", "depth only"))
+          + " |", "|---|" + "---|" * 4]
+    series = {}
+    for x, lv in levels.items():
+        cells = []
+        for a, b, label in CUE_DIFFERENCES:
+            for st in ("rgb", "depth"):
+                d, e = difference(lv["summary"], a, b, st, n)
+                series.setdefault((label, st), []).append((float(x), d, e))
+                cells.append(f"**{d:+.1f} ± {e:.1f}**" if abs(d) > e else f"{d:+.1f} ± {e:.1f}")
+        L.append(f"| {x} | " + " | ".join(cells) + " |")
+    L += ["", "![differences against cue strength](cues.png)", "",
+          "## The classes one modality alone lacks", "",
+          "IoU, mean over seeds, from rgb only and from depth only (rug and poster need rgb, pillar and ball "
+          "need depth without cues).", "",
+          "| cues | variant | " + " | ".join(f"{c} ({s})" for c in ONE_MODALITY_CLASSES for s in ("rgb", "depth")) + " |",
+          "|---|---|" + "---|" * (2 * len(ONE_MODALITY_CLASSES))]
+    for x, lv in levels.items():
+        for v, per in lv["per_class_iou"].items():
+            cells = [f"{per[s][classes.index(c)]:.1f}" for c in ONE_MODALITY_CLASSES for s in ("rgb", "depth")]
+            L.append(f"| {x} | {VARIANTS[v][1]} | " + " | ".join(cells) + " |")
+    meta = sweep["meta"]
+    L += ["", f"Wall time {meta['wall_minutes']:.1f} min for {meta['runs']} runs ({meta['machine']}).", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+    difference_chart(series, png)
+
+
+def difference_chart(series: dict, path: str) -> None:
+    """Two panels (rgb only, depth only): each difference against cue strength, with ± σ
+    error bars and the zero line (PIL only)."""
+    W, H, pad, top = 900, 380, 50, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    values = [v for pts in series.values() for _, m, e in pts for v in (m - e, m + e)]
+    lo, hi = min(values + [-1.0]), max(values + [1.0])
+    colours = {"M²IM − MIM": "#2ca02c", "MaskMentor − M²IM": "#d62728"}
+    panel_w = (W - 3 * pad) / 2
+    for pi, st in enumerate(("rgb", "depth")):
+        x0 = pad + pi * (panel_w + pad)
+        px = lambda x: x0 + x * panel_w
+        py = lambda y: H - pad - (y - lo) / (hi - lo) * (H - pad - top)
+        d.rectangle([x0, top, x0 + panel_w, H - pad], outline="black")
+        d.line([(x0, py(0)), (x0 + panel_w, py(0))], fill="#999999")
+        d.text((x0 + 5, top - 18), f"{st} only: mIoU difference", fill="black")
+        d.text((x0, H - pad + 6), "cues 0", fill="black")
+        d.text((x0 + panel_w - 40, H - pad + 6), "cues 1", fill="black")
+        d.text((x0 - 45, py(hi) - 6), f"{hi:+.1f}", fill="black")
+        d.text((x0 - 45, py(lo) - 6), f"{lo:+.1f}", fill="black")
+        for label, colour in colours.items():
+            pts = series.get((label, st), [])
+            d.line([(px(x), py(m)) for x, m, _ in pts], fill=colour, width=2)
+            for x, m, e in pts:
+                d.line([(px(x), py(m - e)), (px(x), py(m + e))], fill=colour)
+                d.ellipse([px(x) - 3, py(m) - 3, px(x) + 3, py(m) + 3], fill=colour)
+    for i, (label, colour) in enumerate(colours.items()):
+        d.text((pad + 260 * i, H - 18), label.replace("²", "2").replace("−", "-"), fill=colour)
+    img.save(path)

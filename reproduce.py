@@ -70,7 +70,7 @@ import rooms
 import sttp
 import train
 import vis
-from cli import UserError, arg, parse_config, run_cli
+from cli import UserError, arg, check_numbers, parse_config, run_cli
 from engine import Subset, load_checkpoint
 from report import (DEFAULT_VARIANTS, DIAG_IMAGES, ROBUST_VARIANTS, SETTINGS, TEACHER_ITERS, VARIANTS,
                     bar_chart, diagnostics, ordering_checks, steps_per_batch, summarise, variant_epochs, write_markdown)
@@ -101,8 +101,10 @@ class ReproConfig:
     token_positions: str = arg("all", "their token-loss positions (train.py --token_positions)",
                                tuple(sttp.TOKEN_POSITIONS))
     token_norm: str = arg("none", "their token normalisation (train.py --token_norm)", tuple(sttp.TOKEN_NORMS))
+    cues: float = arg(0.0, "the synthetic rooms' cue level for every run (rooms.py; 0 = the rooms without cues)")
     study: str = arg("", "instead of the ablation: 'token', the one-factor study of the token target, positions "
-                     "and normalisation (results/token_study/)", ("", "token"))
+                     "and normalisation (results/token_study/); 'cues', MIM, M²IM and MaskMentor at cue levels "
+                     "0, 0.5 and 1 (results/cues/)", ("", "token", "cues"))
     jobs: int = arg(2, "runs in parallel (processes of --threads threads each)")
     threads: int = arg(1, "torch threads per run")
     work_dir: str = arg("out/reproduce", "checkpoints and logs of every run (finished runs are reused)")
@@ -130,6 +132,7 @@ def parse(argv=None) -> ReproConfig:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     if cfg.warmup_epochs < 0:
         raise UserError(f"--warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
+    check_numbers(cfg, unit=("cues",))
     for name in ("pretrain_images", "finetune_images"):
         if getattr(cfg, name) < cfg.batch_size:
             raise UserError(f"--{name} {getattr(cfg, name)} is fewer than --batch_size {cfg.batch_size}")
@@ -163,7 +166,13 @@ def specs(cfg: ReproConfig) -> list:
 
 
 def run_dir(cfg: ReproConfig, spec: Spec, seed: int) -> str:
-    return os.path.join(cfg.work_dir, spec.name, f"seed{seed}")
+    """<work_dir>[/cues<level>]/<configuration>/seed<N>: the rooms without cues keep the
+    ablation's folders, so that the cue sweep's level 0 reuses its runs."""
+    return os.path.join(cfg.work_dir, *([f"cues{cfg.cues:g}"] if cfg.cues else []), spec.name, f"seed{seed}")
+
+
+def cue_argv(cfg: ReproConfig) -> list:
+    return ["--cues", cfg.cues] if cfg.cues else []
 
 
 def pretrain_argv(cfg: ReproConfig, spec: Spec, seed: int) -> list:
@@ -172,6 +181,7 @@ def pretrain_argv(cfg: ReproConfig, spec: Spec, seed: int) -> list:
             "--warmup_epochs", cfg.warmup_epochs, "--subset", cfg.pretrain_images,
             "--batch_size", cfg.batch_size, "--teacher_iters", TEACHER_ITERS, "--seed", seed,
             "--vis_every", 0, "--device", "cpu", "--out_dir", os.path.join(run_dir(cfg, spec, seed), "pretrain")]
+    argv += cue_argv(cfg)
     if mode in TOKEN_MODES:   # explicit, whatever train.py's defaults are
         argv += [a for f, lv in zip(TOKEN_FLAGS, spec.token) for a in (f"--{f}", lv)]
     if mode == "kd":
@@ -184,7 +194,7 @@ def finetune_argv(cfg: ReproConfig, spec: Spec, seed: int) -> list:
     pretrained = "none" if VARIANTS[spec.variant][0] is None else os.path.join(d, "pretrain", "ckpt.pt")
     return [str(a) for a in ["--pretrained", pretrained, "--subset", cfg.finetune_images,
                              "--epochs", cfg.finetune_epochs, "--batch_size", cfg.batch_size, "--seed", seed,
-                             "--device", "cpu", "--out_dir", os.path.join(d, "finetune")]]
+                             "--device", "cpu", "--out_dir", os.path.join(d, "finetune")] + cue_argv(cfg)]
 
 
 # -----------------------------------------------------------------------------
@@ -386,7 +396,8 @@ def pretrain_diagnostics(pretrain_dir: str, n_images: int = DIAG_IMAGES) -> dict
     net.eval()
     ocfg = train.objective_config(train.TrainConfig(**ckpt["config"]), sttp.Runtime())
     mcfg = ocfg.masking
-    test = data.build_dataset("synthetic", None, "test", image_size=net.cfg.image_size)
+    test = data.build_dataset("synthetic", None, "test", image_size=net.cfg.image_size,
+                              cues=ckpt["config"].get("cues", 0.0))
     batch = data.collate([test[i] for i in range(min(n_images, len(test)))])
     inputs = modalities.prepare_inputs(batch, net.inputs)
     B = batch["rgb"].shape[0]
@@ -480,12 +491,14 @@ def run_variant(cfg: ReproConfig, spec: Spec, seed: int, stage: str) -> dict:
     pre_diag = json.load(open(os.path.join(d, "pretrain", "diagnostics.json"))) if pretrained else None
     fine = _stage(os.path.join(d, "finetune"), finetune.main, finetune_argv(cfg, spec, seed))
     net, _ = evaluate.load_segmenter(os.path.join(d, "finetune", "ckpt.pt"), "cpu")
-    split = lambda name, n: Subset(data.build_dataset("synthetic", None, name, image_size=net.cfg.image_size), n)
+    split = lambda name, n: Subset(data.build_dataset("synthetic", None, name, image_size=net.cfg.image_size,
+                                                      cues=cfg.cues), n)
     t0 = time.time()
     val = evaluate_conditions(net, split("val", cfg.val_images), 50, robustness=False)["clean"]
     scores = evaluate_conditions(net, split("test", cfg.test_images), 50,
                                  robustness=spec.variant in ROBUST_VARIANTS)
     result = {"variant": spec.variant, "name": spec.name, "token": dict(zip(TOKEN_FLAGS, spec.token)), "seed": seed,
+              "cues": cfg.cues,
               "test_images": cfg.test_images, "val_images": cfg.val_images, "pretrain": pre, "finetune": fine,
               "eval_seconds": time.time() - t0, "val": val,
               "diagnostics": {"pretrain": pre_diag, "finetune_log": loss_log(os.path.join(d, "finetune", "log.jsonl"),
@@ -633,10 +646,45 @@ def token_study(cfg: ReproConfig) -> dict:
     return out
 
 
+CUE_LEVELS = (0.0, 0.5, 1.0)
+CUE_VARIANTS = ("mim", "m2im", "maskmentor")
+
+
+def cue_study(cfg: ReproConfig) -> dict:
+    """`--study cues`: MIM, M²IM and MaskMentor (with --token_*) at cue levels 0, 0.5, 1,
+    each the ablation's recipe and seeds (results/cues/PROTOCOL.md, written before the first
+    run). Level 0 reuses the ablation's runs. First, before anything is trained, how well
+    one modality predicts the other in the rooms at each level (rooms.cross_modal_predictability)."""
+    t0 = time.time()
+    token = tuple(getattr(cfg, f) for f in TOKEN_FLAGS)
+    todo = [Spec(v, token) for v in CUE_VARIANTS]
+    print(f"cue sweep: {', '.join(CUE_VARIANTS)} x cues {', '.join(f'{x:g}' for x in CUE_LEVELS)} x {cfg.seeds} "
+          f"seed(s); runs in {cfg.work_dir}, results in {cfg.out_dir}")
+    n_images = 40 if cfg.quick else 200
+    predictability = {f"{x:g}": rooms.cross_modal_predictability(x, n_images=n_images) for x in CUE_LEVELS}
+    levels, runs = {}, 0
+    for x in CUE_LEVELS:
+        c = dataclasses.replace(cfg, cues=x)
+        results = run_all(c, todo)
+        runs += count_runs(c, todo)[0]
+        levels[f"{x:g}"] = {"summary": summarise(results), "per_class_iou": diagnostics(results)["per_class_iou"],
+                            "runs": results}
+    out = {"config": dataclasses.asdict(cfg), "predictability": predictability, "levels": levels,
+           "meta": {"wall_minutes": (time.time() - t0) / 60, "runs": runs,
+                    "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    _write_json(out, os.path.join(cfg.out_dir, "cues.json"))
+    report.write_cues(out, os.path.join(cfg.out_dir, "cues.md"), os.path.join(cfg.out_dir, "cues.png"))
+    print(f"wrote {cfg.out_dir}/cues.md, cues.json, cues.png in {out['meta']['wall_minutes']:.1f} min")
+    return out
+
+
 def main(argv=None) -> dict:
     cfg = parse(argv)
     if cfg.study == "token":
         return token_study(cfg)
+    if cfg.study == "cues":
+        return cue_study(cfg)
     t0 = time.time()
     n_runs, before = count_runs(cfg, specs(cfg))
     print(f"reproduce: {cfg.variants} x {cfg.seeds} seed(s), {cfg.jobs} job(s) of {cfg.threads} thread(s); "

@@ -30,7 +30,7 @@ import modalities
 import ops
 import sttp
 import vis
-from cli import UserError, arg, pick_device, run_cli
+from cli import UserError, arg, check_numbers, pick_device, run_cli
 from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_checkpoint, param_groups,
                     start_run, to_device, training_set)
 from runtime import DTYPES, TrainingRuntime, autocast_dtype, compile_encoder, grad_scaler, init_distributed
@@ -42,6 +42,7 @@ class TrainConfig:
     dataset: str = arg("synthetic", "dataset to pre-train on", data.DATASETS)
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
     subset: int = arg(0, "use only the first N training images (0 = all)")
+    cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (rooms.py)")
     config: str = arg("tiny", "model preset and its training defaults", tuple(M.PRESETS))
     init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
     mode: str = arg("sttp", "objective after the warm-up", tuple(sttp.OBJECTIVES))
@@ -53,7 +54,7 @@ class TrainConfig:
     lr: float = arg(1e-3, "peak learning rate (paper: 1e-5)")
     min_lr: float = arg(0.0, "final learning rate of the cosine schedule")
     lr_warmup_epochs: float = arg(0.5, "linear learning-rate warm-up from 0, in epochs")
-    weight_decay: float = arg(0.05, "AdamW weight decay (MultiMAE)")
+    weight_decay: float = arg(0.05, "AdamW weight decay (MultiMAE's value; biases, norms, tokens exempt: ours)")
     image_size: int = arg(64, "training crop size")
     budget: int = arg(32, "visible tokens over all modalities (MultiMAE: 98 of 3x196)")
     alpha: float = arg(1.0, "Dirichlet concentration of the token split (MultiMAE: 1)")
@@ -73,6 +74,8 @@ class TrainConfig:
     out_dir: str = arg("out/pretrain", "where ckpt.pt, log.jsonl, loss_curve.png and recon_*.png go")
     vis_every: int = arg(1, "write a reconstruction picture (Figure 4) every N epochs and at the end; 0 = never")
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt")
+    overwrite: bool = arg(False, "start over in an --out_dir that holds a run (its checkpoint and logs are replaced)")
+    grad_ckpt: bool = arg(False, "recompute encoder activations in the backward (less memory, ~30 % more time)")
     stop_after: int = arg(0, "stop (with a checkpoint) after this many batches; 0 = run to the end")
     ckpt_every: int = arg(0, "also checkpoint every N batches (0 = at the end of each epoch)")
     workers: int = arg(0, "DataLoader worker processes")
@@ -92,11 +95,11 @@ TRAIN_PRESETS = {
 
 
 def validate(cfg: TrainConfig) -> None:
-    patch = check_common_flags(cfg, positive=("budget", "teacher_iters", "alpha"), non_negative=("vis_every",))
+    patch = check_common_flags(cfg, positive=("budget", "teacher_iters", "alpha"),
+                               non_negative=("vis_every", "token_weight"))
+    check_numbers(cfg, unit=("p_drop", "mask_ratio"))
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise UserError(f"--warmup_epochs must be in [0, --epochs={cfg.epochs}], got {cfg.warmup_epochs}")
-    if not 0.0 <= cfg.p_drop <= 1.0:
-        raise UserError(f"--p_drop must be in [0, 1], got {cfg.p_drop}")
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise UserError(f"--mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
     n = (cfg.image_size // patch) ** 2
@@ -117,6 +120,8 @@ def validate(cfg: TrainConfig) -> None:
                         f"not {cfg.mode}")
     if cfg.mode == "kd" and not cfg.teacher:
         raise UserError("--mode kd needs --teacher PATH (a pre-training checkpoint, e.g. from --mode mim)")
+    if cfg.teacher and cfg.mode != "kd":
+        raise UserError(f"--teacher is the frozen teacher of --mode kd; --mode {cfg.mode} has none")
 
 
 def objective_config(cfg: TrainConfig, runtime: sttp.Runtime) -> sttp.ObjectiveConfig:
@@ -143,9 +148,11 @@ def picture_batch(cfg, device, n: int = 2) -> dict:
     training split if there is no test split), unaugmented, centre-cropped to the
     training size. The same images every time, so the pictures show training progress."""
     try:
-        dataset = data.build_dataset(cfg.dataset, cfg.data_root or None, "test", image_size=cfg.image_size)
+        dataset = data.build_dataset(cfg.dataset, cfg.data_root or None, "test", image_size=cfg.image_size,
+                                     cues=cfg.cues)
     except UserError:
-        dataset = data.build_dataset(cfg.dataset, cfg.data_root or None, "train", image_size=cfg.image_size)
+        dataset = data.build_dataset(cfg.dataset, cfg.data_root or None, "train", image_size=cfg.image_size,
+                                     cues=cfg.cues)
     samples = [data.center_crop(dataset[i], cfg.image_size) for i in range(min(n, len(dataset)))]
     return to_device(data.collate(samples), device)
 
@@ -159,7 +166,7 @@ def main(argv=None):
     # Seeded alike in every process: masking is drawn for the global batch (model.Shard).
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    dataset = training_set(cfg)
+    dataset = training_set(cfg, augmentation="pretrain")
     model_cfg = dataclasses.replace(M.PRESETS[cfg.config], image_size=cfg.image_size,
                                     num_classes=data.num_classes(cfg.dataset),
                                     modalities=tuple(cfg.modalities.split(",")))
@@ -172,9 +179,11 @@ def main(argv=None):
     runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad)
     ocfg = objective_config(cfg, runtime)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
-                extra={"kind": "pretrain", "model_config": dataclasses.asdict(model_cfg)}, scaler=scaler)
+                extra={"kind": "pretrain", "model_config": dataclasses.asdict(model_cfg),
+                       "data": data.conventions(cfg.dataset, cfg.image_size, cfg.cues)}, scaler=scaler)
     if ckpt is not None:
         loop.resume(ckpt)
+    net.grad_ckpt = cfg.grad_ckpt
     if cfg.compile:
         compile_encoder(net)
     # Under torchrun every parameter gets a gradient in every step, except in --mode token:

@@ -54,7 +54,9 @@ def test_class_tables_and_palettes():
     with pytest.raises(data.UserError, match="unknown dataset"):
         data.build_dataset("cityscapes")
     with pytest.raises(data.UserError, match="split"):
-        data.build_dataset("synthetic", split="val")
+        data.build_dataset("synthetic", split="dev")
+    with pytest.raises(data.UserError, match="no 'val' split"):     # validation: the synthetic rooms only
+        data.build_dataset("nyu", split="val")
 
 
 def test_denormalize_inverts_normalize():
@@ -647,3 +649,75 @@ def test_dataloader_workers_do_not_change_the_batches():
             for w in (0, 2)]
     for a, b in zip(*runs):
         assert all(torch.equal(a[k], b[k]) for k in ("rgb", "depth", "semseg")) and a["id"] == b["id"]
+
+
+# --- depth in the wrong unit, missing splits: one line each -------------------------------
+
+
+def test_depth_in_a_wrong_unit_is_refused_with_the_likely_unit(tmp_path):
+    rgb, label40, depth, _ = real_sample()
+    # MultiMAE's layout holding millimetre PNGs: 6.55x too small, each image passes alone
+    mm = tmp_path / "multimae_mm"
+    make_multimae(str(mm), rgb, label40, depth)
+    for split in ("train", "test"):
+        save(f"{mm}/{split}/depth/data/0000.png", np.uint16(depth * 1000))
+    with pytest.raises(data.UserError) as e:
+        data.build_dataset("nyu", str(mm), "test")
+    one_line_error(e, str(mm), "median depth", "MultiMAE's encoding")
+    # whole metres in a uint16 PNG read as millimetres (ESANet's layout)
+    whole = tmp_path / "esanet_m"
+    make_esanet(str(whole), rgb, label40, depth)
+    save(f"{whole}/test/depth/0001.png", np.round(depth).astype(np.uint16))
+    with pytest.raises(data.UserError) as e:
+        data.build_dataset("nyu", str(whole), "test")
+    one_line_error(e, "0001.png", "not an indoor range", "metres (whole numbers)")
+    # SUN / CMX layout with millimetres in the .npy files that should hold metres
+    cmx = tmp_path / "cmx_mm"
+    make_cmx(str(cmx), label40, (depth * 1000).astype(np.float32))
+    with pytest.raises(data.UserError) as e:
+        data.build_dataset("nyu", str(cmx), "test")
+    one_line_error(e, "0.npy", "millimetres where metres were expected")
+
+
+def test_all_zero_depth_is_refused(tmp_path):
+    rgb, label40, depth, _ = real_sample()
+    root = tmp_path / "esanet"
+    make_esanet(str(root), rgb, label40, depth)
+    save(f"{root}/test/depth/0001.png", np.zeros(depth.shape, np.uint16))
+    with pytest.raises(data.UserError) as e:
+        data.build_dataset("nyu", str(root), "test")
+    one_line_error(e, "0001.png", "every depth pixel is 0")
+
+
+def test_a_copy_without_the_test_split_says_so(tmp_path):
+    rgb, label40, depth, _ = real_sample()
+    root = tmp_path / "esanet"
+    make_esanet(str(root), rgb, label40, depth)
+    shutil.rmtree(root / "test")
+    assert len(data.build_dataset("nyu", str(root), "train")) == 1
+    with pytest.raises(data.UserError) as e:
+        data.build_dataset("nyu", str(root), "test")
+    one_line_error(e, "no test split", "train/")
+
+
+def test_pretraining_augmentation_is_a_random_resized_crop(tmp_path):
+    """MultiMAE's pre-training augmentation: crops of 20-100 % of the area resized to the
+    crop size, applied alike to the three maps (labels and depth nearest: no new values)."""
+    rgb, label40, depth, _ = real_sample()
+    make_esanet(str(tmp_path), rgb, label40, depth)
+    ds = data.build_dataset("nyu", str(tmp_path), "train", train=True, image_size=64, augmentation="pretrain")
+    plain = data.build_dataset("nyu", str(tmp_path), "train")[0]
+    labels, depths = set(plain["semseg"].unique().tolist()), set(plain["depth"].unique().tolist())
+    areas = []
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        s = ds[0]
+        assert s["rgb"].shape == (3, 64, 64) and s["depth"].shape == (1, 64, 64) and s["semseg"].shape == (64, 64)
+        assert set(s["semseg"].unique().tolist()) <= labels
+        assert set(s["depth"].unique().tolist()) <= depths | {0.0}
+        areas.append(len(s["semseg"].unique()))
+    assert len(set(areas)) > 3                        # different crops
+    # the same crop for the three maps: where the label changes, so does the depth (mostly)
+    ds.set_epoch(0)
+    a, b = ds[0], ds[0]
+    assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["semseg"], b["semseg"])

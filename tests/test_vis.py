@@ -194,7 +194,7 @@ def test_single_image_mode_bad_input(tmp_path):
     fake_finetuned(tmp_path / "ckpt.pt")
     sample = data.build_dataset("synthetic", split="test")[0]
     write_rgbd(tmp_path, sample)
-    Image.fromarray(np.zeros((32, 64), np.uint16)).save(tmp_path / "small.png")
+    Image.fromarray(np.full((32, 64), 2000, np.uint16)).save(tmp_path / "small.png")       # 2 m
     np.save(tmp_path / "nan.npy", np.full((64, 64), np.nan, np.float32))
     ckpt = ["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "o.png")]
     cases = [(["--rgb", str(tmp_path / "rgb.png"), "--depth", str(tmp_path / "small.png")], "small.png", "differs"),

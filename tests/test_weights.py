@@ -148,6 +148,13 @@ def multimae_state(cfg, class_rows=133):
     state["input_adapters.semseg.class_emb.weight"] = torch.randn(class_rows, cfg.semseg_emb_dim)
     for m in modalities.DEFAULT:
         state[f"input_adapters.{m}.pos_emb"] = torch.randn(1, cfg.width, h, h)
+    # MultiMAE's decoders: ours key for key, plus their stored sin-cos table, and the semseg
+    # decoder predicting COCO's classes.
+    for head in ("rgb", "depth", "semseg", "norm_rgb"):
+        state[f"output_adapters.{head}.pos_emb"] = torch.randn(1, h, h, cfg.dec_width)
+    p = cfg.patch_size // 4
+    state["output_adapters.semseg.out_proj.weight"] = torch.randn(class_rows * p * p, cfg.dec_width)
+    state["output_adapters.semseg.out_proj.bias"] = torch.randn(class_rows * p * p)
     return state
 
 
@@ -163,12 +170,22 @@ def test_multimae_checkpoint_loads_the_encoder_and_its_position_tables(tmp_path)
     assert report.source == "MultiMAE"
     assert "rows" in report.ignored["input_adapters.semseg.class_emb.weight"]   # 133 classes != 7 + 1
     assert "input_adapters.semseg.class_emb.weight" in report.missing
-    assert all(k in report.ignored for k in state if k.startswith("output_adapters."))
+    # a pre-training network takes MultiMAE's decoders too, but their stored positions and
+    # an output layer for other classes
+    for k in state:
+        if k.startswith("output_adapters."):
+            skipped = k.endswith("pos_emb") or k.startswith("output_adapters.semseg.out_proj")
+            assert (k in report.ignored) == skipped, k
+    assert "output_adapters.semseg.out_proj.weight" in report.missing
     assert not any(k.startswith(("encoder.", "global_tokens", "input_adapters.rgb.")) for k in report.missing)
     own = net.state_dict()
     for k, v in state.items():
-        if k.startswith(("encoder.", "global_tokens", "input_adapters.")) and "class_emb" not in k:
+        if k in report.loaded:
             torch.testing.assert_close(own[k], v)
+    assert sum(k.startswith("output_adapters.") for k in report.loaded) > 100
+    # a fine-tuning network has no decoders: ignored
+    seg_report = M.load_encoder_weights(M.Segmenter(cfg), state)
+    assert all(k in seg_report.ignored for k in state if k.startswith("output_adapters."))
     x = {"rgb": torch.randn(2, 3, 64, 64), "depth": torch.randn(2, 1, 64, 64),
          "semseg": torch.randint(0, 7, (2, 16, 16))}
     with torch.no_grad():
@@ -265,3 +282,18 @@ def test_init_encoder_turns_bad_files_into_one_line(tmp_path):
     with pytest.raises(UserError, match="not a readable checkpoint") as e:
         engine.init_encoder(net, str(tmp_path / "bad.pth"))
     assert "\n" not in str(e.value)
+
+
+def test_an_incomplete_or_foreign_encoder_is_refused_in_one_line():
+    cfg = tiny()
+    state = multimae_state(cfg)
+    del state["encoder.2.mlp.fc1.weight"]
+    with pytest.raises(ValueError, match="lacks 1 encoder tensor.*encoder.2.mlp.fc1.weight"):
+        M.load_encoder_weights(M.MaskMentor(cfg), state)
+    state = multimae_state(cfg)
+    del state["global_tokens"]
+    with pytest.raises(ValueError, match="global_tokens"):
+        M.load_encoder_weights(M.Segmenter(cfg), state)
+    renamed = {k.replace("encoder.", "encoder.layers."): v for k, v in multimae_state(cfg).items()}
+    with pytest.raises(ValueError, match="encoder.layers.0.*not a block of MultiMAE's encoder"):
+        M.load_encoder_weights(M.Segmenter(cfg), renamed)

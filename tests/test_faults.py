@@ -1,0 +1,119 @@
+"""Careless use: nothing lost, nothing silent. A run folder is never overwritten without
+--resume or --overwrite, bad flags and paths are one line before any work, worker errors
+stay one line, a resumed or restarted run leaves a clean log."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+import masking
+import train
+from cli import UserError
+from conftest import ROOT, make_esanet, real_sample
+
+PRE = ["--subset", "32", "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--vis_every", "0"]
+
+
+def log_epochs(folder) -> list:
+    return [json.loads(line)["epoch"] for line in open(os.path.join(folder, "log.jsonl"))]
+
+
+def test_a_folder_that_holds_a_run_is_refused_then_overwritten_on_request(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(PRE + ["--out_dir", out])
+    before = os.path.getmtime(os.path.join(out, "ckpt.pt"))
+    for other in ([], ["--lr", "0.01"]):                  # the same settings or others
+        with pytest.raises(UserError, match="holds a run .* --resume .* --overwrite"):
+            train.main(PRE + other + ["--out_dir", out])
+    assert os.path.getmtime(os.path.join(out, "ckpt.pt")) == before and log_epochs(out) == [1, 2]
+    with pytest.raises(UserError, match="holds a run"):    # a pre-training folder given to finetune.py
+        finetune.main(["--pretrained", os.path.join(out, "ckpt.pt"), "--subset", "32", "--out_dir", out])
+    open(os.path.join(out, "ckpt.pt.tmp999"), "wb").close()        # what a crash mid-write leaves
+    train.main(PRE + ["--out_dir", out, "--overwrite", "--epochs", "1"])
+    assert log_epochs(out) == [1]                                     # no second epoch-1 line
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    with pytest.raises(UserError, match="pass one of them"):
+        train.main(PRE + ["--out_dir", out, "--overwrite", "--resume"])
+
+
+def test_resume_rewrites_the_log_from_the_checkpoint_and_works_after_a_move(tmp_path):
+    a = tmp_path / "a"
+    train.main(PRE + ["--out_dir", str(a), "--stop_after", "3"])     # inside epoch 2
+    with open(a / "log.jsonl", "a") as f:                            # an epoch logged after the checkpoint
+        f.write(json.dumps({"epoch": 2, "mode": "sttp", "loss": 1.0}) + "\n")
+    moved = tmp_path / "moved"
+    os.rename(a, moved)
+    train.main(["--resume", "--out_dir", str(moved)])
+    assert log_epochs(moved) == [1, 2]
+    uninterrupted = tmp_path / "b"
+    train.main(PRE + ["--out_dir", str(uninterrupted)])
+    x = torch.load(moved / "ckpt.pt", weights_only=False)["model"]
+    y = torch.load(uninterrupted / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--out_dir", ""], "--out_dir is empty"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--lr_warmup_epochs", "nan"], "--lr_warmup_epochs must be a finite number"),
+    (["--weight_decay", "nan"], "--weight_decay must be a finite number"),
+    (["--weight_decay", "-1"], "--weight_decay must be >= 0"),
+    (["--token_weight", "nan"], "--token_weight must be a finite number"),
+    (["--clip_grad", "nan"], "--clip_grad must be a finite number"),
+    (["--min_lr", "nan"], "--min_lr must be a finite number"),
+    (["--min_lr", "1"], "--min_lr 1.0 is above --lr"),
+    (["--alpha", "nan"], "--alpha must be a finite number"),
+    (["--alpha", "inf"], "--alpha must be a finite number"),
+    (["--p_drop", "nan"], "--p_drop must be a finite number"),
+    (["--device", "foo"], "--device foo: choose auto, cpu, cuda or cuda:N"),
+    (["--device", "gpu"], "--device gpu: choose"),
+    (["--data_root", "data/nyu"], "the synthetic rooms are generated"),
+    (["--teacher", "t.pt"], "--teacher is the frozen teacher of --mode kd"),
+    (["--epoch", "1"], "unrecognized arguments: --epoch"),          # no abbreviations
+])
+def test_bad_flags_are_one_line_before_any_work(tmp_path, flags, words):
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        train.main(["--out_dir", str(out)] + flags if "--out_dir" not in flags else flags)
+    assert "\n" not in str(e.value) and words in str(e.value), str(e.value)
+    assert not out.exists()
+
+
+def test_output_paths_are_checked_up_front(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="a file is there, not a folder"):
+        train.main(["--out_dir", str(tmp_path / "file")])
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        finetune.main(["--pretrained", "none", "--out_dir", str(tmp_path / "file" / "sub")])
+
+
+def test_dirichlet_alpha_nan_does_not_hang():
+    for alpha in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive finite"):
+            masking.dirichlet_visible_counts(torch.ones(2, 3, dtype=torch.bool), 8, alpha)
+
+
+def test_finetuning_writes_the_loss_curve_it_promises(tmp_path):
+    finetune.main(["--pretrained", "none", "--subset", "32", "--batch_size", "16", "--epochs", "1",
+                   "--out_dir", str(tmp_path)])
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_data_error_in_a_worker_process_is_one_line(tmp_path):
+    rgb, label40, depth, _ = real_sample()
+    make_esanet(str(tmp_path / "nyu"), rgb, label40, depth)
+    from PIL import Image
+    bad = np.full(label40.shape, 99, np.uint8)                   # read in the worker, not at start-up
+    Image.fromarray(bad).save(tmp_path / "nyu" / "train" / "labels_40" / "0001.png")
+    p = subprocess.run([sys.executable, "finetune.py", "--dataset", "nyu", "--data_root", str(tmp_path / "nyu"),
+                        "--pretrained", "none", "--batch_size", "1", "--epochs", "1", "--workers", "1",
+                        "--out_dir", str(tmp_path / "ft")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "outside the class set" in lines[0], \
+        p.stderr[-2000:]
