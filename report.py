@@ -496,8 +496,9 @@ def difference_chart(series: dict, path: str) -> None:
         d.text((x0 + 5, top - 18), f"{st} only: mIoU difference", fill="black")
         d.text((x0, H - pad + 6), "cues 0", fill="black")
         d.text((x0 + panel_w - 40, H - pad + 6), "cues 1", fill="black")
-        d.text((x0 - 45, py(hi) - 6), f"{hi:+.1f}", fill="black")
-        d.text((x0 - 45, py(lo) - 6), f"{lo:+.1f}", fill="black")
+        d.text((x0 + 4, top + 2), f"{hi:+.1f}", fill="black")
+        d.text((x0 + 4, H - pad - 14), f"{lo:+.1f}", fill="black")
+        d.text((x0 + 4, py(0) - 14), "0", fill="#999999")
         for label, colour in colours.items():
             pts = series.get((label, st), [])
             d.line([(px(x), py(m)) for x, m, _ in pts], fill=colour, width=2)
