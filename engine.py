@@ -456,17 +456,16 @@ def check_resume(saved: dict, cfg, given: set, run_control: set) -> None:
                                  f"({name}={saved.get(name)}); use a new --out_dir to change it")
 
 
-def check_out_dir(cfg, kind: str) -> None:
+def check_out_dir(cfg) -> None:
     """Never lose a run: before any work, --out_dir must be a writable folder, and one that
     holds a run (a checkpoint or a log) is refused unless this invocation --resume's it
-    or --overwrite's it."""
+    or --overwrite's it. Called after the flags and the inputs have been checked, so that
+    a bad flag is named as such even when --out_dir holds a run."""
     check_output(cfg.out_dir, "--out_dir")
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
     if held and not cfg.resume and not cfg.overwrite:
         raise UserError(f"--out_dir {cfg.out_dir} holds a run ({', '.join(held)}); pass --resume to continue it, "
                         f"--overwrite to replace it, or another --out_dir")
-    if cfg.resume and cfg.overwrite:
-        raise UserError("--resume continues the run in --out_dir, --overwrite replaces it: pass one of them")
 
 
 def prepare_out_dir(cfg, ckpt) -> None:
@@ -488,10 +487,11 @@ def prepare_out_dir(cfg, ckpt) -> None:
 def start_run(cls, argv, presets, run_control: set, kind: str):
     """Parse flags; with --resume, load the checkpoint and take its config, except the
     run-control flags (how long to run now, workers, device, where the folder is now),
-    which belong to this invocation. Checks --out_dir (check_out_dir). Returns (cfg,
-    checkpoint or None)."""
+    which belong to this invocation. Returns (cfg, checkpoint or None). The caller then
+    checks its flags and inputs, and --out_dir (check_out_dir) last, before any work."""
     cfg, given = parse_config(cls, argv, presets)
-    check_out_dir(cfg, kind)
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out_dir, --overwrite replaces it: pass one of them")
     if not cfg.resume:
         return cfg, None
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), kind)

@@ -30,7 +30,7 @@ import modalities
 import ops
 from cli import UserError, arg, check_numbers, pick_device, run_cli
 from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_checkpoint, param_groups,
-                    start_run, training_set)
+                    check_out_dir, start_run, training_set)
 from runtime import (DTYPES, TrainingRuntime, autocast_dtype, compile_encoder, global_mean, grad_scaler,
                      init_distributed)
 
@@ -187,6 +187,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
     scaler = grad_scaler(dtype, device)
     runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad)
+    check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "finetune", "model_config": dataclasses.asdict(model_cfg),
                        "dataset": cfg.dataset, "data": data.conventions(cfg.dataset, cfg.image_size, cfg.cues)},

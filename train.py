@@ -32,7 +32,7 @@ import sttp
 import vis
 from cli import UserError, arg, check_numbers, pick_device, run_cli
 from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_checkpoint, param_groups,
-                    start_run, to_device, training_set)
+                    check_out_dir, start_run, to_device, training_set)
 from runtime import DTYPES, TrainingRuntime, autocast_dtype, compile_encoder, grad_scaler, init_distributed
 
 
@@ -178,6 +178,7 @@ def main(argv=None):
     scaler = grad_scaler(dtype, device)
     runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad)
     ocfg = objective_config(cfg, runtime)
+    check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "pretrain", "model_config": dataclasses.asdict(model_cfg),
                        "data": data.conventions(cfg.dataset, cfg.image_size, cfg.cues)}, scaler=scaler)
