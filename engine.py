@@ -38,7 +38,7 @@ VERSION = 1
 # Flags that belong to one invocation, not to the run: --resume may change them. (out_dir
 # too: a run folder that was moved or copied resumes where it is now.)
 RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "compile", "overwrite", "out_dir",
-               "grad_ckpt"}
+               "grad_ckpt", "accum_steps"}
 # What a run writes into its folder; --overwrite removes these before a new run starts.
 RUN_FILES = ("ckpt.pt", "log.jsonl", "loss_curve.png")
 
@@ -199,6 +199,10 @@ def check_common_flags(cfg, positive=(), non_negative=()) -> int:
     check_numbers(cfg, positive=("epochs", "batch_size", "image_size", "lr") + tuple(positive),
                   non_negative=("subset", "stop_after", "ckpt_every", "workers", "clip_grad", "min_lr",
                                 "lr_warmup_epochs", "weight_decay") + tuple(non_negative))
+    check_numbers(cfg, positive=("accum_steps",))
+    if cfg.batch_size % cfg.accum_steps:
+        raise UserError(f"--batch_size {cfg.batch_size} is not divisible into --accum_steps {cfg.accum_steps} "
+                        f"micro-batches")
     if cfg.min_lr > cfg.lr:
         raise UserError(f"--min_lr {cfg.min_lr} is above --lr {cfg.lr}")
     check_numbers(cfg, unit=("cues",))
@@ -254,8 +258,9 @@ class Loop:
         self.cfg, self.net, self.optimizer, self.dataset = cfg, net, optimizer, dataset
         self.generator, self.device, self.extra, self.scaler = generator, device, extra, scaler
         self.rank, self.world = rank_and_world()
-        if cfg.batch_size % self.world:
-            raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the {self.world} processes")
+        if cfg.batch_size % (self.world * cfg.accum_steps):
+            raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the {self.world} processes "
+                            f"x --accum_steps {cfg.accum_steps}")
         self.path = os.path.join(cfg.out_dir, "ckpt.pt")
         self.batches_per_epoch = len(dataset) // cfg.batch_size
         if self.batches_per_epoch == 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from typing import Optional
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,8 @@ class FinetuneConfig:
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt")
     overwrite: bool = arg(False, "start over in an --out_dir that holds a run (its checkpoint and logs are replaced)")
     grad_ckpt: bool = arg(False, "recompute encoder activations in the backward (less memory, ~30 % more time)")
+    accum_steps: int = arg(1, "split each batch into this many micro-batches whose gradients add up to one "
+                                "optimiser step: the same step, less memory (docs/guide.md)")
     stop_after: int = arg(0, "stop (with a checkpoint) after this many batches; 0 = run to the end")
     ckpt_every: int = arg(0, "also checkpoint every N batches (0 = at the end of each epoch)")
     workers: int = arg(0, "DataLoader worker processes")
@@ -103,9 +106,15 @@ def sample_present(batch_size: int, num_inputs: int, p_missing: float, generator
     return present
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, world: int = 1) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, world: int = 1,
+                      count: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cross-entropy over labelled pixels (255 ignored); 0 for a batch with none. Under
-    torchrun (`world` processes): over the global batch's labelled pixels (runtime.global_mean)."""
+    torchrun (`world` processes): over the global batch's labelled pixels (runtime.global_mean).
+    `count`: the global batch's labelled pixels, when these rows are a micro-batch
+    (--accum_steps), counted before its first forward."""
+    if count is not None:
+        ce = F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX, reduction="sum")
+        return ce * (world / count.clamp_min(1))
     if world > 1:
         ce = F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX, reduction="sum")
         return global_mean(ce, (target != M.IGNORE_INDEX).sum())
@@ -117,19 +126,27 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, world: int = 1
 def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, runtime: TrainingRuntime) -> dict:
     """One fine-tuning step on a batch (this process's rows of it under torchrun): which
     modalities each sample shows, forward, cross-entropy, backward, optimiser step (the
-    runtime's: autocast, loss scaling, clipping). `model` is the Segmenter, or it wrapped
-    in DDP."""
+    runtime's: autocast, loss scaling, clipping; with --accum_steps over micro-batches,
+    the labelled pixels counted over the whole batch first). `model` is the Segmenter, or
+    it wrapped in DDP."""
     net = runtime.network(model)
-    with record_function("forward"):
-        inputs = modalities.prepare_inputs(batch, net.inputs)
-        first = inputs[net.inputs[0]]
-        present = sample_present(first.shape[0] * runtime.world, len(net.inputs), cfg.p_missing, generator,
-                                 first.device)
-        with runtime.autocast():
-            logits = model(inputs, runtime.rows(present))
-        loss = segmentation_loss(logits, batch["semseg"], runtime.world)
-    runtime.step(model, optimizer, loss)
-    return {"loss": float(loss.detach())}
+    inputs = modalities.prepare_inputs(batch, net.inputs)
+    target = batch["semseg"]
+    first = inputs[net.inputs[0]]
+    present = runtime.rows(sample_present(first.shape[0] * runtime.world, len(net.inputs), cfg.p_missing,
+                                          generator, first.device))
+    count = None
+    if runtime.micro_steps > 1:
+        count = runtime.all_sum((target != M.IGNORE_INDEX).sum())
+
+    def forward(rows):
+        with record_function("forward"):
+            with runtime.autocast():
+                logits = model({k: v[rows] for k, v in inputs.items()}, present[rows])
+            return segmentation_loss(logits, target[rows], runtime.world, count), None
+
+    outs = runtime.accumulate(model, optimizer, forward, first.shape[0])
+    return {"loss": sum(float(loss.detach()) for loss, _ in outs)}
 
 
 def load_pretrained(path: str) -> dict:
@@ -186,7 +203,7 @@ def main(argv=None):
     net.to(device)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
     scaler = grad_scaler(dtype, device)
-    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad)
+    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, cfg.accum_steps)
     check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "finetune", "model_config": dataclasses.asdict(model_cfg),

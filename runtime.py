@@ -15,6 +15,15 @@ Two rules make N processes compute what one does on the same global batch:
     global count (`global_mean`), so the mean of the processes' gradients, which DDP
     all-reduces, is the one-process gradient. (A mean over the same number of values per
     sample, like the token loss, needs nothing: every process has as many samples.)
+
+--accum_steps N runs each process's rows as N micro-batches one after another, their
+gradients adding up before one optimiser step, so one device reaches a batch that does
+not fit in its memory. The same two rules make it compute what one step on the whole
+batch does: the micro-batches are shards too (world x N of them), and a loss's global
+count is counted over the whole batch before the first micro-batch's forward (sttp.py
+counts the masked pixels and token positions from the masking plan, finetune.py the
+labelled pixels); a stochastic-depth draw is made for the whole batch in every
+micro-batch, from the same random state, and each keeps its rows.
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 import sttp
+from model import Shard
 from cli import UserError
 
 
@@ -118,9 +128,10 @@ class TrainingRuntime(sttp.Runtime):
     "backward" and "optimizer" (bench.py's time split)."""
 
     def __init__(self, device: torch.device, dtype: Optional[torch.dtype] = None,
-                 scaler: Optional[torch.amp.GradScaler] = None, clip_grad: float = 0.0):
+                 scaler: Optional[torch.amp.GradScaler] = None, clip_grad: float = 0.0, accum_steps: int = 1):
         self.device, self.dtype, self.scaler, self.clip_grad = device, dtype, scaler, clip_grad
         self.rank, self.world = rank_and_world()
+        self.micro_steps, self.micro = accum_steps, 0      # micro-batches per step; the one running
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         return x.chunk(self.world)[self.rank] if self.world > 1 else x
@@ -128,15 +139,22 @@ class TrainingRuntime(sttp.Runtime):
     def network(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model
 
-    def sample_mean(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def sample_mean(self, values: torch.Tensor, like: torch.Tensor, count=None) -> torch.Tensor:
         if self.world == 1:
-            return super().sample_mean(values, like)
+            return super().sample_mean(values, like, count)
+        if count is not None:                 # counted over the global batch already
+            return values.sum() * (self.world / count.clamp_min(1)) if values.numel() else like.sum() * 0.0
         return global_mean(values.sum(), values.numel())
 
-    def mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    def mean(self, total: torch.Tensor, count: torch.Tensor, global_count=None) -> torch.Tensor:
         if self.world == 1:
-            return super().mean(total, count)
+            return super().mean(total, count, global_count)
+        if global_count is not None:
+            return total * (self.world / global_count.clamp_min(1))
         return global_mean(total, count)
+
+    def share(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.micro_steps if self.micro_steps > 1 else x   # equally large micro-batches
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
         if self.world == 1:
@@ -156,8 +174,37 @@ class TrainingRuntime(sttp.Runtime):
         true gradient norm; scaler.step skips a step whose gradients overflowed (the same on
         every process: DDP all-reduces them first)."""
         optimizer.zero_grad(set_to_none=True)
+        self._backward(loss)
+        self._update(model, optimizer)
+
+    def accumulate(self, model, optimizer, forward, batch_size: int) -> list:
+        """sttp.Runtime.accumulate over --accum_steps micro-batches: forward and backward of
+        each in turn (DDP synchronises the gradients in the last one's backward only), then
+        one optimiser step."""
+        if self.micro_steps == 1:
+            return super().accumulate(model, optimizer, forward, batch_size)
+        size = batch_size // self.micro_steps
+        optimizer.zero_grad(set_to_none=True)
+        start = _rng_state(self.device)
+        outs = []
+        for j in range(self.micro_steps):
+            self.micro = j
+            if j:                              # each micro-batch draws what the whole batch draws
+                _set_rng_state(start, self.device)
+            last = j == self.micro_steps - 1
+            no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else None
+            with no_sync or contextlib.nullcontext():
+                outs.append(forward(slice(j * size, (j + 1) * size)))
+                self._backward(outs[-1][0])
+        self.micro = 0
+        self._update(model, optimizer)
+        return outs
+
+    def _backward(self, loss: torch.Tensor) -> None:
         with record_function("backward"):
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def _update(self, model, optimizer) -> None:
         with record_function("optimizer"):
             if self.scaler is not None:
                 self.scaler.unscale_(optimizer)
@@ -176,11 +223,38 @@ class TrainingRuntime(sttp.Runtime):
         `net`, so their format doesn't depend on the process count. find_unused_parameters:
         some parameter may get no gradient in a step (DDP must then look for them after
         each forward, or it waits for their gradients forever)."""
+        if self.world > 1 or self.micro_steps > 1:
+            net.shard = _Rows(self)             # stochastic depth draws for the global batch
         if self.world == 1:
             return net
-        net.shard = self                    # stochastic depth draws for the global batch
         return DistributedDataParallel(net, device_ids=[self.device] if self.device.type == "cuda" else None,
                                        find_unused_parameters=find_unused_parameters)
+
+
+class _Rows(Shard):
+    """The network's model.Shard: the rows of the global batch that its forward holds, the
+    micro-batch running now of this process's slice."""
+
+    def __init__(self, runtime: TrainingRuntime):
+        self.runtime = runtime
+
+    @property
+    def world(self) -> int:
+        return self.runtime.world * self.runtime.micro_steps
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        rt = self.runtime
+        return x.chunk(self.world)[rt.rank * rt.micro_steps + rt.micro]
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def compile_encoder(net: torch.nn.Module) -> None:

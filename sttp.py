@@ -48,16 +48,26 @@ class Runtime(Shard):
         """The bare network (its cfg, num_tokens) inside whatever wraps it for training."""
         return model
 
-    def sample_mean(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    micro_steps = 1   # forwards per optimiser step (gradient accumulation, runtime.py)
+
+    def sample_mean(self, values: torch.Tensor, like: torch.Tensor, count=None) -> torch.Tensor:
         """The mean over the global batch of one value per sample (those that have one);
-        0, still attached to the graph through `like`, when no sample has one."""
+        0, still attached to the graph through `like`, when no sample has one. `count`:
+        how many samples of the global batch have one, when this forward holds only some
+        of them (a micro-batch); None: it holds them all."""
         if values.numel() == 0:
             return like.sum() * 0.0
-        return values.mean()
+        return values.mean() if count is None else values.sum() / count.clamp_min(1)
 
-    def mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """The global batch's `total` over its `count` (0 when the count is 0)."""
-        return total / count.clamp_min(1)
+    def mean(self, total: torch.Tensor, count: torch.Tensor, global_count=None) -> torch.Tensor:
+        """The global batch's `total` over its `count` (0 when the count is 0);
+        `global_count`, when given, is the count of the whole global batch."""
+        return total / (count if global_count is None else global_count).clamp_min(1)
+
+    def share(self, x: torch.Tensor) -> torch.Tensor:
+        """A mean over equally many values per sample, taken over this forward's rows: its
+        share of the global batch's mean (itself here; over micro-batches, a fraction)."""
+        return x
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
         """A sum over the global batch of per-shard sums (no gradient): `x` itself here."""
@@ -72,6 +82,16 @@ class Runtime(Shard):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+    def accumulate(self, model, optimizer, forward, batch_size: int) -> list:
+        """One optimiser step over the batch's rows: `forward(rows)` runs the forward of the
+        rows `rows` (a slice) and returns (loss, anything), the loss's denominators being
+        those of the whole global batch. Here it runs once on every row, then step();
+        runtime.py's --accum_steps runs it on micro-batches of rows one after another,
+        their gradients adding up. Returns the list of what `forward` returned."""
+        out = forward(slice(0, batch_size))
+        self.step(model, optimizer, out[0])
+        return [out]
 
 
 # The three choices the paper leaves open about the STTP token target (docs/method.md
@@ -129,13 +149,13 @@ def _pixel_weight(patch_mask: torch.Tensor, grid, pixels_per_patch: int) -> torc
     return m.reshape(B, h * P, w * P).float()
 
 
-def _masked_mean(per_pixel: torch.Tensor, weight: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+def _masked_mean(per_pixel: torch.Tensor, weight: torch.Tensor, runtime: Runtime, count=None) -> torch.Tensor:
     """Mean over the weighted pixels of each sample, then over the samples that have any
     (MultiMAE's nanmean: a sample whose modality had no masked pixel doesn't count)."""
     num = (per_pixel * weight).flatten(1).sum(1)
     den = weight.flatten(1).sum(1)
     has = den > 0
-    return runtime.sample_mean(num[has] / den[has], like=per_pixel)
+    return runtime.sample_mean(num[has] / den[has], like=per_pixel, count=count)
 
 
 def patch_normalize(img: torch.Tensor, patch: int, eps: float = 1e-6) -> torch.Tensor:
@@ -148,39 +168,64 @@ def patch_normalize(img: torch.Tensor, patch: int, eps: float = 1e-6) -> torch.T
     return x.view(B, h, w, patch, patch, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
 
-def pixel_losses(preds: dict, inputs: dict, mask: torch.Tensor, model: MaskMentor,
-                 runtime: Runtime = Runtime()) -> dict:
-    """MultiMAE's reconstruction losses on the masked patches only, all weights 1, one per
-    row of the modality table (its `loss`): rgb MSE (+ norm_rgb MSE to per-patch-normalised
-    rgb), depth L1 on standardised depth (sensor holes excluded), semseg cross-entropy at
-    1/4 resolution (255 excluded). `mask` is Masked.mask, True = hidden."""
+def _loss_weights(inputs: dict, mask: torch.Tensor, model: MaskMentor) -> dict:
+    """Which pixels each modality's pixel loss counts: float [B, H, W] per modality, the
+    masked patches (`mask`: Masked.mask, True = hidden) less the invalid pixels (sensor
+    holes, unlabelled pixels)."""
     cfg = model.cfg
     grid = cfg.grid(*image_size(inputs))
     N = mask.shape[1] // len(model.inputs)
-    out = {}
+    weights = {}
     for k, m in enumerate(model.inputs):
-        spec, target = MODALITIES[m], inputs[m]
-        w = _pixel_weight(mask[:, k * N:(k + 1) * N], grid, cfg.patch_size // spec.stride)
+        w = _pixel_weight(mask[:, k * N:(k + 1) * N], grid, cfg.patch_size // MODALITIES[m].stride)
         if f"{m}_valid" in inputs:                       # e.g. depth holes: nothing to learn there
             w = w * inputs[f"{m}_valid"][:, 0]
+        if MODALITIES[m].loss == "ce":
+            w = w * (inputs[m] != IGNORE_INDEX)
+        weights[m] = w
+    return weights
+
+
+def pixel_losses(preds: dict, inputs: dict, mask: torch.Tensor, model: MaskMentor,
+                 runtime: Runtime = Runtime(), counts: Optional[dict] = None) -> dict:
+    """MultiMAE's reconstruction losses on the masked patches only, all weights 1, one per
+    row of the modality table (its `loss`): rgb MSE (+ norm_rgb MSE to per-patch-normalised
+    rgb), depth L1 on standardised depth (sensor holes excluded), semseg cross-entropy at
+    1/4 resolution (255 excluded). `mask` is Masked.mask, True = hidden. `counts`
+    (pixel_loss_counts), when these rows are a micro-batch: the global batch's number of
+    samples each loss averages over."""
+    cfg = model.cfg
+    counts = counts or {}
+    out = {}
+    for m, w in _loss_weights(inputs, mask, model).items():
+        spec, target = MODALITIES[m], inputs[m]
         pred = preds[m].float()
         if spec.loss == "ce":
             per_pixel = F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction="none")
-            w = w * (target != IGNORE_INDEX)
         elif spec.loss == "mse":
             per_pixel = (pred - target).pow(2).mean(1)
         elif spec.loss == "l1":
             per_pixel = (pred - target).abs().mean(1)
         else:
             raise ValueError(f"{m}: unknown loss {spec.loss!r} in modalities.MODALITIES")
-        out[m] = _masked_mean(per_pixel, w, runtime)
+        out[m] = _masked_mean(per_pixel, w, runtime, counts.get(m))
         if f"norm_{m}" in preds:                          # MultiMAE's norm_rgb head
             normed = patch_normalize(target, cfg.patch_size)
-            out[f"norm_{m}"] = _masked_mean((preds[f"norm_{m}"].float() - normed).pow(2).mean(1), w, runtime)
+            out[f"norm_{m}"] = _masked_mean((preds[f"norm_{m}"].float() - normed).pow(2).mean(1), w, runtime,
+                                            counts.get(m))
     return out
 
 
-def normalize_tokens(student: torch.Tensor, teacher: torch.Tensor, norm: str, runtime: Runtime = Runtime()):
+def pixel_loss_counts(inputs: dict, plan: masking.MaskPlan, model: MaskMentor, runtime: Runtime) -> dict:
+    """For gradient accumulation: per modality, how many samples of the global batch have a
+    pixel its loss counts (the denominators of _masked_mean), known from the masking plan
+    and the inputs before any forward."""
+    return {m: runtime.all_sum((w.flatten(1).sum(1) > 0).sum())
+            for m, w in _loss_weights(inputs, _hidden(plan), model).items()}
+
+
+def normalize_tokens(student: torch.Tensor, teacher: torch.Tensor, norm: str, runtime: Runtime = Runtime(),
+                     stats=None):
     """One modality's tokens [B, N, d] for the cosine, by TOKEN_NORMS. The output tokens of
     all images share one dominant direction (the heads' biases, position and task
     embeddings: at initialisation two random tokens have cosine ~0.9), so the raw cosine
@@ -189,35 +234,48 @@ def normalize_tokens(student: torch.Tensor, teacher: torch.Tensor, norm: str, ru
     map, computed from the detached teacher, is applied to the student's prediction: the
     loss then compares the image-specific parts of the two, and the student is not asked to
     remove an offset that the teacher role, the same network, still produces. No gradient
-    flows into the statistics."""
+    flows into the statistics. `stats`: token_stats of the global batch's targets, when
+    these rows are a micro-batch (None: computed from `teacher`)."""
     t = teacher.detach().float()
     s = student.float()
     if norm == "none":
         return s, t
+    mean, std = stats if stats is not None else token_stats(teacher, norm, runtime)
+    if norm == "center":
+        return s - mean, t - mean
+    return (s - mean) / std, (t - mean) / std
+
+
+def token_stats(teacher: torch.Tensor, norm: str, runtime: Runtime = Runtime()):
+    """The detached teacher's per-channel mean and std (None for "center") over every token
+    of the global batch, for normalize_tokens."""
+    t = teacher.detach().float()
     count = torch.tensor(float(t.shape[0] * t.shape[1]), device=t.device)
     n = runtime.all_sum(count)
     mean = runtime.all_sum(t.sum((0, 1))) / n
     if norm == "center":
-        return s - mean, t - mean
+        return mean, None
     var = runtime.all_sum(((t - mean) ** 2).sum((0, 1))) / (n - 1).clamp_min(1)
-    std = torch.sqrt(var + 1e-6)
-    return (s - mean) / std, (t - mean) / std
+    return mean, torch.sqrt(var + 1e-6)
 
 
 def token_loss(student: dict, teacher: dict, names, weight: Optional[torch.Tensor] = None,
-               norm: str = "none", runtime: Runtime = Runtime()) -> torch.Tensor:
+               norm: str = "none", runtime: Runtime = Runtime(), stats: Optional[dict] = None,
+               count: Optional[torch.Tensor] = None) -> torch.Tensor:
     """1 - cosine similarity of output token embeddings (§3.4). The teacher's side carries
     no gradient. With `weight` None: averaged over every patch position of each modality in
     `names`, then over the modalities (TOKEN_POSITIONS "all"). With `weight` [B, K*N] (the
-    modalities in `names` order): the mean over the positions it selects, pooled."""
+    modalities in `names` order): the mean over the positions it selects, pooled. When
+    these rows are a micro-batch: `stats` (token_stats per modality) and `count` (the
+    weight's sum) of the global batch."""
     cos = []
     for m in names:
-        s, t = normalize_tokens(student[m], teacher[m], norm, runtime)
+        s, t = normalize_tokens(student[m], teacher[m], norm, runtime, (stats or {}).get(m))
         cos.append(F.cosine_similarity(s, t, dim=-1))                          # [B, N]
     if weight is None:
-        return torch.stack([1 - c.mean() for c in cos]).mean()
+        return runtime.share(torch.stack([1 - c.mean() for c in cos]).mean())
     loss = 1 - torch.cat(cos, dim=1)
-    return runtime.mean((loss * weight).sum(), weight.sum())
+    return runtime.mean((loss * weight).sum(), weight.sum(), count)
 
 
 def token_weight(positions: str, keep: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
@@ -246,33 +304,101 @@ class Pass:
     keep: torch.Tensor
 
 
-def _forward(model, inputs: dict, cfg: ObjectiveConfig, drop_modalities: bool, generator,
-             complete: bool = False) -> Pass:
-    """Mask (complete modalities, or Algorithm 1 first), run, and score the pixels. `model`
-    is a MaskMentor, or whatever the runtime wraps it in (DDP syncs gradients in backward).
-    complete=True: no masking at all, every patch of every modality visible (no draw)."""
+def draw_plan(net, inputs: dict, cfg: ObjectiveConfig, drop_modalities: bool, generator,
+              complete: bool = False) -> masking.MaskPlan:
+    """The masking of one batch (complete modalities, or Algorithm 1 first): drawn for the
+    global batch, this call's rows kept (Shard). complete=True: no masking at all, every
+    patch of every modality visible (no draw)."""
     rt = cfg.runtime
-    net = rt.network(model)
     any_input = inputs[net.inputs[0]]
     B, device = any_input.shape[0], any_input.device
     K, N = len(net.inputs), net.num_tokens(*image_size(inputs))
+    if complete:
+        return masking.MaskPlan(torch.ones(B, K, dtype=torch.bool, device=device),
+                                torch.full((B, K), N, dtype=torch.long, device=device),
+                                torch.arange(K * N, dtype=torch.float32, device=device).expand(B, K * N))
+    plan = masking.plan_masking(B * rt.world, K, N, cfg.masking, drop_modalities, generator, device)
+    return masking.MaskPlan(rt.rows(plan.keep), rt.rows(plan.num_visible), rt.rows(plan.noise))
+
+
+def _run(model, inputs: dict, plan: masking.MaskPlan, cfg: ObjectiveConfig, counts=None) -> Pass:
+    """Run the network on `inputs` masked by `plan` and score the pixels. `model` is a
+    MaskMentor, or whatever the runtime wraps it in (DDP syncs gradients in backward)."""
+    rt = cfg.runtime
     with record_function("forward"):
-        if complete:
-            plan = masking.MaskPlan(torch.ones(B, K, dtype=torch.bool, device=device),
-                                    torch.full((B, K), N, dtype=torch.long, device=device),
-                                    torch.arange(K * N, dtype=torch.float32, device=device).expand(B, K * N))
-        else:
-            # Drawn for the global batch, this call's rows kept (Shard).
-            plan = masking.plan_masking(B * rt.world, K, N, cfg.masking, drop_modalities, generator, device)
-            plan = masking.MaskPlan(rt.rows(plan.keep), rt.rows(plan.num_visible), rt.rows(plan.noise))
         with rt.autocast():
             preds, tokens, masked = model(inputs, plan)
-        return Pass(pixel_losses(preds, inputs, masked.mask, net, rt), tokens, masked, plan.keep)
+        return Pass(pixel_losses(preds, inputs, masked.mask, rt.network(model), rt, counts), tokens, masked,
+                    plan.keep)
 
 
-def _student_token_loss(student: Pass, targets: dict, names, cfg: ObjectiveConfig) -> torch.Tensor:
+def _forward(model, inputs: dict, cfg: ObjectiveConfig, drop_modalities: bool, generator,
+             complete: bool = False) -> Pass:
+    """Mask (draw_plan), run, and score the pixels: one forward of the whole batch."""
+    plan = draw_plan(cfg.runtime.network(model), inputs, cfg, drop_modalities, generator, complete)
+    return _run(model, inputs, plan, cfg)
+
+
+def _hidden(plan: masking.MaskPlan) -> torch.Tensor:
+    """Masked.mask of the forward that `plan` will make (True = hidden), without the
+    forward: the reference gather on zero-width tokens (no data moved)."""
+    empty = plan.noise.new_zeros(*plan.noise.shape, 0)
+    return masking.mask_gather_reference(empty, plan.noise, plan.num_visible)[2]
+
+
+def _iteration(model, optimizer, inputs: dict, plan: masking.MaskPlan, cfg: ObjectiveConfig, loss_of) -> tuple:
+    """One training iteration on the batch masked by `plan`: forward, loss_of(pass, rows) ->
+    (loss, {name: tensor to log}), backward, optimiser step. When the runtime accumulates
+    gradients over micro-batches, each micro-batch is a slice `rows` of the batch, and the
+    pixel losses' denominators are counted over the whole batch first, so that the micro-
+    batches' gradients add up to the batch's. Returns (summed logs, the passes)."""
+    rt = cfg.runtime
+    net = rt.network(model)
+    counts = None
+    if rt.micro_steps > 1:
+        counts = pixel_loss_counts(inputs, plan, net, rt)
+
+    def forward(rows):
+        part = masking.MaskPlan(plan.keep[rows], plan.num_visible[rows], plan.noise[rows])
+        p = _run(model, {k: v[rows] for k, v in inputs.items()}, part, cfg, counts)
+        loss, terms = loss_of(p, rows)
+        return loss, (p, _numbers({"loss": loss, **terms}))
+
+    outs = rt.accumulate(model, optimizer, forward, plan.keep.shape[0])
+    logs = {}
+    for _, (_, numbers) in outs:
+        for k, v in numbers.items():
+            logs[k] = logs.get(k, 0.0) + v
+    return logs, [p for _, (p, _) in outs]
+
+
+def _student_token_loss(student: Pass, targets: dict, names, cfg: ObjectiveConfig, stats=None,
+                        count=None) -> torch.Tensor:
     weight = token_weight(cfg.token_positions, student.keep, student.masked.mask)
-    return token_loss(student.tokens, targets, names, weight, cfg.token_norm, cfg.runtime)
+    return token_loss(student.tokens, targets, names, weight, cfg.token_norm, cfg.runtime, stats, count)
+
+
+def _student_step(model, optimizer, inputs: dict, targets: dict, cfg: ObjectiveConfig, generator,
+                  pixel_loss: bool) -> dict:
+    """The student's iteration: Algorithm 1 input, token loss to the detached `targets`
+    (and the pixel loss); one optimiser step. Over micro-batches, the token loss's
+    normalisation statistics and position count are those of the whole batch."""
+    rt = cfg.runtime
+    net = rt.network(model)
+    plan = draw_plan(net, inputs, cfg, True, generator)
+    stats = count = None
+    if rt.micro_steps > 1:
+        if cfg.token_norm != "none":
+            stats = {m: token_stats(targets[m], cfg.token_norm, rt) for m in net.inputs}
+        weight = token_weight(cfg.token_positions, plan.keep, _hidden(plan))
+        count = None if weight is None else rt.all_sum(weight.sum())
+
+    def loss_of(student, rows):
+        tok = _student_token_loss(student, {m: t[rows] for m, t in targets.items()}, net.inputs, cfg, stats, count)
+        loss = cfg.token_weight * tok + (sum(student.losses.values()) if pixel_loss else 0.0)
+        return loss, {"token": tok, **{M2IM + k: v for k, v in student.losses.items()}}
+
+    return _iteration(model, optimizer, inputs, plan, cfg, loss_of)[0]
 
 
 def _numbers(losses: dict, prefix: str = "") -> dict:
@@ -285,22 +411,28 @@ def _numbers(losses: dict, prefix: str = "") -> dict:
 M2IM = "m2im_"
 
 
+def _pixel_loss(p: Pass, rows) -> tuple:
+    return sum(p.losses.values()), p.losses
+
+
 def _pixel_objective(model, optimizer, batch, cfg, generator, drop_modalities: bool) -> dict:
-    inputs = prepare_inputs(batch, cfg.runtime.network(model).inputs)
-    losses = _forward(model, inputs, cfg, drop_modalities, generator).losses
-    loss = sum(losses.values())
-    cfg.runtime.step(model, optimizer, loss)
-    return {"loss": float(loss.detach()), **_numbers(losses, M2IM if drop_modalities else "")}
+    net = cfg.runtime.network(model)
+    inputs = prepare_inputs(batch, net.inputs)
+    plan = draw_plan(net, inputs, cfg, drop_modalities, generator)
+    logs, _ = _iteration(model, optimizer, inputs, plan, cfg, _pixel_loss)
+    prefix = M2IM if drop_modalities else ""
+    return {"loss": logs.pop("loss"), **{prefix + k: v for k, v in logs.items()}}
 
 
 @torch.no_grad()
-def teacher_targets(teacher, inputs: dict, cfg: ObjectiveConfig, generator, last: Optional[Pass] = None) -> dict:
+def teacher_targets(teacher, inputs: dict, cfg: ObjectiveConfig, generator, last: Optional[dict] = None) -> dict:
     """The token targets, by cfg.token_target (TOKEN_TARGETS), detached. `teacher` is the
     network in its teacher role (STTP: the same network, after its teacher steps; kd: the
-    frozen separate teacher); `last` is the last teacher training forward, if there was one.
-    The fresh forwards run on the bare network (no DDP: nothing to synchronise)."""
+    frozen separate teacher); `last` is the tokens of the last teacher training forward, if
+    there was one. The fresh forwards run on the bare network (no DDP: nothing to
+    synchronise), on the whole batch (without gradients, even under accumulation)."""
     if cfg.token_target == "last_teacher_step" and last is not None:
-        tokens = last.tokens
+        tokens = last
     else:     # kd has no teacher steps: "last_teacher_step" is a fresh masked forward there
         net = cfg.runtime.network(teacher)
         tokens = _forward(net, inputs, cfg, False, generator, complete=cfg.token_target == "teacher_complete").tokens
@@ -326,27 +458,28 @@ def _self_teaching(model, optimizer, batch, cfg, generator, student_pixel_loss: 
     the teacher_iters + 1 iterations is an ordinary training iteration: a forward, a
     backward, its own optimiser step; no gradient carries over from one to the next. The
     student's token targets (teacher_targets) are detached: no gradient flows into them
-    (each process holds the targets of its own rows)."""
+    (each process holds the targets of its own rows). Under gradient accumulation every
+    iteration accumulates over the same micro-batches, and the targets of the whole batch
+    exist before the student's first micro-batch."""
     net = cfg.runtime.network(model)
     inputs = prepare_inputs(batch, net.inputs)
     logs = {}
     # Teacher role (§3.4): complete modalities, patch masking only, pixel loss; 3 steps.
     for _ in range(cfg.teacher_iters):
-        last = _forward(model, inputs, cfg, False, generator)
-        loss = sum(last.losses.values())
-        cfg.runtime.step(model, optimizer, loss)
-        for k, v in _numbers({"teacher_loss": loss, **last.losses}).items():
+        plan = draw_plan(net, inputs, cfg, False, generator)
+        numbers, passes = _iteration(model, optimizer, inputs, plan, cfg, _pixel_loss)
+        numbers = {"teacher_loss": numbers.pop("loss"), **numbers}
+        for k, v in numbers.items():
             logs[k] = logs.get(k, 0.0) + v / cfg.teacher_iters
     # By default the targets are the last teacher iteration's output token embeddings: they
     # were computed on complete modalities for this same batch, and reusing them costs no
     # extra forward pass (the paper stresses STTP's cost-effectiveness; decision D4).
+    last = {m: torch.cat([p.tokens[m].detach() for p in passes]) for m in net.inputs}
     targets = teacher_targets(model, inputs, cfg, generator, last)
     # Student role: the same network on Algorithm 1 input; pixel and/or token loss; 1 step.
-    student = _forward(model, inputs, cfg, True, generator)
-    tok = _student_token_loss(student, targets, net.inputs, cfg)
-    loss = cfg.token_weight * tok + (sum(student.losses.values()) if student_pixel_loss else 0.0)
-    cfg.runtime.step(model, optimizer, loss)
-    return {**logs, "loss": float(loss.detach()), "token": float(tok.detach()), **_numbers(student.losses, M2IM)}
+    return {**logs, **_student_step(model, optimizer, inputs, targets, cfg, generator, student_pixel_loss)}
+
+
 def sttp(model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=None) -> dict:
     """STTP (§3.4): 3 teacher iterations, then 1 student iteration (pixel + token loss)."""
     return _self_teaching(model, optimizer, batch, cfg, generator, student_pixel_loss=True)
@@ -366,11 +499,7 @@ def kd(model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=No
     net = cfg.runtime.network(model)
     inputs = prepare_inputs(batch, net.inputs)
     targets = teacher_targets(teacher, inputs, cfg, generator)
-    student = _forward(model, inputs, cfg, True, generator)
-    tok = _student_token_loss(student, targets, net.inputs, cfg)
-    loss = sum(student.losses.values()) + cfg.token_weight * tok
-    cfg.runtime.step(model, optimizer, loss)
-    return {"loss": float(loss.detach()), "token": float(tok.detach()), **_numbers(student.losses, M2IM)}
+    return _student_step(model, optimizer, inputs, targets, cfg, generator, pixel_loss=True)
 
 
 OBJECTIVES = {"mim": mim, "m2im": m2im, "sttp": sttp, "token": token, "kd": kd}

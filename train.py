@@ -76,6 +76,8 @@ class TrainConfig:
     resume: bool = arg(False, "continue the run saved in out_dir/ckpt.pt")
     overwrite: bool = arg(False, "start over in an --out_dir that holds a run (its checkpoint and logs are replaced)")
     grad_ckpt: bool = arg(False, "recompute encoder activations in the backward (less memory, ~30 % more time)")
+    accum_steps: int = arg(1, "split each batch into this many micro-batches whose gradients add up to one "
+                                "optimiser step: the same step, less memory (docs/guide.md)")
     stop_after: int = arg(0, "stop (with a checkpoint) after this many batches; 0 = run to the end")
     ckpt_every: int = arg(0, "also checkpoint every N batches (0 = at the end of each epoch)")
     workers: int = arg(0, "DataLoader worker processes")
@@ -176,7 +178,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     teacher = load_teacher(cfg.teacher, model_cfg, device) if cfg.mode == "kd" else None
     scaler = grad_scaler(dtype, device)
-    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad)
+    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, cfg.accum_steps)
     ocfg = objective_config(cfg, runtime)
     check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,

@@ -83,3 +83,16 @@ def smooth_batch(B=4, size=64, classes=7, seed=0):
     up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
     return {"rgb": up[:, :3], "depth": up[:, 3:4].abs() + 1.0,
             "semseg": (up[:, 4] * 2).round().clamp(-3, 3).long() + 3}
+
+
+def key_bias_free(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The tensor without the key part of an attention bias. Softmax ignores a constant
+    added to every key, so that bias's true gradient is exactly 0: what it gets is rounding
+    noise, which AdamW's normalisation turns into lr-sized steps that differ whenever the
+    summation order does (one process or two). Every other weight agrees to ~1e-6."""
+    if name.endswith("qkv.bias"):
+        n = value.shape[0] // 3
+        return torch.cat([value[:n], value[2 * n:]])
+    if name.endswith(".kv.bias"):
+        return value[value.shape[0] // 2:]
+    return value

@@ -18,7 +18,7 @@ import model as M
 import runtime
 import sttp
 import train
-from conftest import ROOT, smooth_batch
+from conftest import ROOT, key_bias_free, smooth_batch
 
 # 32 images in batches of 8: 4 batches per epoch, one MIM warm-up epoch, then one of --mode.
 PRE = ["--subset", "32", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--budget", "24",
@@ -37,19 +37,6 @@ def torchrun(script, *args, nproc=2):
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def key_bias_free(name: str, value: torch.Tensor) -> torch.Tensor:
-    """The tensor without the key part of an attention bias. Softmax ignores a constant
-    added to every key, so that bias's true gradient is exactly 0: what it gets is rounding
-    noise, which AdamW's normalisation turns into lr-sized steps that differ whenever the
-    summation order does (one process or two). Every other weight agrees to ~1e-6."""
-    if name.endswith("qkv.bias"):
-        n = value.shape[0] // 3
-        return torch.cat([value[:n], value[2 * n:]])
-    if name.endswith(".kv.bias"):
-        return value[value.shape[0] // 2:]
-    return value
 
 
 def assert_same_run(a: dict, b: dict) -> None:
