@@ -38,6 +38,21 @@ extrapolated from the step times measured here.
     python bench.py --device cuda --cost base
     python bench.py --cost base --cost_reps 1 --steps none    # CPU: ~20 min, ~18 GB (fine-tuning)
 
+With --memory base (or tiny): the peak memory of one fine-tuning step at the preset's sizes
+(base: ViT-B, 640x640, batch 2) as it is, with --grad_ckpt, with --accum_steps 2 and with
+both, each in a fresh process (a process's peak RSS never goes down), beside the memory
+held before the step (weights, optimiser state, the batch), and the step's time.
+
+    python bench.py --memory base --steps none     # CPU: ~10 min, up to ~17 GB
+
+--gpu_check is the ready check for a machine with a GPU, one command under 10 minutes:
+it builds the CUDA op in place, runs `pytest -m gpu`, the op benchmark (forward bandwidth
+as a fraction of the device's peak), one bfloat16 pre-training batch of each objective and
+one fine-tuning step of the base preset (images/s, peak memory), the --memory table, and,
+with two or more GPUs, a 2-process NCCL run of train.py with --stop_after.
+
+    python bench.py --gpu_check
+
 On CPU, torch allocates with malloc. glibc hands blocks this large (a ViT-B gradient is
 22 MB) back to the kernel when they are freed, or not, depending on the process's
 history; a fresh block costs a page fault per 4 KiB on first write (~5 ms per 22 MB on
@@ -159,7 +174,15 @@ def main():
                     help="GPU peak for the schedule estimate (H100 SXM, dense bf16: 989)")
     ap.add_argument("--mfu", type=float, default=0.35,
                     help="assumed model FLOP utilisation for the schedule estimate")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="autocast dtype of the --cost and --memory steps (train.py --dtype)")
+    ap.add_argument("--memory", choices=("none", "tiny", "base"), default="none",
+                    help="peak memory of a fine-tuning step with and without --grad_ckpt / --accum_steps 2")
+    ap.add_argument("--gpu_check", action="store_true",
+                    help="the GPU machine check: build, pytest -m gpu, op bandwidth, bf16 steps, memory, NCCL")
     args = ap.parse_args()
+    if args.gpu_check:
+        return gpu_check()
 
     if not ops.LOADED:
         raise SystemExit(f"bench.py: the fused op is not available: {ops.backend()}")
@@ -210,6 +233,9 @@ def main():
     if args.cost != "none":
         print()
         bench_paper_steps(args.cost, device, args)
+    if args.memory != "none":
+        print()
+        bench_memory(args.memory, device, args)
 
 
 STEP_SHAPES = {"tiny": dict(B=32, size=64, budget=32, reps=20), "base": dict(B=12, size=224, budget=98, reps=3)}
@@ -324,7 +350,8 @@ def bench_paper_steps(name, device, args):
         return engine.fetch(loader, device)
 
     g = torch.Generator(device=device).manual_seed(0)
-    rt = runtime.TrainingRuntime(device)          # its profiler labels split the time
+    # Its profiler labels split the time; --dtype: autocast as train.py --dtype does.
+    rt = runtime.TrainingRuntime(device, runtime.DTYPES[args.dtype])
 
     def pretraining():
         """(name, images, one batch's function) for mim, m2im and sttp."""
@@ -346,8 +373,8 @@ def bench_paper_steps(name, device, args):
         loader = batches(ft["image_size"], ft["batch_size"])
         yield "finetune", ft["batch_size"], lambda: finetune.train_step(seg, opt, next(loader), fcfg, g, rt)
 
-    print(f"{name} preset: pre-training batch {pre['batch_size']} at {pre['image_size']}px, fine-tuning batch "
-          f"{ft['batch_size']} at {ft['image_size']}px; s/batch: median of {args.cost_reps} after a warm-up, a "
+    print(f"{name} preset, {args.dtype}: pre-training batch {pre['batch_size']} at {pre['image_size']}px, "
+          f"fine-tuning batch {ft['batch_size']} at {ft['image_size']}px; s/batch: median of {args.cost_reps} after a warm-up, a "
           f"FLOP-counting and a profiled run, whose time is split by the training code's profiler ranges")
     head = (f"{'batch':9} {'masking':9} {'s/batch':>8} {'img/s':>7} {'GFLOP':>8} {'TFLOP/s':>8}  "
             + " ".join(f"{k:>9}" for k in LABELS + ("other",)) + "  peak memory")
@@ -391,6 +418,118 @@ def schedule_estimate(cost, pre_batch, ft_batch, device, args):
               f"at the step times measured here ({device.type}): {here / 3600:.4g} hours")
     print(f"    total         {total_gpu:.3g} H100-hours (estimate); {total_here:.4g} hours "
           f"({total_here / 24:.3g} days) extrapolated from the step times measured here ({device.type})")
+
+
+def _memory_child(name: str, device: str, dtype: str, grad_ckpt: bool, accum: int, threads) -> tuple:
+    """In a fresh process: (bytes held before the step, peak bytes, seconds) of the second
+    of two fine-tuning steps of the `name` preset (the first allocates the optimiser state)."""
+    import dataclasses
+
+    import data
+    import engine
+    import finetune
+    import model as M
+    import runtime
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    ft = finetune.FINETUNE_PRESETS[name]
+    fcfg = finetune.FinetuneConfig(config=name, **ft)
+    torch.manual_seed(0)
+    seg = M.Segmenter(dataclasses.replace(M.PRESETS[name], image_size=ft["image_size"],
+                                          num_classes=data.num_classes("nyu"), drop_path=ft["drop_path"])).to(device)
+    seg.grad_ckpt = grad_ckpt
+    opt = torch.optim.AdamW(engine.param_groups(seg, fcfg.weight_decay, fcfg.layer_decay), lr=ft["lr"])
+    ds = data.build_dataset("synthetic", None, "train", train=True, image_size=ft["image_size"])
+    batch = engine.to_device(data.collate([ds[i] for i in range(ft["batch_size"])]), device)
+    rt = runtime.TrainingRuntime(device, runtime.DTYPES[dtype], accum_steps=accum)
+    model = rt.wrap(seg)
+    g = torch.Generator(device=device).manual_seed(0)
+    finetune.train_step(model, opt, batch, fcfg, g, rt)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
+    else:
+        with open("/proc/self/statm") as f:
+            held = int(f.read().split()[1]) * resource.getpagesize()
+    t0 = time.perf_counter()
+    finetune.train_step(model, opt, batch, fcfg, g, rt)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # KiB on Linux
+    return held, peak, time.perf_counter() - t0
+
+
+def bench_memory(name, device, args):
+    """Peak memory of one fine-tuning step, plain, --grad_ckpt, --accum_steps 2, both."""
+    import multiprocessing
+
+    ft = __import__("finetune").FINETUNE_PRESETS[name]
+    what = "GPU memory allocated" if device.type == "cuda" else "process RSS"
+    print(f"{name} preset fine-tuning step, batch {ft['batch_size']} at {ft['image_size']}x{ft['image_size']}, "
+          f"{args.dtype}, {device.type}: {what}, each setting in a fresh process")
+    head = f"{'setting':28} {'held before GiB':>16} {'peak GiB':>9} {'peak/plain':>11} {'s/step':>7}"
+    print(head)
+    print("-" * len(head))
+    plain = None
+    ctx = multiprocessing.get_context("spawn")
+    for label, grad_ckpt, accum in (("plain", False, 1), ("--grad_ckpt", True, 1),
+                                    ("--accum_steps 2", False, 2), ("--grad_ckpt --accum_steps 2", True, 2)):
+        with ctx.Pool(1) as pool:
+            held, peak, secs = pool.apply(_memory_child, (name, str(device), args.dtype, grad_ckpt, accum,
+                                                          args.threads))
+        plain = plain or peak
+        print(f"{label:28} {held / 2**30:16.2f} {peak / 2**30:9.2f} {peak / plain:10.2f}x {secs:7.1f}")
+
+
+def gpu_check():
+    """--gpu_check: everything a GPU machine should show, in order, each part with a time
+    limit; stops at the first failure with its output's tail."""
+    import os
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py --gpu_check: no CUDA device visible (torch.cuda.is_available() is False)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    py = sys.executable
+    gpus = torch.cuda.device_count()
+    print(f"gpu check: {torch.cuda.get_device_name(0)} x {gpus}, torch {torch.__version__}, CUDA {torch.version.cuda}",
+          flush=True)
+    steps = [("build the CUDA op", [py, "setup.py", "build_ext", "--inplace"], 300),
+             ("the op has its CUDA kernels", [py, "-c", "import ops, sys; print(ops.backend()); "
+                                              "sys.exit(0 if ops.CUDA else 1)"], 60),
+             ("pytest -m gpu", [py, "-m", "pytest", "-q", "-m", "gpu"], 300),
+             ("op benchmark (bandwidth of peak)", [py, "bench.py", "--device", "cuda", "--reps", "50",
+                                                   "--steps", "none"], 120),
+             ("base preset, bfloat16 steps", [py, "bench.py", "--device", "cuda", "--reps", "3", "--steps", "none",
+                                              "--cost", "base", "--cost_reps", "3", "--dtype", "bfloat16"], 300),
+             ("fine-tuning memory", [py, "bench.py", "--device", "cuda", "--reps", "3", "--steps", "none",
+                                     "--memory", "base", "--dtype", "bfloat16"], 300)]
+    if gpus >= 2:
+        out = os.path.join(here, "out", "gpu_check_nccl")
+        steps.append(("2-process NCCL run", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                             "2", "train.py", "--config", "tiny", "--device", "cuda", "--stop_after",
+                                             "20", "--vis_every", "0", "--overwrite", "--out_dir", out], 300))
+    for title, cmd, limit in steps:
+        print(f"\n== {title}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, cwd=here, capture_output=True, text=True, timeout=limit)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"gpu check: {title} ran past {limit} s")
+        text = p.stdout + p.stderr
+        print(text if len(text) < 6000 else text[-6000:], end="")
+        if p.returncode != 0:
+            raise SystemExit(f"gpu check: {title} failed (exit {p.returncode})")
+        print(f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if gpus < 2:
+        print("\n== 2-process NCCL run: skipped, one GPU (NCCL needs a GPU per process)")
+    print("\ngpu check: all passed")
 
 
 if __name__ == "__main__":
