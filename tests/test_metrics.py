@@ -65,7 +65,9 @@ def test_labels_out_of_range_are_an_error():
 def test_predict_pads_to_the_patch_grid_and_crops_back():
     net = M.Segmenter(replace(M.PRESETS["tiny"], num_classes=10)).eval()
     rgb, depth = torch.randn(2, 3, 13, 21), torch.rand(2, 1, 13, 21) + 0.5
-    out = predict(net, {"rgb": rgb, "depth": depth}, list(SETTINGS))
+    # An image larger than the fine-tuning crop (here 8) is padded to the patch grid only
+    # (padding up to the crop: tests/test_evaluate.py).
+    out = predict(net, {"rgb": rgb, "depth": depth}, list(SETTINGS), crop=8)
     assert set(out) == {"rgbd", "rgb", "depth"}
     assert all(p.shape == (2, 13, 21) for p in out.values())
     # = the network on a 16x24 canvas (rgb padded with the mean, depth with "missing"),
