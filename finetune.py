@@ -31,8 +31,7 @@ import ops
 from cli import UserError, arg, check_numbers, pick_device, run_cli
 from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_checkpoint, param_groups,
                     check_out_dir, start_run, training_set)
-from runtime import (DTYPES, TrainingRuntime, autocast_dtype, compile_encoder, global_mean, grad_scaler,
-                     init_distributed)
+from runtime import DTYPES, TrainingRuntime, autocast_dtype, global_mean, grad_scaler, init_distributed
 
 
 @dataclass
@@ -66,7 +65,7 @@ class FinetuneConfig:
     workers: int = arg(0, "DataLoader worker processes")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = arg("float32", "autocast dtype; float16 adds loss scaling", tuple(DTYPES))
-    compile: bool = arg(False, "torch.compile the encoder blocks (most of the compute)")
+    compile: bool = arg(False, "torch.compile the network and its loss, one whole graph (runtime.py)")
 
 
 FINETUNE_PRESETS = {
@@ -106,12 +105,19 @@ def sample_present(batch_size: int, num_inputs: int, p_missing: float, generator
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, world: int = 1) -> torch.Tensor:
     """Cross-entropy over labelled pixels (255 ignored); 0 for a batch with none. Under
     torchrun (`world` processes): over the global batch's labelled pixels (runtime.global_mean)."""
+    ce = F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX, reduction="sum")
+    count = (target != M.IGNORE_INDEX).sum()
     if world > 1:
-        ce = F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX, reduction="sum")
-        return global_mean(ce, (target != M.IGNORE_INDEX).sum())
-    if not (target != M.IGNORE_INDEX).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX)
+        return global_mean(ce, count)
+    return ce / count.clamp_min(1)      # no branch on the data: torch.compile traces one graph
+
+
+def forward_loss(model, inputs: dict, present: torch.Tensor, target: torch.Tensor,
+                 runtime: TrainingRuntime) -> torch.Tensor:
+    """The network and its loss on a batch (what --compile compiles)."""
+    with runtime.autocast():
+        logits = model(inputs, present)
+    return segmentation_loss(logits, target, runtime.world)
 
 
 def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, runtime: TrainingRuntime) -> dict:
@@ -125,9 +131,7 @@ def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, ru
         first = inputs[net.inputs[0]]
         present = sample_present(first.shape[0] * runtime.world, len(net.inputs), cfg.p_missing, generator,
                                  first.device)
-        with runtime.autocast():
-            logits = model(inputs, runtime.rows(present))
-        loss = segmentation_loss(logits, batch["semseg"], runtime.world)
+        loss = runtime.compiled(forward_loss)(model, inputs, runtime.rows(present), batch["semseg"], runtime)
     runtime.step(model, optimizer, loss)
     return {"loss": float(loss.detach())}
 
@@ -186,7 +190,7 @@ def main(argv=None):
     net.to(device)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
     scaler = grad_scaler(dtype, device)
-    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad)
+    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, cfg.compile)
     check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "finetune", "model_config": dataclasses.asdict(model_cfg),
@@ -195,8 +199,6 @@ def main(argv=None):
     if ckpt is not None:
         loop.resume(ckpt)
     net.grad_ckpt = cfg.grad_ckpt
-    if cfg.compile:
-        compile_encoder(net)
     # Every parameter gets a gradient in every step, even when no sample of a process shows
     # one of the modalities: its tokens still run through the encoder (as padding), weighted
     # by 0 (tests/test_distributed.py checks it). So DDP needs no find_unused_parameters.

@@ -48,13 +48,6 @@ class Runtime(Shard):
         """The bare network (its cfg, num_tokens) inside whatever wraps it for training."""
         return model
 
-    def sample_mean(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """The mean over the global batch of one value per sample (those that have one);
-        0, still attached to the graph through `like`, when no sample has one."""
-        if values.numel() == 0:
-            return like.sum() * 0.0
-        return values.mean()
-
     def mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """The global batch's `total` over its `count` (0 when the count is 0)."""
         return total / count.clamp_min(1)
@@ -66,6 +59,11 @@ class Runtime(Shard):
     def autocast(self):
         """The context the forward passes run in (mixed precision: runtime.py)."""
         return contextlib.nullcontext()
+
+    def compiled(self, fn):
+        """The function to call in place of `fn`, the network's forward and its losses:
+        `fn` itself here; runtime.py's compiles it (--compile)."""
+        return fn
 
     def step(self, model, optimizer, loss: torch.Tensor) -> None:
         """Backward and one optimiser step."""
@@ -131,11 +129,14 @@ def _pixel_weight(patch_mask: torch.Tensor, grid, pixels_per_patch: int) -> torc
 
 def _masked_mean(per_pixel: torch.Tensor, weight: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """Mean over the weighted pixels of each sample, then over the samples that have any
-    (MultiMAE's nanmean: a sample whose modality had no masked pixel doesn't count)."""
+    (MultiMAE's nanmean: a sample whose modality had no masked pixel doesn't count; 0 when
+    none has any). Written with `where` rather than by selecting those samples, so that no
+    shape depends on the data (torch.compile then traces it as one graph)."""
     num = (per_pixel * weight).flatten(1).sum(1)
     den = weight.flatten(1).sum(1)
     has = den > 0
-    return runtime.sample_mean(num[has] / den[has], like=per_pixel)
+    per_sample = torch.where(has, num / torch.where(has, den, 1.0), 0.0)
+    return runtime.mean(per_sample.sum(), has.sum())
 
 
 def patch_normalize(img: torch.Tensor, patch: int, eps: float = 1e-6) -> torch.Tensor:
@@ -260,14 +261,23 @@ def _forward(model, inputs: dict, cfg: ObjectiveConfig, drop_modalities: bool, g
         if complete:
             plan = masking.MaskPlan(torch.ones(B, K, dtype=torch.bool, device=device),
                                     torch.full((B, K), N, dtype=torch.long, device=device),
-                                    torch.arange(K * N, dtype=torch.float32, device=device).expand(B, K * N))
+                                    torch.arange(K * N, dtype=torch.float32, device=device).expand(B, K * N),
+                                    budget=K * N, padded=False)
         else:
             # Drawn for the global batch, this call's rows kept (Shard).
             plan = masking.plan_masking(B * rt.world, K, N, cfg.masking, drop_modalities, generator, device)
-            plan = masking.MaskPlan(rt.rows(plan.keep), rt.rows(plan.num_visible), rt.rows(plan.noise))
-        with rt.autocast():
-            preds, tokens, masked = model(inputs, plan)
-        return Pass(pixel_losses(preds, inputs, masked.mask, net, rt), tokens, masked, plan.keep)
+            plan = masking.MaskPlan(rt.rows(plan.keep), rt.rows(plan.num_visible), rt.rows(plan.noise),
+                                    plan.budget, plan.padded)
+        # The draws above stay outside: the network and its losses take them as inputs.
+        losses, tokens, masked = rt.compiled(_masked_pass)(model, inputs, plan, rt)
+        return Pass(losses, tokens, masked, plan.keep)
+
+
+def _masked_pass(model, inputs: dict, plan: masking.MaskPlan, rt: Runtime):
+    """The network on a masking plan, and its pixel losses (what --compile compiles)."""
+    with rt.autocast():
+        preds, tokens, masked = model(inputs, plan)
+    return pixel_losses(preds, inputs, masked.mask, rt.network(model), rt), tokens, masked
 
 
 def _student_token_loss(student: Pass, targets: dict, names, cfg: ObjectiveConfig) -> torch.Tensor:
