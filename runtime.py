@@ -115,8 +115,8 @@ def grad_scaler(dtype: Optional[torch.dtype], device: torch.device) -> Optional[
 
 class TrainingRuntime(sttp.Runtime):
     """sttp.Runtime for real runs: this process's shard of the global batch under torchrun,
-    autocast to `dtype`, float16's loss scaling, gradient clipping, and the profiler labels
-    "backward" and "optimizer" (bench.py's time split)."""
+    autocast to `dtype`, float16's loss scaling, gradient clipping, --compile (`compiled`),
+    and the profiler labels "backward" and "optimizer" (bench.py's time split)."""
 
     def __init__(self, device: torch.device, dtype: Optional[torch.dtype] = None,
                  scaler: Optional[torch.amp.GradScaler] = None, clip_grad: float = 0.0,
