@@ -135,7 +135,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_gather_cpu(const at::Tensor&
 // shapes (B=12, K=3, N=196, D=768, V=98, fp32, one thread, on a loaded 2-core VM, so
 // noisy): forward + backward 2.2-3.8x the reference with this pass against 1.8-2.5x
 // with zeros + row copies; memset per row instead of per run of hidden rows was in
-// between, and non-temporal (streaming) stores were slower than either (1.3x).
+// between, and non-temporal (streaming) stores were slower than either (1.3x). In
+// `python bench.py --threads 1` on the same loaded machine the one-pass version gave
+// 1.7-2.4x: the backward is bound by writing grad_x (22 MB; as fast as at::zeros alone,
+// ~0.9 ms here), and the page faults of a fresh block depend on the process's history.
+// Whether it reaches 3x on an idle machine is for bench.py to say.
 at::Tensor mask_gather_backward_cpu(const at::Tensor& grad_visible_in, const at::Tensor& ids_keep_in,
                                     int64_t num_tokens) {
   check_backward_args(grad_visible_in, ids_keep_in, num_tokens, at::kCPU);
