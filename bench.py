@@ -53,6 +53,19 @@ with two or more GPUs, a 2-process NCCL run of train.py with --stop_after.
 
     python bench.py --gpu_check
 
+With --compile_steps all (or tiny), eager against --compile (runtime.TrainingRuntime: the
+whole pass compiled with fullgraph=True) for the tiny preset at its training batch and
+the base preset at batch 4: one MIM step, one STTP batch (3 teacher + 1 student steps) and
+one fine-tuning step (at the pre-training image size), each in a fresh subprocess with
+inductor's caches off, so that the compile time is a cold one. Per step: the median time
+of --compile_reps steps after the first, the peak tensor memory of one more step above
+what is live when it starts (GPU: max allocated; CPU: from a profile_memory trace,
+`tensor_memory_peak`), compiled / eager ratios, and the compile time (the first call's
+time minus a step's).
+
+    python bench.py --compile_steps all --steps none --reps 5    # CPU, idle machine
+    python bench.py --compile_steps tiny --compile_quick --compile_reps 2 --steps none --reps 2  # a check
+
 On CPU, torch allocates with malloc. glibc hands blocks this large (a ViT-B gradient is
 22 MB) back to the kernel when they are freed, or not, depending on the process's
 history; a fresh block costs a page fault per 4 KiB on first write (~5 ms per 22 MB on
@@ -67,8 +80,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import itertools
+import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -180,9 +197,18 @@ def main():
                     help="peak memory of a fine-tuning step with and without --grad_ckpt / --accum_steps 2")
     ap.add_argument("--gpu_check", action="store_true",
                     help="the GPU machine check: build, pytest -m gpu, op bandwidth, bf16 steps, memory, NCCL")
+    ap.add_argument("--compile_steps", choices=("none", "tiny", "all"), default="none",
+                    help="eager vs --compile (whole pass, fullgraph): MIM step, STTP batch, fine-tuning step; "
+                         "step time, peak memory, compile time; tiny at its batch, all: also base at batch 4")
+    ap.add_argument("--compile_reps", type=int, default=5, help="timed steps per --compile_steps measurement")
+    ap.add_argument("--compile_quick", action="store_true",
+                    help="--compile_steps check in a few minutes: tiny model at batch 2, 32x32, inductor caches kept")
+    ap.add_argument("--compile_worker", nargs=3, metavar=("PRESET", "STEP", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.gpu_check:
         return gpu_check()
+    if args.compile_worker:
+        return compile_worker(*args.compile_worker, args)
 
     if not ops.LOADED:
         raise SystemExit(f"bench.py: the fused op is not available: {ops.backend()}")
@@ -225,6 +251,9 @@ def main():
                     gbps = forward_bytes(x, noise, num_visible, s["V"]) / t_op / 1e9
                     line += f" {gbps:8.1f} " + (f"{gbps / peak:7.1%}" if peak else "     n/a")
                 print(line)
+                if shape_name == "vit-b" and dtype_name == "fp32" and pass_name == "fwd+bwd":
+                    vit_b_ratio = t_ref / t_op
+    print(f"ViT-B fp32 forward + backward: the op is {vit_b_ratio:.2f}x the reference (goal: >= 3x)")
     if peak:
         print(f"peak bandwidth {peak:.0f} GB/s ({'--peak_gbps' if args.peak_gbps else 'queried'})")
     if args.steps != "none":
@@ -236,6 +265,9 @@ def main():
     if args.memory != "none":
         print()
         bench_memory(args.memory, device, args)
+    if args.compile_steps != "none":
+        print()
+        bench_compile_steps(["tiny"] if args.compile_steps == "tiny" or args.compile_quick else ["tiny", "base"], args)
 
 
 STEP_SHAPES = {"tiny": dict(B=32, size=64, budget=32, reps=20), "base": dict(B=12, size=224, budget=98, reps=3)}
@@ -271,6 +303,120 @@ def bench_pretrain_steps(presets, device, args):
         reps = s["reps"] if args.step_reps is None else args.step_reps
         t_ref, t_op = time_pair([step(False), step(True)], device, reps, warmup=1)
         print(f"{name + f' (B={B}, {H}x{H})':30} {t_ref:12.3f} {t_op:9.3f} {t_ref / t_op:6.2f}x")
+
+
+# -----------------------------------------------------------------------------
+# Eager against --compile: step time, peak memory, compile time
+
+
+COMPILE_BATCH = {"tiny": None, "base": 4}       # None: the preset's training batch
+COMPILE_STEPS = ("mim", "sttp", "finetune")
+
+
+def tensor_memory_peak(fn) -> int:
+    """CPU: the peak of live tensor bytes during one call of fn, above those live when it
+    starts: the running sum of the allocation (+) and free (-) records of a torch.profiler
+    trace with profile_memory, in time order (the raw kineto records: the per-op summaries
+    net each op's allocations against its frees, which would hide the inside of a compiled
+    graph). The allocator's view: unlike the resident set it does not depend on what malloc
+    keeps, and compiled code is counted like eager (inductor allocates through torch)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def compile_worker(preset: str, step: str, mode: str, args) -> None:
+    """One measurement of bench_compile_steps, in its own process; prints one JSON line."""
+    import dataclasses
+
+    import finetune
+    import model as M
+    import runtime
+    import sttp
+    import train
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu" and not args.raw_malloc:
+        keep_freed_memory()
+    pre = train.TRAIN_PRESETS[preset]
+    B, H = COMPILE_BATCH[preset] or pre["batch_size"], pre["image_size"]
+    budget = pre["budget"]
+    if args.compile_quick:
+        B, H, budget = 2, 32, 8
+    torch.manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
+    batch = {"rgb": torch.randn(B, 3, H, H, device=device),
+             "depth": torch.rand(B, 1, H, H, device=device) * 5 + 0.5,
+             "semseg": torch.randint(0, 40, (B, H, H), device=device)}
+    rt = runtime.TrainingRuntime(device, compile=mode == "compiled")
+    model_cfg = dataclasses.replace(M.PRESETS[preset], image_size=H, num_classes=40)
+    if step == "finetune":
+        net = M.Segmenter(model_cfg).to(device)
+        fcfg = finetune.FinetuneConfig(config=preset, image_size=H, batch_size=B)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+        fn = lambda: finetune.train_step(net, opt, batch, fcfg, g, rt)
+    else:
+        net = M.MaskMentor(model_cfg).to(device)
+        ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=budget), runtime=rt)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95))
+        fn = lambda: sttp.OBJECTIVES[step](net, opt, batch, ocfg, g)
+    net.train()
+    run = timer(device)
+    first = run(fn)                          # compiles, with --compile
+    times = [run(fn) for _ in range(args.compile_reps)]
+    median = statistics.median(times)
+    # The peak of a steady step, above what is live when it starts (weights, optimiser state).
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        peak = tensor_memory_peak(fn)
+    print(json.dumps({"batch": B, "size": H, "step_s": median, "first_s": first,
+                      "compile_s": max(0.0, first - median), "peak_bytes": peak}))
+
+
+def bench_compile_steps(presets, args):
+    """Eager vs compiled, side by side: one subprocess per (preset, step, mode), inductor's
+    caches off (a cold compile each time), the same inputs and seeds."""
+    env = dict(os.environ) if args.compile_quick else dict(os.environ, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    common = ["--device", args.device, "--compile_reps", str(args.compile_reps)]
+    if args.compile_quick:
+        common.append("--compile_quick")
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    if args.raw_malloc:
+        common.append("--raw_malloc")
+    print(f"eager vs --compile (whole pass, fullgraph=True; runtime.TrainingRuntime), {args.device}: median of "
+          f"{args.compile_reps} steps after the first; peak tensor memory of a step above its start; "
+          f"compile s = first call - a step" + ("" if args.compile_quick else ", inductor caches off"))
+    head = (f"{'preset':14} {'step':9} {'eager s':>9} {'compiled s':>10} {'c/e':>6} {'eager MB':>9} "
+            f"{'compiled MB':>11} {'c/e':>6} {'compile s':>9}")
+    print(head)
+    print("-" * len(head))
+    for preset in presets:
+        for step in COMPILE_STEPS:
+            r = {}
+            for mode in ("eager", "compiled"):
+                cmd = [sys.executable, os.path.abspath(__file__), "--compile_worker", preset, step, mode] + common
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise SystemExit(f"bench.py: {preset} {step} {mode} failed:\n{out.stderr[-3000:]}")
+                r[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            e, c = r["eager"], r["compiled"]
+            name = f"{preset} B={e['batch']} {e['size']}px"
+            mb = lambda x: x["peak_bytes"] / 2**20
+            print(f"{name:14} {step:9} {e['step_s']:9.3f} {c['step_s']:10.3f} {c['step_s'] / e['step_s']:6.2f} "
+                  f"{mb(e):9.1f} {mb(c):11.1f} {mb(c) / max(mb(e), 1e-9):6.2f} {c['compile_s']:9.1f}", flush=True)
 
 
 # -----------------------------------------------------------------------------

@@ -32,8 +32,7 @@ import ops
 from cli import UserError, arg, check_numbers, pick_device, run_cli
 from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_checkpoint, param_groups,
                     check_out_dir, start_run, training_set)
-from runtime import (DTYPES, TrainingRuntime, autocast_dtype, compile_encoder, global_mean, grad_scaler,
-                     init_distributed)
+from runtime import DTYPES, TrainingRuntime, autocast_dtype, global_mean, grad_scaler, init_distributed
 
 
 @dataclass
@@ -69,7 +68,7 @@ class FinetuneConfig:
     workers: int = arg(0, "DataLoader worker processes")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = arg("float32", "autocast dtype; float16 adds loss scaling", tuple(DTYPES))
-    compile: bool = arg(False, "torch.compile the encoder blocks (most of the compute)")
+    compile: bool = arg(False, "torch.compile the network and its loss, one whole graph (runtime.py)")
 
 
 FINETUNE_PRESETS = {
@@ -110,17 +109,23 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, world: int = 1
                       count: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cross-entropy over labelled pixels (255 ignored); 0 for a batch with none. Under
     torchrun (`world` processes): over the global batch's labelled pixels (runtime.global_mean).
-    `count`: the global batch's labelled pixels, when these rows are a micro-batch
+    `count`: the global batch's labelled pixels when these rows are a micro-batch
     (--accum_steps), counted before its first forward."""
+    ce = F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX, reduction="sum")
     if count is not None:
-        ce = F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX, reduction="sum")
         return ce * (world / count.clamp_min(1))
+    count = (target != M.IGNORE_INDEX).sum()
     if world > 1:
-        ce = F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX, reduction="sum")
-        return global_mean(ce, (target != M.IGNORE_INDEX).sum())
-    if not (target != M.IGNORE_INDEX).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX)
+        return global_mean(ce, count)
+    return ce / count.clamp_min(1)      # no branch on the data: torch.compile traces one graph
+
+
+def forward_loss(model, inputs: dict, present: torch.Tensor, target: torch.Tensor,
+                 runtime: TrainingRuntime, count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The network and its loss on a batch (what --compile compiles)."""
+    with runtime.autocast():
+        logits = model(inputs, present)
+    return segmentation_loss(logits, target, runtime.world, count)
 
 
 def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, runtime: TrainingRuntime) -> dict:
@@ -141,9 +146,9 @@ def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, ru
 
     def forward(rows):
         with record_function("forward"):
-            with runtime.autocast():
-                logits = model({k: v[rows] for k, v in inputs.items()}, present[rows])
-            return segmentation_loss(logits, target[rows], runtime.world, count), None
+            loss = runtime.compiled(forward_loss)(model, {k: v[rows] for k, v in inputs.items()}, present[rows],
+                                                  target[rows], runtime, count)
+        return loss, None
 
     outs = runtime.accumulate(model, optimizer, forward, first.shape[0])
     return {"loss": sum(float(loss.detach()) for loss, _ in outs)}
@@ -203,7 +208,7 @@ def main(argv=None):
     net.to(device)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
     scaler = grad_scaler(dtype, device)
-    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, cfg.accum_steps)
+    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, accum_steps=cfg.accum_steps, compile=cfg.compile)
     check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "finetune", "model_config": dataclasses.asdict(model_cfg),
@@ -212,8 +217,6 @@ def main(argv=None):
     if ckpt is not None:
         loop.resume(ckpt)
     net.grad_ckpt = cfg.grad_ckpt
-    if cfg.compile:
-        compile_encoder(net)
     # Every parameter gets a gradient in every step, even when no sample of a process shows
     # one of the modalities: its tokens still run through the encoder (as padding), weighted
     # by 0 (tests/test_distributed.py checks it). So DDP needs no find_unused_parameters.

@@ -279,12 +279,22 @@ def mask_gather_reference(x: torch.Tensor, noise: torch.Tensor, num_visible: tor
     return visible, ids_keep, mask
 
 
-def mask_gather(x: torch.Tensor, noise: torch.Tensor, num_visible: torch.Tensor):
+def mask_gather(x: torch.Tensor, noise: torch.Tensor, num_visible: torch.Tensor,
+                budget: Optional[int] = None):
     """Stage 3 — the fused op of csrc/ (loaded by ops.py) when it has a kernel for x's
-    device, else the reference. Same results either way, bit for bit (tests/test_op.py)."""
+    device, else the reference. Same results either way, bit for bit (tests/test_op.py).
+
+    `budget`, when given, is V, the visible tokens per sample (every row of num_visible
+    sums to it). The op's output length is read from the data, so torch.compile first
+    sees it as an unknown size; stating that it equals the budget lets the whole network
+    after the gather be compiled with fixed shapes (and checks it, compiled or not)."""
     if ops.available(x.device):
-        return torch.ops.maskmentor.mask_gather(x, noise, num_visible)
-    return mask_gather_reference(x, noise, num_visible)
+        visible, ids_keep, mask = torch.ops.maskmentor.mask_gather(x, noise, num_visible)
+    else:
+        visible, ids_keep, mask = mask_gather_reference(x, noise, num_visible)
+    if budget is not None:
+        torch._check(visible.shape[1] == budget, lambda: "mask_gather: V differs from the plan's budget")
+    return visible, ids_keep, mask
 
 
 # -----------------------------------------------------------------------------
@@ -308,6 +318,11 @@ class MaskPlan:
     keep: torch.Tensor         # Bool[B, K]   modality survives stage 1
     num_visible: torch.Tensor  # Long[B, K]   visible tokens per modality (stage 2)
     noise: torch.Tensor        # Float[B, K*N] one random score per token (stage 3)
+    # Two facts about the tensors above, as Python values, so that the masked forward need
+    # not read them from the data (torch.compile cannot branch on, or size by, tensor values;
+    # None: apply_masking reads them from the tensors):
+    budget: Optional[int] = None    # V, every row's sum of num_visible
+    padded: Optional[bool] = None   # some dropped modality still holds visible slots ("mae")
 
 
 def plan_masking(batch_size: int, num_modalities: int, num_tokens: int, cfg: MaskingConfig,
@@ -336,7 +351,14 @@ def plan_masking(batch_size: int, num_modalities: int, num_tokens: int, cfg: Mas
     else:
         raise ValueError(f"patch_masking must be 'dirichlet' or 'mae', got {cfg.patch_masking!r}")
     noise = torch.rand(B, K * N, generator=generator, device=device)
-    return MaskPlan(keep, num_visible, noise)
+    return MaskPlan(keep, num_visible, noise, budget=int(num_visible[0].sum()) if B else 0,
+                    padded=has_padding(keep, num_visible))
+
+
+def has_padding(keep: torch.Tensor, num_visible: torch.Tensor) -> bool:
+    """Whether some dropped modality keeps visible tokens (only the "mae" scheme does):
+    then apply_masking marks them as padding. One look at the data, made when planning."""
+    return bool((num_visible * ~keep).any())
 
 
 @dataclass
@@ -355,7 +377,7 @@ def apply_masking(tokens: torch.Tensor, plan: MaskPlan) -> Masked:
     B, L, _ = tokens.shape
     K = plan.keep.shape[1]
     N = L // K
-    visible, ids_keep, hidden = mask_gather(tokens, plan.noise, plan.num_visible)
+    visible, ids_keep, hidden = mask_gather(tokens, plan.noise, plan.num_visible, plan.budget)
     V = ids_keep.shape[1]
     # ids_shuffle lists the kept positions, then the hidden ones (ascending); ids_restore
     # is its inverse permutation, so gather(cat([visible, hidden]), ids_restore) puts every
@@ -367,7 +389,8 @@ def apply_masking(tokens: torch.Tensor, plan: MaskPlan) -> Masked:
     pad = None
     mask = hidden
     dropped = ~plan.keep
-    if dropped.any() and (plan.num_visible * dropped).any():
+    padded = has_padding(plan.keep, plan.num_visible) if plan.padded is None else plan.padded
+    if padded:
         # "mae" scheme: dropped modalities still occupy slots; mark them so the encoder
         # ignores them and the loss reconstructs all of their patches.
         pad = dropped.gather(1, ids_keep // N)

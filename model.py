@@ -529,7 +529,9 @@ class Segmenter(MultiViT):
             pad = None
         else:
             sub = present[:, [self.inputs.index(m) for m in given]]
-            if not sub.any(dim=1).all():
+            # A check on the values: eager only (a compiled graph cannot branch on data;
+            # fine-tuning's draw never leaves a sample empty).
+            if not torch.compiler.is_compiling() and not sub.any(dim=1).all():
                 raise ValueError("every sample needs at least one present modality")
             weight = sub.to(x.dtype)
             pad = (~sub).repeat_interleave(N, dim=1)

@@ -48,6 +48,8 @@ def _register_fake_and_autograd() -> None:
     def _(x, noise, num_visible):
         # Shapes only. V is data-dependent (a row sum of num_visible), so it is a new
         # symbolic size, which lets torch.compile(fullgraph=True) trace through the op.
+        # masking.mask_gather then states V = the plan's budget (torch._check), so what
+        # follows the gather (attention, the MIM heads) compiles with a fixed V.
         # The checks that need no data are made here, at trace time; the kernels check
         # the rest (sizes, counts, row sums) when they run.
         torch._check_value(x.dim() == 3 and x.is_floating_point(),

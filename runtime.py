@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
+import ops
 import sttp
 from model import Shard
 from cli import UserError
@@ -124,27 +125,23 @@ def grad_scaler(dtype: Optional[torch.dtype], device: torch.device) -> Optional[
 
 class TrainingRuntime(sttp.Runtime):
     """sttp.Runtime for real runs: this process's shard of the global batch under torchrun,
-    autocast to `dtype`, float16's loss scaling, gradient clipping, and the profiler labels
-    "backward" and "optimizer" (bench.py's time split)."""
+    autocast to `dtype`, float16's loss scaling, gradient clipping, --compile (`compiled`),
+    and the profiler labels "backward" and "optimizer" (bench.py's time split)."""
 
     def __init__(self, device: torch.device, dtype: Optional[torch.dtype] = None,
-                 scaler: Optional[torch.amp.GradScaler] = None, clip_grad: float = 0.0, accum_steps: int = 1):
+                 scaler: Optional[torch.amp.GradScaler] = None, clip_grad: float = 0.0, accum_steps: int = 1,
+                 compile: bool = False):
         self.device, self.dtype, self.scaler, self.clip_grad = device, dtype, scaler, clip_grad
         self.rank, self.world = rank_and_world()
         self.micro_steps, self.micro = accum_steps, 0      # micro-batches per step; the one running
+        self.compile = compile
+        self._compiled = {}
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         return x.chunk(self.world)[self.rank] if self.world > 1 else x
 
     def network(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model
-
-    def sample_mean(self, values: torch.Tensor, like: torch.Tensor, count=None) -> torch.Tensor:
-        if self.world == 1:
-            return super().sample_mean(values, like, count)
-        if count is not None:                 # counted over the global batch already
-            return values.sum() * (self.world / count.clamp_min(1)) if values.numel() else like.sum() * 0.0
-        return global_mean(values.sum(), values.numel())
 
     def mean(self, total: torch.Tensor, count: torch.Tensor, global_count=None) -> torch.Tensor:
         if self.world == 1:
@@ -167,6 +164,31 @@ class TrainingRuntime(sttp.Runtime):
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def compiled(self, fn):
+        """--compile: `fn` (sttp._masked_pass: input adapters, masking, encoder, MIM heads,
+        pixel losses; finetune.forward_loss: the segmenter and its loss) compiled whole,
+        once per runtime. Without --compile, `fn` itself.
+
+        fullgraph=True, one graph per kind of pass: the masking plan (stages 1 and 2, drawn
+        from a torch.Generator, which dynamo does not trace) is an input, and it states its
+        visible-token count V (the budget) and whether it pads, so no shape and no branch
+        depends on the data. Guards then tell the passes apart: MIM, M²IM and the STTP
+        teacher and student share one graph under the Dirichlet scheme (same budget, no
+        padding); under the "mae" scheme with dropped modalities, or with a no-grad or an
+        unmasked forward (some --token_target levels), a second one is compiled.
+        dynamic=False: shapes are specialised (a smaller last batch compiles once more).
+        Two cases fall back to fullgraph=False (graph breaks, not errors):
+          - the pure-PyTorch reference gather (no extension, or no CUDA kernel for this
+            device): it selects with a boolean mask, whose size is data-dependent;
+          - torchrun: the losses' global means all-reduce counts (dist.all_reduce on the
+            process group) and DDP's hooks run in its forward."""
+        if not self.compile:
+            return fn
+        if fn not in self._compiled:
+            fullgraph = self.world == 1 and ops.available(self.device)
+            self._compiled[fn] = torch.compile(fn, fullgraph=fullgraph, dynamic=False)
+        return self._compiled[fn]
 
     def step(self, model, optimizer, loss: torch.Tensor) -> None:
         """Backward and one optimiser step. With float16's GradScaler the loss is scaled for
@@ -256,11 +278,3 @@ def _set_rng_state(state, device: torch.device) -> None:
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
 
-
-def compile_encoder(net: torch.nn.Module) -> None:
-    """--compile: torch.compile each encoder block, in place (parameter names don't change).
-    Not the whole network: the masking's visible-token count is data-dependent (the fused
-    op's output size, the Python branches on which modalities were dropped), which breaks
-    the graph; the ViT blocks are most of the compute and have fixed shapes."""
-    for block in net.encoder:
-        block.compile()

@@ -50,18 +50,10 @@ class Runtime(Shard):
 
     micro_steps = 1   # forwards per optimiser step (gradient accumulation, runtime.py)
 
-    def sample_mean(self, values: torch.Tensor, like: torch.Tensor, count=None) -> torch.Tensor:
-        """The mean over the global batch of one value per sample (those that have one);
-        0, still attached to the graph through `like`, when no sample has one. `count`:
-        how many samples of the global batch have one, when this forward holds only some
-        of them (a micro-batch); None: it holds them all."""
-        if values.numel() == 0:
-            return like.sum() * 0.0
-        return values.mean() if count is None else values.sum() / count.clamp_min(1)
-
     def mean(self, total: torch.Tensor, count: torch.Tensor, global_count=None) -> torch.Tensor:
         """The global batch's `total` over its `count` (0 when the count is 0);
-        `global_count`, when given, is the count of the whole global batch."""
+        `global_count`, when given, is the count of the whole global batch (these rows
+        are a micro-batch of it)."""
         return total / (count if global_count is None else global_count).clamp_min(1)
 
     def share(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +68,11 @@ class Runtime(Shard):
     def autocast(self):
         """The context the forward passes run in (mixed precision: runtime.py)."""
         return contextlib.nullcontext()
+
+    def compiled(self, fn):
+        """The function to call in place of `fn`, the network's forward and its losses:
+        `fn` itself here; runtime.py's compiles it (--compile)."""
+        return fn
 
     def step(self, model, optimizer, loss: torch.Tensor) -> None:
         """Backward and one optimiser step."""
@@ -151,11 +148,14 @@ def _pixel_weight(patch_mask: torch.Tensor, grid, pixels_per_patch: int) -> torc
 
 def _masked_mean(per_pixel: torch.Tensor, weight: torch.Tensor, runtime: Runtime, count=None) -> torch.Tensor:
     """Mean over the weighted pixels of each sample, then over the samples that have any
-    (MultiMAE's nanmean: a sample whose modality had no masked pixel doesn't count)."""
+    (MultiMAE's nanmean: a sample whose modality had no masked pixel doesn't count; 0 when
+    none has any). Written with `where` rather than by selecting those samples, so that no
+    shape depends on the data (torch.compile then traces it as one graph)."""
     num = (per_pixel * weight).flatten(1).sum(1)
     den = weight.flatten(1).sum(1)
     has = den > 0
-    return runtime.sample_mean(num[has] / den[has], like=per_pixel, count=count)
+    per_sample = torch.where(has, num / torch.where(has, den, 1.0), 0.0)
+    return runtime.mean(per_sample.sum(), has.sum(), count)
 
 
 def patch_normalize(img: torch.Tensor, patch: int, eps: float = 1e-6) -> torch.Tensor:
@@ -316,9 +316,16 @@ def draw_plan(net, inputs: dict, cfg: ObjectiveConfig, drop_modalities: bool, ge
     if complete:
         return masking.MaskPlan(torch.ones(B, K, dtype=torch.bool, device=device),
                                 torch.full((B, K), N, dtype=torch.long, device=device),
-                                torch.arange(K * N, dtype=torch.float32, device=device).expand(B, K * N))
+                                torch.arange(K * N, dtype=torch.float32, device=device).expand(B, K * N),
+                                budget=K * N, padded=False)
     plan = masking.plan_masking(B * rt.world, K, N, cfg.masking, drop_modalities, generator, device)
-    return masking.MaskPlan(rt.rows(plan.keep), rt.rows(plan.num_visible), rt.rows(plan.noise))
+    return _rows(plan, rt.rows)
+
+
+def _rows(plan: masking.MaskPlan, take) -> masking.MaskPlan:
+    """The plan of some rows of the batch (`take` picks them from a tensor); its budget and
+    padding, which compiled code reads instead of the data, are the whole plan's."""
+    return masking.MaskPlan(take(plan.keep), take(plan.num_visible), take(plan.noise), plan.budget, plan.padded)
 
 
 def _run(model, inputs: dict, plan: masking.MaskPlan, cfg: ObjectiveConfig, counts=None) -> Pass:
@@ -326,10 +333,16 @@ def _run(model, inputs: dict, plan: masking.MaskPlan, cfg: ObjectiveConfig, coun
     MaskMentor, or whatever the runtime wraps it in (DDP syncs gradients in backward)."""
     rt = cfg.runtime
     with record_function("forward"):
-        with rt.autocast():
-            preds, tokens, masked = model(inputs, plan)
-        return Pass(pixel_losses(preds, inputs, masked.mask, rt.network(model), rt, counts), tokens, masked,
-                    plan.keep)
+        losses, tokens, masked = rt.compiled(_masked_pass)(model, inputs, plan, rt, counts)
+        return Pass(losses, tokens, masked, plan.keep)
+
+
+def _masked_pass(model, inputs: dict, plan: masking.MaskPlan, rt: Runtime, counts=None):
+    """The network on a masking plan, and its pixel losses (what --compile compiles; the
+    plan's random draws stay outside, as inputs)."""
+    with rt.autocast():
+        preds, tokens, masked = model(inputs, plan)
+    return pixel_losses(preds, inputs, masked.mask, rt.network(model), rt, counts), tokens, masked
 
 
 def _forward(model, inputs: dict, cfg: ObjectiveConfig, drop_modalities: bool, generator,
@@ -359,7 +372,7 @@ def _iteration(model, optimizer, inputs: dict, plan: masking.MaskPlan, cfg: Obje
         counts = pixel_loss_counts(inputs, plan, net, rt)
 
     def forward(rows):
-        part = masking.MaskPlan(plan.keep[rows], plan.num_visible[rows], plan.noise[rows])
+        part = _rows(plan, lambda x: x[rows])
         p = _run(model, {k: v[rows] for k, v in inputs.items()}, part, cfg, counts)
         loss, terms = loss_of(p, rows)
         return loss, (p, _numbers({"loss": loss, **terms}))

@@ -33,7 +33,7 @@ import vis
 from cli import UserError, arg, check_numbers, pick_device, run_cli
 from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_checkpoint, param_groups,
                     check_out_dir, start_run, to_device, training_set)
-from runtime import DTYPES, TrainingRuntime, autocast_dtype, compile_encoder, grad_scaler, init_distributed
+from runtime import DTYPES, TrainingRuntime, autocast_dtype, grad_scaler, init_distributed
 
 
 @dataclass
@@ -83,7 +83,7 @@ class TrainConfig:
     workers: int = arg(0, "DataLoader worker processes")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = arg("float32", "autocast dtype; float16 adds loss scaling", tuple(DTYPES))
-    compile: bool = arg(False, "torch.compile the encoder blocks (masking breaks whole-model graphs)")
+    compile: bool = arg(False, "torch.compile the network, masking and losses, one whole graph (runtime.py)")
 
 
 TRAIN_PRESETS = {
@@ -178,7 +178,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     teacher = load_teacher(cfg.teacher, model_cfg, device) if cfg.mode == "kd" else None
     scaler = grad_scaler(dtype, device)
-    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, cfg.accum_steps)
+    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, accum_steps=cfg.accum_steps, compile=cfg.compile)
     ocfg = objective_config(cfg, runtime)
     check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
@@ -187,8 +187,6 @@ def main(argv=None):
     if ckpt is not None:
         loop.resume(ckpt)
     net.grad_ckpt = cfg.grad_ckpt
-    if cfg.compile:
-        compile_encoder(net)
     # Under torchrun every parameter gets a gradient in every step, except in --mode token:
     # there the student's loss is the token loss alone, which reaches neither the MIM heads'
     # pixel layers (decoder_transformer, out_proj) nor the norm_rgb head (the token loss
