@@ -100,7 +100,8 @@ class ReproConfig:
                             tuple(sttp.TOKEN_TARGETS))
     token_positions: str = arg("all", "their token-loss positions (train.py --token_positions)",
                                tuple(sttp.TOKEN_POSITIONS))
-    token_norm: str = arg("none", "their token normalisation (train.py --token_norm)", tuple(sttp.TOKEN_NORMS))
+    token_norm: str = arg("standardize", "their token normalisation (train.py --token_norm)",
+                          tuple(sttp.TOKEN_NORMS))
     cues: float = arg(0.0, "the synthetic rooms' cue level for every run (rooms.py; 0 = the rooms without cues)")
     study: str = arg("", "instead of the ablation: 'token', the one-factor study of the token target, positions "
                      "and normalisation (results/token_study/); 'cues', MIM, M²IM and MaskMentor at cue levels "
@@ -140,7 +141,7 @@ def parse(argv=None) -> ReproConfig:
 
 
 TOKEN_FLAGS = ("token_target", "token_positions", "token_norm")
-TOKEN_DEFAULT = ("last_teacher_step", "all", "none")          # the first reading (D4-D6)
+FIRST_READING = ("last_teacher_step", "all", "none")  # D4-D6 as first read; runs are named relative to it
 TOKEN_MODES = ("sttp", "token", "kd")                         # the modes with a token loss
 
 
@@ -150,13 +151,13 @@ class Spec:
     target, positions and normalisation (sttp.TOKEN_TARGETS, ...). Its name, e.g.
     "maskmentor+teacher_complete+hidden", names its runs' folder: each level name is unique."""
     variant: str
-    token: tuple = TOKEN_DEFAULT
+    token: tuple = FIRST_READING
 
     @property
     def name(self) -> str:
-        if VARIANTS[self.variant][0] not in TOKEN_MODES or self.token == TOKEN_DEFAULT:
+        if VARIANTS[self.variant][0] not in TOKEN_MODES or self.token == FIRST_READING:
             return self.variant
-        return "+".join([self.variant] + [lv for lv, d in zip(self.token, TOKEN_DEFAULT) if lv != d])
+        return "+".join([self.variant] + [lv for lv, d in zip(self.token, FIRST_READING) if lv != d])
 
 
 def specs(cfg: ReproConfig) -> list:
@@ -613,18 +614,18 @@ def token_study(cfg: ReproConfig) -> dict:
     before the first run)."""
     t0 = time.time()
     base = Spec("maskmentor")
-    one_factor = [Spec("maskmentor", TOKEN_DEFAULT[:i] + (level,) + TOKEN_DEFAULT[i + 1:])
+    one_factor = [Spec("maskmentor", FIRST_READING[:i] + (level,) + FIRST_READING[i + 1:])
                   for i, levels in enumerate((sttp.TOKEN_TARGETS, sttp.TOKEN_POSITIONS, sttp.TOKEN_NORMS))
-                  for level in levels if level != TOKEN_DEFAULT[i]]
+                  for level in levels if level != FIRST_READING[i]]
     print(f"token study: {1 + len(one_factor)} configurations x {cfg.seeds} seed(s), then the combination; "
           f"runs in {cfg.work_dir}, results in {cfg.out_dir}")
     cost = measure_cost(cfg, repeats=2 if cfg.quick else 7)
     results = run_all(cfg, [base] + one_factor)
     per_config = report.study_scores(results)
-    costs = {sp.name: cost["per_batch_s"]["sttp" if sp.token[0] == TOKEN_DEFAULT[0] else f"sttp {sp.token[0]}"]
+    costs = {sp.name: cost["per_batch_s"]["sttp" if sp.token[0] == FIRST_READING[0] else f"sttp {sp.token[0]}"]
              for sp in [base] + one_factor}
     best = [report.select([sp.name for sp in [base] + one_factor if sp.token[:i] + sp.token[i + 1:] ==
-                           TOKEN_DEFAULT[:i] + TOKEN_DEFAULT[i + 1:]], per_config, costs)
+                           FIRST_READING[:i] + FIRST_READING[i + 1:]], per_config, costs)
             for i in range(3)]
     combo = Spec("maskmentor", tuple(next(sp for sp in [base] + one_factor if sp.name == b).token[i]
                                      for i, b in enumerate(best)))
@@ -632,7 +633,7 @@ def token_study(cfg: ReproConfig) -> dict:
     if combo not in [base] + one_factor:
         results += run_all(cfg, [combo])
         per_config = report.study_scores(results)
-    costs[combo.name] = cost["per_batch_s"]["sttp" if combo.token[0] == TOKEN_DEFAULT[0] else f"sttp {combo.token[0]}"]
+    costs[combo.name] = cost["per_batch_s"]["sttp" if combo.token[0] == FIRST_READING[0] else f"sttp {combo.token[0]}"]
     chosen = report.select([sp.name for sp in configs], per_config, costs)
     meta = {"wall_minutes": (time.time() - t0) / 60, "runs": count_runs(cfg, configs)[0],
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}

@@ -92,7 +92,10 @@ class Runtime(Shard):
 
 
 # The three choices the paper leaves open about the STTP token target (docs/method.md
-# §4, decisions D4-D6); the first level of each is this project's first reading.
+# §4, decisions D4-D6); the first level of each is this project's first reading, which
+# ObjectiveConfig keeps as its defaults. The scripts' default (train.py, reproduce.py) is
+# the token study's choice on validation data: the first reading with "standardize"
+# (results/token_study/; every level was within one σ of every other).
 TOKEN_TARGETS = {
     # D4, where the target comes from. The paper: the teacher is "the teacher with complete
     # modality input" and "provides token-level knowledge of the missing modality".
@@ -125,7 +128,7 @@ class ObjectiveConfig:
     token_weight: float = 1.0     # the paper gives no weight: 1, like the pixel losses (D6)
     token_target: str = "last_teacher_step"   # TOKEN_TARGETS (D4)
     token_positions: str = "all"              # TOKEN_POSITIONS (D5)
-    token_norm: str = "none"                  # TOKEN_NORMS (D6)
+    token_norm: str = "none"                  # TOKEN_NORMS (D6); train.py's default: "standardize"
     runtime: Runtime = field(default_factory=Runtime)
 
     def __post_init__(self):

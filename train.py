@@ -67,7 +67,8 @@ class TrainConfig:
     token_target: str = arg("last_teacher_step", "where the token targets come from (docs/method.md D4)",
                             tuple(sttp.TOKEN_TARGETS))
     token_positions: str = arg("all", "where the token loss is taken (D5)", tuple(sttp.TOKEN_POSITIONS))
-    token_norm: str = arg("none", "normalisation of the tokens before the cosine (D6)", tuple(sttp.TOKEN_NORMS))
+    token_norm: str = arg("standardize", "normalisation of the tokens before the cosine (D6; chosen on "
+                          "validation, results/token_study/)", tuple(sttp.TOKEN_NORMS))
     teacher: str = arg("", "--mode kd: checkpoint of the separately pre-trained frozen teacher")
     clip_grad: float = arg(0.0, "gradient-norm clipping (0 = off)")
     seed: int = arg(0, "seed of data order, masking and initialisation")
