@@ -16,18 +16,20 @@ from conftest import smooth_batch, tiny
 from runtime import TrainingRuntime
 
 CPU = torch.device("cpu")
+SIZE = 32                       # 4 x 4 patches of the tiny preset: fast, and masking still bites
 
 
 def pretrain_steps(accum, mode, steps=2, **objective):
     torch.manual_seed(0)
-    net = M.MaskMentor(tiny())
-    teacher = M.MaskMentor(tiny()).requires_grad_(False) if mode == "kd" else None
+    net = M.MaskMentor(tiny(image_size=SIZE))
+    teacher = M.MaskMentor(tiny(image_size=SIZE)).requires_grad_(False) if mode == "kd" else None
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     rt = TrainingRuntime(CPU, accum_steps=accum)
     model = rt.wrap(net)
-    cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32), runtime=rt, **objective)
+    cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=8), runtime=rt, **objective)
     g = torch.Generator().manual_seed(0)
-    logs = [sttp.OBJECTIVES[mode](model, opt, smooth_batch(B=8, seed=s), cfg, g, teacher) for s in range(steps)]
+    logs = [sttp.OBJECTIVES[mode](model, opt, smooth_batch(B=8, size=SIZE, seed=s), cfg, g, teacher)
+            for s in range(steps)]
     return net, logs
 
 
@@ -47,7 +49,8 @@ def test_micro_batches_make_the_same_pretraining_step(mode):
     assert_same(one, four, logs_one, logs_four)
     # ... and they did change the weights (a test that cannot fail proves nothing)
     torch.manual_seed(0)
-    assert not torch.equal(M.MaskMentor(tiny()).encoder[0].mlp.fc1.weight, one.encoder[0].mlp.fc1.weight)
+    assert not torch.equal(M.MaskMentor(tiny(image_size=SIZE)).encoder[0].mlp.fc1.weight,
+                           one.encoder[0].mlp.fc1.weight)
 
 
 @pytest.mark.parametrize("target,positions,norm", [
@@ -63,7 +66,7 @@ def test_micro_batches_with_the_token_options(target, positions, norm):
 
 def finetune_steps(accum, steps=2):
     torch.manual_seed(0)
-    net = M.Segmenter(tiny(drop_path=0.3))          # stochastic depth: drawn for the whole batch
+    net = M.Segmenter(tiny(drop_path=0.3, image_size=SIZE))          # stochastic depth: drawn for the whole batch
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     rt = TrainingRuntime(CPU, accum_steps=accum)
     model = rt.wrap(net)
@@ -71,8 +74,8 @@ def finetune_steps(accum, steps=2):
     g = torch.Generator().manual_seed(0)
     logs = []
     for s in range(steps):
-        batch = smooth_batch(B=8, seed=s)
-        batch["semseg"][: 2 + s, :40] = M.IGNORE_INDEX   # micro-batches with unequal labelled pixels
+        batch = smooth_batch(B=8, size=SIZE, seed=s)
+        batch["semseg"][: 2 + s, :20] = M.IGNORE_INDEX   # micro-batches with unequal labelled pixels
         logs.append(finetune.train_step(model, opt, batch, cfg, g, rt))
     return net, logs
 
