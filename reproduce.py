@@ -153,6 +153,12 @@ class Spec:
     variant: str
     token: tuple = FIRST_READING
 
+    def __post_init__(self):
+        # A variant without a token loss has no token settings: one Spec per such run, so
+        # that kd's teacher, Spec("mim"), is the mim run whatever the token defaults are.
+        if VARIANTS[self.variant][0] not in TOKEN_MODES:
+            object.__setattr__(self, "token", FIRST_READING)
+
     @property
     def name(self) -> str:
         if VARIANTS[self.variant][0] not in TOKEN_MODES or self.token == FIRST_READING:
@@ -531,6 +537,8 @@ def run_all(cfg: ReproConfig, todo_specs: list) -> list:
             for task in [t for t in todo if ready(t, done)][: cfg.jobs - len(running)]:
                 todo.remove(task)
                 running[pool.submit(run_variant, cfg, *task)] = task
+            if not running:                 # never spin: what is left waits for nothing that runs
+                raise RuntimeError(f"no run can start: {[(sp.name, s, stage) for sp, s, stage in todo]}")
             finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for fut in finished:
                 task = running.pop(fut)
