@@ -52,8 +52,10 @@ def assert_same_step(logs, nets):
         if pe.grad is None:
             assert pc.grad is None, name
             continue
-        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-5, atol=1e-6, msg=name)
-        torch.testing.assert_close(pc, pe, rtol=1e-5, atol=1e-6, msg=name)
+        # Inductor's fused kernels sum in another order than eager, more so with several
+        # threads: gradients of small norm weights then differ at ~1e-5 relative.
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(pc, pe, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.fixture
