@@ -1,5 +1,5 @@
-"""ops.py — loads the fused masking op built from csrc/ and tells torch what it cannot read
-from C++: the op's fake (shape-only) implementations and its autograd formulas.
+"""ops.py — loads the fused masking op built from csrc/ and registers what torch.compile
+needs from Python: the op's fake (shape-only) implementations.
 
 Importing the compiled module `maskmentor_C` (setup.py builds it from csrc/: C++ always,
 CUDA kernels too when a CUDA toolkit and a CUDA build of torch are there) registers
@@ -7,7 +7,8 @@ CUDA kernels too when a CUDA toolkit and a CUDA build of torch are there) regist
     torch.ops.maskmentor.mask_gather           (x, noise, num_visible) -> (visible, ids_keep, mask)
     torch.ops.maskmentor.mask_gather_backward  (grad_visible, ids_keep, num_tokens) -> grad_x
 
-(`TORCH_LIBRARY` schemas and per-device kernels, csrc/README.md). What the op computes is
+(`TORCH_LIBRARY` schemas, per-device kernels and, at the Autograd key, the gradient
+formulas: csrc/README.md). What the op computes is
 defined by masking.mask_gather_reference; masking.mask_gather calls the op when
 `available(x.device)`, the reference otherwise. Nothing else in the project imports the
 extension. Set MASKMENTOR_REFERENCE=1 to run the reference everywhere.
@@ -38,12 +39,12 @@ def _load() -> None:
     # Registering twice is an error, and this module may be imported again (reload, a
     # second name); the extension module lives once per process, so it holds the flag.
     if not getattr(maskmentor_C, "python_parts_registered", False):
-        _register_fake_and_autograd()
+        _register_fake()
         maskmentor_C.python_parts_registered = True
     LOADED, CUDA, WHY = True, bool(maskmentor_C.cuda), ""
 
 
-def _register_fake_and_autograd() -> None:
+def _register_fake() -> None:
     @torch.library.register_fake("maskmentor::mask_gather")
     def _(x, noise, num_visible):
         # Shapes only. V is data-dependent (a row sum of num_visible), so it is a new
@@ -67,38 +68,6 @@ def _register_fake_and_autograd() -> None:
     def _(grad_visible, ids_keep, num_tokens):
         B, _, D = grad_visible.shape
         return grad_visible.new_empty(B, num_tokens, D)
-
-    # mask_gather copies x[b, ids_keep[b, v]] to visible[b, v]. Its gradient puts
-    # grad_visible back at those rows of a zero tensor; positions are distinct, so that
-    # is a row copy, done by the C++/CUDA mask_gather_backward (a Python scatter_ would
-    # index every element and dominate the op's cost on CPU). No gradient flows to noise
-    # or num_visible: the selection is piecewise constant in the noise.
-    def setup_context(ctx, inputs, output):
-        x, _, _ = inputs
-        _, ids_keep, _ = output
-        ctx.save_for_backward(ids_keep)
-        ctx.num_tokens = x.shape[1]
-
-    def backward(ctx, grad_visible, _grad_ids, _grad_mask):
-        (ids_keep,) = ctx.saved_tensors
-        grad_x = torch.ops.maskmentor.mask_gather_backward(grad_visible, ids_keep, ctx.num_tokens)
-        return grad_x, None, None
-
-    torch.library.register_autograd("maskmentor::mask_gather", backward, setup_context=setup_context)
-
-    # The backward is linear in grad_visible, and its own gradient is the gather again:
-    # this is what makes double backward through the op work.
-    def setup_context_bw(ctx, inputs, output):
-        _, ids_keep, _ = inputs
-        ctx.save_for_backward(ids_keep)
-
-    def backward_bw(ctx, grad_grad_x):
-        (ids_keep,) = ctx.saved_tensors
-        index = ids_keep.unsqueeze(-1).expand(-1, -1, grad_grad_x.shape[-1])
-        return torch.gather(grad_grad_x, 1, index), None, None
-
-    torch.library.register_autograd("maskmentor::mask_gather_backward", backward_bw,
-                                    setup_context=setup_context_bw)
 
 
 _load()

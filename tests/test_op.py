@@ -108,6 +108,14 @@ def test_equals_reference_vit_b(op, dtype):
     check_against_reference(op, *make_case(12, 3, 196, 768, 98, dtype))
 
 
+@pytest.mark.parametrize("D,V", [(768, 1), (768, 588), (767, 98), (784, 300)])
+def test_large_gradients_both_store_paths(op, D, V):
+    # grad_x of 8 MiB or more is written with streaming stores when its rows are whole
+    # cache lines (D=768, 784 in fp32), with memcpy/memset otherwise (D=767): both must
+    # equal the reference, with almost nothing kept (V=1) and everything kept (V=K*N).
+    check_against_reference(op, *make_case(12, 3, 196, D, V, torch.float32))
+
+
 def test_budget_extremes(op):
     x, noise, _ = make_case(3, 3, 5, 4, 0, torch.float32)
     for num_visible in ([[0, 0, 0]] * 3,                       # nothing visible
