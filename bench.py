@@ -170,11 +170,11 @@ def peak_gbps(device, override):
     return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None  # DDR: 2/clock
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--reps", type=int, default=50, help="timed repetitions of each op measurement (median)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed repetitions before them")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--raw_malloc", action="store_true",
                     help="CPU: keep glibc's defaults, page faults on fresh blocks included")
@@ -204,7 +204,11 @@ def main():
     ap.add_argument("--compile_quick", action="store_true",
                     help="--compile_steps check in a few minutes: tiny model at batch 2, 32x32, inductor caches kept")
     ap.add_argument("--compile_worker", nargs=3, metavar=("PRESET", "STEP", "MODE"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = parser().parse_args()
     if args.gpu_check:
         return gpu_check()
     if args.compile_worker:
@@ -361,12 +365,12 @@ def compile_worker(preset: str, step: str, mode: str, args) -> None:
     if step == "finetune":
         net = M.Segmenter(model_cfg).to(device)
         fcfg = finetune.FinetuneConfig(config=preset, image_size=H, batch_size=B)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5, **rt.optimizer_options())
         fn = lambda: finetune.train_step(net, opt, batch, fcfg, g, rt)
     else:
         net = M.MaskMentor(model_cfg).to(device)
         ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=budget), runtime=rt)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95), **rt.optimizer_options())
         fn = lambda: sttp.OBJECTIVES[step](net, opt, batch, ocfg, g)
     net.train()
     run = timer(device)

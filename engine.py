@@ -156,6 +156,22 @@ def init_encoder(net: M.MultiViT, path: str) -> M.InitReport:
     return report
 
 
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """The checkpoint's hyperparameters and moments, this invocation's implementation:
+    torch's load_state_dict also restores each group's "fused"/"foreach" flags, but --compile
+    (which picks the fused kernel: runtime.TrainingRuntime.optimizer_options) is run-control,
+    so a resume may switch it. The fused kernel wants its step counts as float32 on the
+    parameters' device; the others keep them on the CPU."""
+    chosen = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, chosen):
+        group.update(flags)
+        for p in group["params"]:
+            s = optimizer.state.get(p, {})
+            if torch.is_tensor(s.get("step")):
+                s["step"] = s["step"].to(device=p.device if flags["fused"] else "cpu", dtype=torch.float32)
+
+
 def set_lr(optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
@@ -273,7 +289,7 @@ class Loop:
     def resume(self, ckpt: dict) -> None:
         self.resumed = ckpt
         self.net.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(self.optimizer, ckpt["optimizer"])
         if self.scaler is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng_state"], self.generator)

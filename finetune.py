@@ -68,7 +68,8 @@ class FinetuneConfig:
     workers: int = arg(0, "DataLoader worker processes")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = arg("float32", "autocast dtype; float16 adds loss scaling", tuple(DTYPES))
-    compile: bool = arg(False, "torch.compile the network and its loss, one whole graph (runtime.py)")
+    compile: bool = arg(False, "torch.compile the network and its loss, one whole graph; "
+                               "AdamW's fused kernel (runtime.py)")
 
 
 FINETUNE_PRESETS = {
@@ -206,9 +207,10 @@ def main(argv=None):
     else:
         print("no pre-training (--pretrained none): the baseline, encoder randomly initialised")
     net.to(device)
-    optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr)
     scaler = grad_scaler(dtype, device)
     runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, accum_steps=cfg.accum_steps, compile=cfg.compile)
+    optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr,
+                                  **runtime.optimizer_options())
     check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "finetune", "model_config": dataclasses.asdict(model_cfg),

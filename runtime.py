@@ -190,6 +190,17 @@ class TrainingRuntime(sttp.Runtime):
             self._compiled[fn] = torch.compile(fn, fullgraph=fullgraph, dynamic=False)
         return self._compiled[fn]
 
+    def optimizer_options(self) -> dict:
+        """Keyword arguments for torch.optim.AdamW. With --compile: AdamW's fused kernel (one
+        pass over each parameter, where the default CPU implementation runs ~8 elementwise
+        ops per parameter tensor, one tensor at a time). At ViT-B the update takes 0.06 s
+        instead of 0.20 s on the 2-core CPU, 14% of an eager MIM step at batch 4 that the
+        compiled pass cannot touch. Like the compiled pass it changes the update by rounding
+        (~1e-8 here), so plain runs keep the default and their results stay bit-identical.
+        Which implementation runs belongs to the invocation, not to the checkpoint
+        (engine.load_optimizer_state)."""
+        return {"fused": True} if self.compile and self.device.type in ("cpu", "cuda") else {}
+
     def step(self, model, optimizer, loss: torch.Tensor) -> None:
         """Backward and one optimiser step. With float16's GradScaler the loss is scaled for
         the backward and the gradients unscaled before clipping, so `clip_grad` bounds the

@@ -84,7 +84,8 @@ class TrainConfig:
     workers: int = arg(0, "DataLoader worker processes")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = arg("float32", "autocast dtype; float16 adds loss scaling", tuple(DTYPES))
-    compile: bool = arg(False, "torch.compile the network, masking and losses, one whole graph (runtime.py)")
+    compile: bool = arg(False, "torch.compile the network, masking and losses, one whole graph; "
+                               "AdamW's fused kernel (runtime.py)")
 
 
 TRAIN_PRESETS = {
@@ -176,10 +177,11 @@ def main(argv=None):
     net = M.MaskMentor(model_cfg).to(device)
     if cfg.init and ckpt is None:      # a resumed run finds these weights in its own checkpoint
         init_encoder(net, cfg.init)
-    optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     teacher = load_teacher(cfg.teacher, model_cfg, device) if cfg.mode == "kd" else None
     scaler = grad_scaler(dtype, device)
     runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, accum_steps=cfg.accum_steps, compile=cfg.compile)
+    optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                                  **runtime.optimizer_options())
     ocfg = objective_config(cfg, runtime)
     check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,

@@ -1,6 +1,7 @@
 """Careless use: nothing lost, nothing silent. A run folder is never overwritten without
 --resume or --overwrite, bad flags and paths are one line before any work, worker errors
 stay one line, a resumed or restarted run leaves a clean log."""
+import copy
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import finetune
 import masking
 import train
@@ -55,6 +57,33 @@ def test_resume_rewrites_the_log_from_the_checkpoint_and_works_after_a_move(tmp_
     x = torch.load(moved / "ckpt.pt", weights_only=False)["model"]
     y = torch.load(uninterrupted / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("saved_fused,resumed_fused", [(True, False), (False, True)])
+def test_resume_may_switch_the_optimizer_implementation(saved_fused, resumed_fused):
+    # --compile picks AdamW's fused kernel and is run-control: a resume takes the
+    # checkpoint's moments and hyperparameters, and this invocation's implementation.
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    saved = torch.optim.AdamW(net.parameters(), lr=0.1, fused=saved_fused)
+    for _ in range(2):
+        saved.zero_grad()
+        net(torch.randn(5, 4)).square().sum().backward()
+        saved.step()
+    resumed = torch.optim.AdamW(net.parameters(), lr=0.5, fused=resumed_fused)
+    engine.load_optimizer_state(resumed, copy.deepcopy(saved.state_dict()))   # as from torch.load
+    assert [g["fused"] for g in resumed.param_groups] == [resumed_fused]
+    assert [g["lr"] for g in resumed.param_groups] == [0.1]            # the checkpoint's
+    start = [p.detach().clone() for p in net.parameters()]
+    saved.step()
+    by_saved = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p, w in zip(net.parameters(), start):
+            p.copy_(w)
+    resumed.step()                                                     # the same update
+    for p, w, want in zip(net.parameters(), start, by_saved):
+        assert not torch.equal(p, w)
+        torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("flags,words", [

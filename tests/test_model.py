@@ -101,6 +101,20 @@ def test_dropped_modality_does_not_leak(scheme):
         torch.testing.assert_close(tokens[k], tokens2[k], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("size,out", [((16, 16), (64, 64)), ((15, 9), (37, 40)), ((20, 20), (7, 13)),
+                                      ((1, 5), (4, 5))])
+def test_resize_bilinear_equals_interpolate(size, out):
+    # The segmentation head's upsampling under torch.compile (two matmuls) computes what
+    # F.interpolate does, values and gradients, up- and downsampling, odd sizes.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *size, generator=g, requires_grad=True)
+    got, want = M.resize_bilinear(x, out), F.interpolate(x, size=out, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    grad = torch.randn(want.shape, generator=g)
+    torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0],
+                               rtol=0, atol=2e-5)
+
+
 def test_sincos_matches_multimae_layout():
     """MultiMAE builds the table with meshgrid(w, h) and reads it back as (h w): at grid
     position (row, col) the first half encodes the row, the second the column."""

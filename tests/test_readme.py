@@ -17,7 +17,7 @@ CLI_DOC = open(os.path.join(ROOT, "docs", "cli.md")).read()
 
 def section(script: str) -> str:
     """docs/cli.md's flag table of one script."""
-    m = re.search(rf"^### {re.escape(script)}\n(.*?)(?=^### |^## )", CLI_DOC, re.S | re.M)
+    m = re.search(rf"^### {re.escape(script)}\n(.*?)(?=^### |^## |\Z)", CLI_DOC, re.S | re.M)
     assert m, f"docs/cli.md has no '### {script}' section"
     return m.group(1)
 
@@ -31,6 +31,17 @@ def test_every_flag_is_documented(script, cls):
     assert documented == {f.name for f in fields(cls)}
     for f in fields(cls):      # with its one-line help
         assert f.metadata["help"] in table, f.name
+
+
+def test_every_bench_flag_is_documented():
+    import bench
+    table = section("bench.py")
+    documented = set(re.findall(r"^\| `(--\w+)`", table, re.M))
+    actions = [a for a in bench.parser()._actions if a.option_strings and a.help not in (None, "==SUPPRESS==")
+               and a.dest != "help"]
+    assert documented == {a.option_strings[0] for a in actions}
+    for a in actions:          # with its help
+        assert a.help in table, a.dest
 
 
 def test_ci_runs_the_readme_commands():
