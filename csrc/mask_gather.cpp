@@ -128,10 +128,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_gather_cpu(const at::Tensor&
 // Streaming (non-temporal) stores: they write whole cache lines straight to memory,
 // without first reading each line into the cache (a "read for ownership"), which is what
 // an ordinary store to a line that is not cached costs. grad_x is write-only here and
-// usually lands in memory no cache holds (a block last used by other work), so at ViT-B
-// shapes they make the backward 1.2-2x faster in bench.py's side-by-side timing, where
-// the reference runs between two calls of the op (measured: 0.5-0.7 ms against 0.5-1.2 ms
-// for memset/memcpy after the reference, 21.7 MB). When the same block was just written
+// usually lands in memory no cache holds (a block last used by other work). At ViT-B
+// shapes (21.7 MB), timed right after the reference as in bench.py's side-by-side timing,
+// the backward took 0.5-0.7 ms with them and 0.5-1.2 ms with memset/memcpy, depending on
+// the block it got (up to 1.7x faster, never slower). When the same block was just written
 // and is still cached (the op timed alone, in a loop) they are ~10% slower; small outputs
 // stay cached for the next op, so they keep ordinary stores. x86-64 only (SSE2); other
 // CPUs use memcpy/memset.
@@ -174,15 +174,12 @@ inline void stream_zero(char* dst, int64_t n) {
 // consecutive hidden rows are zeroed by a single memset. Every byte of grad_x is written
 // once (the earlier version zeroed all of it with at::zeros, then wrote the kept rows a
 // second time), the writes run front to back, and first-touch page faults of a fresh
-// block happen in the parallel pass. Measured side by side in one process at ViT-B
-// shapes (B=12, K=3, N=196, D=768, V=98, fp32, one thread, on a loaded 2-core VM, so
-// noisy): forward + backward 2.2-3.8x the reference with this pass against 1.8-2.5x
-// with zeros + row copies; memset per row instead of per run of hidden rows was in
-// between, and non-temporal (streaming) stores were slower than either (1.3x). In
-// `python bench.py --threads 1` on the same loaded machine the one-pass version gave
-// 1.7-2.4x: the backward is bound by writing grad_x (22 MB; as fast as at::zeros alone,
-// ~0.9 ms here), and the page faults of a fresh block depend on the process's history.
-// Whether it reaches 3x on an idle machine is for bench.py to say.
+// block happen in the parallel pass; a large grad_x is written with streaming stores
+// (above). The backward is then bound by writing grad_x once (21.7 MB at ViT-B shapes,
+// ~0.5 ms on the 2-core CI machine: what at::zeros alone costs). Forward + backward at
+// ViT-B, fp32, idle machine, `python bench.py`: 2.4-3.2x the reference side by side over
+// six runs, 3.0-4.4x with each timed alone (csrc/README.md). Streaming stores were slower
+// (1.3x) in an earlier test that timed the op alone, where the block stays cached.
 at::Tensor mask_gather_backward_cpu(const at::Tensor& grad_visible_in, const at::Tensor& ids_keep_in,
                                     int64_t num_tokens) {
   check_backward_args(grad_visible_in, ids_keep_in, num_tokens, at::kCPU);
