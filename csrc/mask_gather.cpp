@@ -137,9 +137,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_gather_cpu(const at::Tensor&
 // CPUs use memcpy/memset.
 constexpr int64_t kStreamingMinBytes = int64_t{8} << 20;  // grad_x of at least 8 MiB
 
-#if defined(__SSE2__)
 // dst is 64-byte aligned and n a multiple of 64 (checked by the caller): whole lines.
+// Without SSE2 `streaming` is never true and these are never called.
 inline void stream_copy(char* dst, const char* src, int64_t n) {
+#if defined(__SSE2__)
   for (int64_t i = 0; i < n; i += 64) {
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
@@ -150,9 +151,13 @@ inline void stream_copy(char* dst, const char* src, int64_t n) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
   }
+#else
+  std::memcpy(dst, src, n);
+#endif
 }
 
 inline void stream_zero(char* dst, int64_t n) {
+#if defined(__SSE2__)
   const __m128i zero = _mm_setzero_si128();
   for (int64_t i = 0; i < n; i += 64) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), zero);
@@ -160,7 +165,23 @@ inline void stream_zero(char* dst, int64_t n) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), zero);
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), zero);
   }
+#else
+  std::memset(dst, 0, n);
+#endif
 }
+
+// Streaming stores are weakly ordered: each thread fences its own before the pool's
+// barrier hands grad_x to the caller.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+#if defined(__SSE2__)
+constexpr bool kHaveStreamingStores = true;
+#else
+constexpr bool kHaveStreamingStores = false;
 #endif
 
 // The gradient of the gather: grad_x[b, ids_keep[b, v]] = grad_visible[b, v], zero at
@@ -202,12 +223,8 @@ at::Tensor mask_gather_backward_cpu(const at::Tensor& grad_visible_in, const at:
 
   at::Tensor grad_x = at::empty({B, L, D}, grad_visible.options());
   char* gx_ptr = static_cast<char*>(grad_x.data_ptr());
-#if defined(__SSE2__)
-  const bool streaming = B * L * row_bytes >= kStreamingMinBytes && row_bytes % 64 == 0 &&
-                         reinterpret_cast<uintptr_t>(gx_ptr) % 64 == 0;
-#else
-  const bool streaming = false;
-#endif
+  const bool streaming = kHaveStreamingStores && B * L * row_bytes >= kStreamingMinBytes &&
+                         row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(gx_ptr) % 64 == 0;
   // One task per row of grad_x; a chunk is worth ~32k elements.
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, D));
   at::parallel_for(0, B * L, grain, [&](int64_t begin, int64_t end) {
@@ -216,26 +233,24 @@ at::Tensor mask_gather_backward_cpu(const at::Tensor& grad_visible_in, const at:
       char* dst = gx_ptr + row * row_bytes;
       if (source[row] >= 0) {
         const char* src = g_ptr + source[row] * row_bytes;
-#if defined(__SSE2__)
-        if (streaming) stream_copy(dst, src, row_bytes); else
-#endif
-        std::memcpy(dst, src, row_bytes);
+        if (streaming) {
+          stream_copy(dst, src, row_bytes);
+        } else {
+          std::memcpy(dst, src, row_bytes);
+        }
         ++row;
       } else {  // a run of hidden rows: one fill
         int64_t stop = row + 1;
         while (stop < end && source[stop] < 0) ++stop;
-#if defined(__SSE2__)
-        if (streaming) stream_zero(dst, (stop - row) * row_bytes); else
-#endif
-        std::memset(dst, 0, (stop - row) * row_bytes);
+        if (streaming) {
+          stream_zero(dst, (stop - row) * row_bytes);
+        } else {
+          std::memset(dst, 0, (stop - row) * row_bytes);
+        }
         row = stop;
       }
     }
-#if defined(__SSE2__)
-    // Streaming stores are weakly ordered: make this thread's visible before the pool's
-    // barrier hands grad_x to the caller.
-    if (streaming) _mm_sfence();
-#endif
+    if (streaming) stream_fence();
   });
   return grad_x;
 }
@@ -244,9 +259,9 @@ at::Tensor mask_gather_backward_cpu(const at::Tensor& grad_visible_in, const at:
 // Autograd. The formulas are the ones a Python torch.library.register_autograd would hold,
 // written in C++ and registered at the Autograd dispatch key (so they serve the CPU and
 // the CUDA kernels alike). Why not Python: at ViT-B shapes the op's forward + backward
-// takes ~1 ms on CPU, and the Python autograd wrapper added ~0.15 ms of it (measured:
-// forward + backward through autograd 0.97-0.98 ms against 0.76-0.77 ms for the two
-// kernels called directly). Both functions call the ops through the dispatcher, never the
+// takes ~1 ms on CPU, and the Python autograd wrapper added ~0.1 ms of it (measured:
+// forward + backward through autograd 0.97-0.98 ms with the Python wrapper, 0.86 ms with
+// these, 0.74-0.77 ms for the two kernels called directly). Both functions call the ops through the dispatcher, never the
 // kernels, so that torch.compile's tracer (AOTAutograd) sees `mask_gather_backward` in
 // the backward graph and the fake implementations stand in for the kernels there.
 
@@ -254,17 +269,29 @@ at::Tensor mask_gather_backward_cpu(const at::Tensor& grad_visible_in, const at:
 // back at those rows of a zero tensor (mask_gather_backward). No gradient flows to noise
 // or num_visible: the selection is piecewise constant in the noise, and ids_keep and mask
 // are integer and boolean outputs.
+// The ops' dispatcher handles, looked up once.
+const auto& mask_gather_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("maskmentor::mask_gather", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op;
+}
+
+const auto& mask_gather_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("maskmentor::mask_gather_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>();
+  return op;
+}
+
 class MaskGatherFunction : public torch::autograd::Function<MaskGatherFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const at::Tensor& x, const at::Tensor& noise,
                                                 const at::Tensor& num_visible) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("maskmentor::mask_gather", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [visible, ids_keep, mask] = op.call(x, noise, num_visible);
+    auto [visible, ids_keep, mask] = mask_gather_op().call(x, noise, num_visible);
     ctx->save_for_backward({ids_keep});
     ctx->saved_data["num_tokens"] = x.sym_size(1);
     ctx->mark_non_differentiable({ids_keep, mask});
@@ -273,12 +300,9 @@ class MaskGatherFunction : public torch::autograd::Function<MaskGatherFunction> 
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("maskmentor::mask_gather_backward", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>();
     const at::Tensor ids_keep = ctx->get_saved_variables()[0];
     const c10::SymInt num_tokens = ctx->saved_data["num_tokens"].toSymInt();
-    return {op.call(grads[0], ids_keep, num_tokens), at::Tensor(), at::Tensor()};
+    return {mask_gather_backward_op().call(grads[0], ids_keep, num_tokens), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -288,12 +312,9 @@ class MaskGatherBackwardFunction : public torch::autograd::Function<MaskGatherBa
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& grad_visible,
                             const at::Tensor& ids_keep, c10::SymInt num_tokens) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("maskmentor::mask_gather_backward", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->save_for_backward({ids_keep});
-    return op.call(grad_visible, ids_keep, std::move(num_tokens));
+    return mask_gather_backward_op().call(grad_visible, ids_keep, std::move(num_tokens));
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
