@@ -51,13 +51,16 @@ def parse_config(cls, argv=None, presets: Optional[dict] = None):
     parser = Parser(prog=os.path.basename(sys.argv[0]), description=(cls.__doc__ or "").strip())
     for f in fields(cls):
         meta = dict(f.metadata)
+        # argparse expands %-formats in help strings ("%(default)s"): a literal % must be
+        # doubled, or --help itself fails ("~30 % more time").
+        text = str(meta.get("help")).replace("%", "%%")
         if f.type in ("bool", bool):
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
-                                default=None, help=meta.get("help"))
+                                default=None, help=text)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             parser.add_argument(f"--{f.name}", type=typ, default=None, choices=meta.get("choices"),
-                                help=f"{meta.get('help')} (default: {f.default})")
+                                help=f"{text} (default: {str(f.default).replace('%', '%%')})")
     ns = parser.parse_args(argv)
     given = {k: v for k, v in vars(ns).items() if v is not None}
     values = {}

@@ -14,6 +14,7 @@ import statistics
 from PIL import Image, ImageDraw
 
 import rooms
+import sttp
 
 # -----------------------------------------------------------------------------
 # The variants, and the paper's NYUDepthV2 numbers for them (Tables 3 and 4; mIoU, mAcc)
@@ -35,25 +36,40 @@ EQUAL_EPOCHS = ("maskmentor_epochs",)             # the variants outside the equ
 TABLE3 = ("baseline", "mim", "m2im", "maskmentor", "maskmentor_epochs")
 TABLE4 = ("m2im", "token", "kd", "maskmentor")
 SETTINGS = ("rgbd", "rgb", "depth")              # evaluate.SETTINGS: the three input conditions
-TEACHER_ITERS = 3                                 # §3.4; train.py's default
-SELF_TEACHING = ("sttp", "token")                 # the modes with TEACHER_ITERS + 1 steps per batch
 ROBUST_VARIANTS = ("mim", "maskmentor")           # the checkpoints the robustness table compares
 DIAG_IMAGES = 256          # held-out (test-split) images for the pre-training diagnostics
+# The objective whose epochs `--main_epochs` counts: every other variant gets as many optimiser
+# steps (its own steps per batch, sttp.OBJECTIVES, decide how many epochs that is).
+REFERENCE_MODE = "sttp"
 
 
 def steps_per_batch(mode: str) -> int:
-    return TEACHER_ITERS + 1 if mode in SELF_TEACHING else 1
+    """Optimiser steps per batch of a --mode, at the objectives' default settings (the
+    teacher iterations reproduce.py runs with): sttp.OBJECTIVES says."""
+    return sttp.OBJECTIVES[mode].steps_per_batch(sttp.ObjectiveConfig())
 
 
 def pretrain_epochs(mode: str, warmup: int, main: int) -> int:
     """Total epochs of a variant so that all make the same optimiser steps: the warm-up
-    (plain MIM, one step a batch) plus `main` epochs of STTP-sized work (4 steps a batch)."""
-    return warmup + main * steps_per_batch("sttp") // steps_per_batch(mode)
+    (plain MIM, one step a batch) plus `main` epochs of REFERENCE_MODE-sized work."""
+    steps, per_batch = main * steps_per_batch(REFERENCE_MODE), steps_per_batch(mode)
+    if steps % per_batch:
+        raise ValueError(f"--mode {mode} makes {per_batch} optimiser steps a batch: {main} {REFERENCE_MODE} "
+                         f"epoch(s) ({steps} steps a batch-epoch) are no whole number of its epochs")
+    return warmup + steps // per_batch
 
 
 def variant_epochs(variant: str, warmup: int, main: int) -> int:
     """A variant's pre-training epochs: the equal-step budget, except for EQUAL_EPOCHS."""
     return pretrain_epochs("m2im" if variant in EQUAL_EPOCHS else VARIANTS[variant][0], warmup, main)
+
+
+def teacher_variant(variant: str):
+    """The variant whose pre-training is `variant`'s frozen teacher (kd: the mim run of the
+    same seed), or None: the first default variant run with the objective's `teacher` mode."""
+    mode = VARIANTS[variant][0]
+    wanted = mode and sttp.OBJECTIVES[mode].teacher
+    return next((v for v in DEFAULT_VARIANTS if wanted and VARIANTS[v][0] == wanted), None)
 
 
 # -----------------------------------------------------------------------------
@@ -218,13 +234,13 @@ def ordering_checks(summary: dict) -> list:
 
 
 def write_markdown(cfg, summary: dict, cost: dict, meta: dict, path: str, diag: dict = None) -> None:
-    n = cfg.seeds
+    n, S = cfg.seeds, steps_per_batch(REFERENCE_MODE)
     L = [f"# MaskMentor ablations at toy scale (`python reproduce.py{' --quick' if cfg.quick else ''}`)", "",
          f"Synthetic RGB-D rooms (data.py), tiny model, {n} seed(s), mean ± std (sample std over seeds) of mIoU / "
          f"mAcc on {cfg.test_images} test images. Pre-training: {cfg.pretrain_images} images, batch {cfg.batch_size}, "
-         f"{cfg.warmup_epochs} MIM warm-up epoch(s) + {cfg.main_epochs} STTP epochs, or 4x that many epochs of a "
+         f"{cfg.warmup_epochs} MIM warm-up epoch(s) + {cfg.main_epochs} STTP epochs, or {S}x that many epochs of a "
          f"one-step objective — the same optimiser steps and images for every variant (table at the end)"
-         f"{', except maskmentor_epochs: M²IM' + chr(39) + 's epochs, 4x the steps' if 'maskmentor_epochs' in summary else ''}. "
+         f"{f', except maskmentor_epochs: M²IM' + chr(39) + f's epochs, {S}x the steps' if 'maskmentor_epochs' in summary else ''}. "
          f"Fine-tuning: the first {cfg.finetune_images} training images, {cfg.finetune_epochs} epochs, random "
          f"rgb-only / depth-only / both per sample. Wall time of this invocation: {meta['wall_minutes']:.1f} min "
          f"({meta['runs_reused']} of {meta['runs']} runs reused from an earlier invocation) on {meta['machine']}; "
@@ -242,7 +258,7 @@ def write_markdown(cfg, summary: dict, cost: dict, meta: dict, path: str, diag: 
               f"One batch of {cost['batch_size']} images, tiny model, {cost['threads']} thread(s), median of "
               "interleaved repeats:", "",
               "| objective | s / batch | vs MIM per batch | optimiser steps / batch | vs MIM per step |", "|---|---|---|---|---|",
-              *[f"| {m} | {pb[m]:.3f} | {cost['per_batch_ratio'][m]:.2f}x | {steps_per_batch(m)} | "
+              *[f"| {m} | {pb[m]:.3f} | {cost['per_batch_ratio'][m]:.2f}x | {steps_per_batch(m.split()[0])} | "
                 f"{cost['per_step_ratio'][m]:.2f}x |" for m in pb], "",
               "Whole pre-training at this script's equal budgets (from the per-batch times): "
               + ", ".join(f"{k} {wr[k]:.2f}x" for k in wr) + " of MIM. kd pays for its teacher's pre-training "

@@ -72,8 +72,9 @@ import train
 import vis
 from cli import UserError, arg, check_numbers, parse_config, run_cli
 from engine import Subset, load_checkpoint
-from report import (DEFAULT_VARIANTS, DIAG_IMAGES, ROBUST_VARIANTS, SETTINGS, TEACHER_ITERS, VARIANTS,
-                    bar_chart, diagnostics, ordering_checks, steps_per_batch, summarise, variant_epochs, write_markdown)
+from report import (DEFAULT_VARIANTS, DIAG_IMAGES, REFERENCE_MODE, ROBUST_VARIANTS, SETTINGS, VARIANTS, bar_chart,
+                    diagnostics, ordering_checks, steps_per_batch, summarise, teacher_variant, variant_epochs,
+                    write_markdown)
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -125,8 +126,10 @@ def parse(argv=None) -> ReproConfig:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
         raise UserError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
-    if "kd" in names and "mim" not in names:
-        raise UserError("--variants: kd's teacher is the mim run, so kd needs mim too")
+    for v in names:
+        teacher = teacher_variant(v)
+        if teacher and teacher not in names:
+            raise UserError(f"--variants: {v}'s teacher is the {teacher} run, so {v} needs {teacher} too")
     for name in ("seeds", "pretrain_images", "finetune_images", "test_images", "val_images", "batch_size",
                  "main_epochs", "finetune_epochs", "jobs", "threads"):
         if getattr(cfg, name) <= 0:
@@ -141,8 +144,12 @@ def parse(argv=None) -> ReproConfig:
 
 
 TOKEN_FLAGS = ("token_target", "token_positions", "token_norm")
-FIRST_READING = ("last_teacher_step", "all", "none")  # D4-D6 as first read; runs are named relative to it
-TOKEN_MODES = ("sttp", "token", "kd")                         # the modes with a token loss
+FIRST_READING = sttp.FIRST_READING     # D4-D6 as first read; runs are named relative to it
+
+
+def has_token_loss(variant: str) -> bool:
+    mode = VARIANTS[variant][0]
+    return mode is not None and sttp.OBJECTIVES[mode].token_loss
 
 
 @dataclass(frozen=True)
@@ -156,12 +163,12 @@ class Spec:
     def __post_init__(self):
         # A variant without a token loss has no token settings: one Spec per such run, so
         # that kd's teacher, Spec("mim"), is the mim run whatever the token defaults are.
-        if VARIANTS[self.variant][0] not in TOKEN_MODES:
+        if not has_token_loss(self.variant):
             object.__setattr__(self, "token", FIRST_READING)
 
     @property
     def name(self) -> str:
-        if VARIANTS[self.variant][0] not in TOKEN_MODES or self.token == FIRST_READING:
+        if not has_token_loss(self.variant) or self.token == FIRST_READING:
             return self.variant
         return "+".join([self.variant] + [lv for lv, d in zip(self.token, FIRST_READING) if lv != d])
 
@@ -186,13 +193,14 @@ def pretrain_argv(cfg: ReproConfig, spec: Spec, seed: int) -> list:
     mode = VARIANTS[spec.variant][0]
     argv = ["--mode", mode, "--epochs", variant_epochs(spec.variant, cfg.warmup_epochs, cfg.main_epochs),
             "--warmup_epochs", cfg.warmup_epochs, "--subset", cfg.pretrain_images,
-            "--batch_size", cfg.batch_size, "--teacher_iters", TEACHER_ITERS, "--seed", seed,
+            "--batch_size", cfg.batch_size, "--teacher_iters", sttp.ObjectiveConfig.teacher_iters, "--seed", seed,
             "--vis_every", 0, "--device", "cpu", "--out_dir", os.path.join(run_dir(cfg, spec, seed), "pretrain")]
     argv += cue_argv(cfg)
-    if mode in TOKEN_MODES:   # explicit, whatever train.py's defaults are
+    if has_token_loss(spec.variant):   # explicit, whatever train.py's defaults are
         argv += [a for f, lv in zip(TOKEN_FLAGS, spec.token) for a in (f"--{f}", lv)]
-    if mode == "kd":
-        argv += ["--teacher", os.path.join(run_dir(cfg, Spec("mim"), seed), "pretrain", "ckpt.pt")]
+    if teacher_variant(spec.variant):
+        argv += ["--teacher", os.path.join(run_dir(cfg, Spec(teacher_variant(spec.variant)), seed), "pretrain",
+                                           "ckpt.pt")]
     return [str(a) for a in argv]
 
 
@@ -380,7 +388,8 @@ def loss_log(path: str, batches_per_epoch: int) -> dict:
     series = [p if (p := _pixel_loss(r)) is not None else r["loss"] for r in rows]
     prev = series[-2] if len(series) > 1 else series[0]
     drop = (prev - series[-1]) / prev
-    steps = batches_per_epoch * steps_per_batch(rows[-1].get("mode", ""))
+    mode = rows[-1].get("mode", "")                 # "" for fine-tuning: one step a batch
+    steps = batches_per_epoch * (steps_per_batch(mode) if mode else 1)
     out = {"epochs": len(rows), "first": series[0], "last": series[-1], "last_epoch_drop": drop,
            "last_epoch_steps": steps}
     if "token" in rows[-1]:                 # the self-teaching and kd runs' token loss
@@ -517,16 +526,18 @@ def run_variant(cfg: ReproConfig, spec: Spec, seed: int, stage: str) -> dict:
 
 def run_all(cfg: ReproConfig, todo_specs: list) -> list:
     """Every (configuration, seed) run, `--jobs` at a time, pre-training before fine-tuning,
-    the mim runs first (kd's teachers). Returns the result dicts."""
+    the teachers' runs first (kd's: the mim runs). Returns the result dicts."""
     seeds = range(cfg.seeds)
-    order = sorted(todo_specs, key=lambda sp: (sp.variant != "mim", sp.variant == "kd"))
+    teachers = {teacher_variant(sp.variant) for sp in todo_specs}
+    order = sorted(todo_specs, key=lambda sp: (sp.variant not in teachers, teacher_variant(sp.variant) is not None))
     todo = [(sp, s, "pretrain") for sp in order if VARIANTS[sp.variant][0] for s in seeds] + \
            [(sp, s, "finetune") for sp in order for s in seeds]
 
     def ready(task, done):
         sp, s, stage = task
         needs = [(sp, s, "pretrain")] if stage == "finetune" and VARIANTS[sp.variant][0] else []
-        needs += [(Spec("mim"), s, "pretrain")] if sp.variant == "kd" and stage == "pretrain" else []
+        teacher = teacher_variant(sp.variant)
+        needs += [(Spec(teacher), s, "pretrain")] if teacher and stage == "pretrain" else []
         return all(n in done for n in needs)
 
     results, done, running = [], set(), {}
@@ -578,8 +589,7 @@ def _measure_cost(cfg: ReproConfig, repeats: int) -> dict:
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     ds = data.build_dataset("synthetic", None, "train", train=True, image_size=model_cfg.image_size)
     batch = data.collate([ds[i] for i in range(cfg.batch_size)])
-    ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=train.TRAIN_PRESETS["tiny"]["budget"]),
-                                teacher_iters=TEACHER_ITERS)
+    ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=train.TRAIN_PRESETS["tiny"]["budget"]))
     g = torch.Generator().manual_seed(0)
     # "sttp <target>": STTP with that --token_target (the default, last_teacher_step, is "sttp")
     runs = {"mim": ocfg, "sttp": ocfg, "kd": ocfg,
@@ -594,7 +604,7 @@ def _measure_cost(cfg: ReproConfig, repeats: int) -> dict:
     per_batch = {m: statistics.median(t) for m, t in times.items()}
     batches = cfg.pretrain_images // cfg.batch_size
     W, E = cfg.warmup_epochs * batches, cfg.main_epochs * batches           # warm-up / STTP batches
-    S = steps_per_batch("sttp")
+    S = steps_per_batch(REFERENCE_MODE)
     whole = {"mim": (W + S * E) * per_batch["mim"],
              "maskmentor": W * per_batch["mim"] + E * per_batch["sttp"],
              "kd (teacher + student)": (W + S * E) * per_batch["mim"] + W * per_batch["mim"] + S * E * per_batch["kd"]}

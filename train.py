@@ -36,6 +36,10 @@ from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_ch
 from runtime import DTYPES, TrainingRuntime, autocast_dtype, grad_scaler, init_distributed
 
 
+# The objectives' defaults, written once in the method (sttp.ObjectiveConfig).
+OBJECTIVE = sttp.ObjectiveConfig()
+
+
 @dataclass
 class TrainConfig:
     """MaskMentor pre-training: MIM warm-up on complete modalities, then --mode."""
@@ -45,7 +49,7 @@ class TrainConfig:
     cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (rooms.py)")
     config: str = arg("tiny", "model preset and its training defaults", tuple(M.PRESETS))
     init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
-    mode: str = arg("sttp", "objective after the warm-up", tuple(sttp.OBJECTIVES))
+    mode: str = arg("sttp", "objective after the warm-up (docs/cli.md: the objectives)", sttp.OBJECTIVES)
     modalities: str = arg(",".join(modalities.DEFAULT), "comma-separated pre-training inputs, rows of "
                           "modalities.MODALITIES (e.g. rgb,depth: no semantic maps)")
     warmup_epochs: int = arg(1, "epochs of plain MIM on complete modalities first (paper: ~100)")
@@ -62,12 +66,13 @@ class TrainConfig:
     patch_masking: str = arg("dirichlet", "patch masking of the kept modalities", ("dirichlet", "mae"))
     mask_ratio: float = arg(0.75, "per-modality mask ratio, only with --patch_masking mae")
     at_least_one_dropped: bool = arg(False, "Figure 2's caption: the student always misses a modality")
-    teacher_iters: int = arg(3, "teacher iterations per student iteration (sttp, token)")
-    token_weight: float = arg(1.0, "weight of the token loss")
-    token_target: str = arg("last_teacher_step", "where the token targets come from (docs/method.md D4)",
+    teacher_iters: int = arg(OBJECTIVE.teacher_iters, "teacher iterations per student iteration (sttp, token)")
+    token_weight: float = arg(OBJECTIVE.token_weight, "weight of the token loss")
+    token_target: str = arg(OBJECTIVE.token_target, "where the token targets come from (docs/method.md D4)",
                             tuple(sttp.TOKEN_TARGETS))
-    token_positions: str = arg("all", "where the token loss is taken (D5)", tuple(sttp.TOKEN_POSITIONS))
-    token_norm: str = arg("standardize", "normalisation of the tokens before the cosine (D6; chosen on "
+    token_positions: str = arg(OBJECTIVE.token_positions, "where the token loss is taken (D5)",
+                               tuple(sttp.TOKEN_POSITIONS))
+    token_norm: str = arg(OBJECTIVE.token_norm, "normalisation of the tokens before the cosine (D6; chosen on "
                           "validation, results/token_study/)", tuple(sttp.TOKEN_NORMS))
     teacher: str = arg("", "--mode kd: checkpoint of the separately pre-trained frozen teacher")
     clip_grad: float = arg(0.0, "gradient-norm clipping (0 = off)")
@@ -115,17 +120,20 @@ def validate(cfg: TrainConfig) -> None:
         names = modalities.check(cfg.modalities.split(","))
     except ValueError as e:
         raise UserError(f"--modalities {cfg.modalities}: {e}")
-    if len(names) < 2 and cfg.mode != "mim":
+    objective = sttp.OBJECTIVES[cfg.mode]
+    if len(names) < 2 and objective.drops_modalities:
         raise UserError(f"--mode {cfg.mode} drops modalities and needs at least two, got --modalities {cfg.modalities}")
     token_flags = [f"--{n}" for n in ("token_target", "token_positions", "token_norm")
                    if getattr(cfg, n) != getattr(TrainConfig, n)]
-    if token_flags and cfg.mode not in ("sttp", "token", "kd"):
-        raise UserError(f"{', '.join(token_flags)}: the token loss belongs to --mode sttp, token or kd, "
-                        f"not {cfg.mode}")
-    if cfg.mode == "kd" and not cfg.teacher:
-        raise UserError("--mode kd needs --teacher PATH (a pre-training checkpoint, e.g. from --mode mim)")
-    if cfg.teacher and cfg.mode != "kd":
-        raise UserError(f"--teacher is the frozen teacher of --mode kd; --mode {cfg.mode} has none")
+    if token_flags and not objective.token_loss:
+        with_token = ", ".join(m for m, o in sttp.OBJECTIVES.items() if o.token_loss)
+        raise UserError(f"{', '.join(token_flags)}: the token loss belongs to --mode {with_token}, not {cfg.mode}")
+    if objective.teacher and not cfg.teacher:
+        raise UserError(f"--mode {cfg.mode} needs --teacher PATH (a pre-training checkpoint, e.g. from "
+                        f"--mode {objective.teacher})")
+    if cfg.teacher and not objective.teacher:
+        raise UserError(f"--teacher is the frozen teacher of --mode "
+                        f"{', '.join(m for m, o in sttp.OBJECTIVES.items() if o.teacher)}; --mode {cfg.mode} has none")
 
 
 def objective_config(cfg: TrainConfig, runtime: sttp.Runtime) -> sttp.ObjectiveConfig:
@@ -177,7 +185,7 @@ def main(argv=None):
     net = M.MaskMentor(model_cfg).to(device)
     if cfg.init and ckpt is None:      # a resumed run finds these weights in its own checkpoint
         init_encoder(net, cfg.init)
-    teacher = load_teacher(cfg.teacher, model_cfg, device) if cfg.mode == "kd" else None
+    teacher = load_teacher(cfg.teacher, model_cfg, device) if sttp.OBJECTIVES[cfg.mode].teacher else None
     scaler = grad_scaler(dtype, device)
     runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, accum_steps=cfg.accum_steps, compile=cfg.compile)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
@@ -190,11 +198,9 @@ def main(argv=None):
     if ckpt is not None:
         loop.resume(ckpt)
     net.grad_ckpt = cfg.grad_ckpt
-    # Under torchrun every parameter gets a gradient in every step, except in --mode token:
-    # there the student's loss is the token loss alone, which reaches neither the MIM heads'
-    # pixel layers (decoder_transformer, out_proj) nor the norm_rgb head (the token loss
-    # compares rgb, depth and semseg tokens). tests/test_distributed.py checks both.
-    model = runtime.wrap(net, find_unused_parameters=cfg.mode == "token")
+    # Under torchrun DDP must be told when a step may leave parameters without gradient
+    # (--mode token: sttp.OBJECTIVES says which objectives do; tests/test_distributed.py).
+    model = runtime.wrap(net, find_unused_parameters=sttp.OBJECTIVES[cfg.mode].unused_parameters)
 
     print(f"pre-training {cfg.config} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters) "
           f"on {cfg.dataset} ({len(dataset)} images) on {device}; {ops.backend()}")

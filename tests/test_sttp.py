@@ -54,6 +54,8 @@ def test_optimiser_steps_per_batch(monkeypatch, name, expected):
     sttp.OBJECTIVES[name](net, opt, smooth_batch(), cfg, g)
     assert spy.steps == expected * 2
     assert opt.state[net.global_tokens]["step"].item() == 2 * len(expected)
+    o = sttp.OBJECTIVES[name]                   # what the registry declares is what it does
+    assert [i in o.missing_modality_steps(cfg) for i in range(o.steps_per_batch(cfg))] == expected
 
 
 
@@ -255,13 +257,27 @@ def test_no_gradient_reaches_any_target(monkeypatch, mode, target):
     assert logs["token"] > 0
 
 
-def test_the_default_is_the_first_reading_step_for_step():
-    """ObjectiveConfig's defaults (last_teacher_step, all, none) give the same weights as the
-    algorithm written out: targets = the last teacher forward's tokens, raw 1 - cos averaged
-    per modality over every position, then over modalities."""
+@pytest.mark.parametrize("norm", ["standardize", "none"])
+def test_sttp_written_out_step_for_step(norm):
+    """STTP at the default settings (last_teacher_step, all, standardize: ObjectiveConfig) and
+    at the first reading (token_norm none) gives the same weights as the algorithm written
+    out: targets = the last teacher forward's tokens, each modality's tokens standardised
+    per channel by the teacher's batch statistics (or raw), 1 - cos averaged per modality
+    over every position, then over modalities."""
     net_a, opt_a, cfg, _ = setup()
     net_b, opt_b, _, _ = setup()
+    assert (cfg.token_target, cfg.token_positions, cfg.token_norm) == ("last_teacher_step", "all", "standardize")
+    cfg = dataclasses.replace(cfg, token_norm=norm)
     batch = smooth_batch()
+
+    def standardised(s, t):
+        if norm == "none":
+            return s, t
+        n = t.shape[0] * t.shape[1]
+        mean = t.sum((0, 1)) / n
+        std = torch.sqrt(((t - mean) ** 2).sum((0, 1)) / (n - 1) + 1e-6)
+        return (s - mean) / std, (t - mean) / std
+
     for step in range(2):
         logs = sttp.sttp(net_a, opt_a, batch, cfg, torch.Generator().manual_seed(step))
         g = torch.Generator().manual_seed(step)
@@ -270,8 +286,8 @@ def test_the_default_is_the_first_reading_step_for_step():
             last = sttp._forward(net_b, inputs, cfg, False, g)
             cfg.runtime.step(net_b, opt_b, sum(last.losses.values()))
         student = sttp._forward(net_b, inputs, cfg, True, g)
-        tok = torch.stack([1 - torch.nn.functional.cosine_similarity(
-            student.tokens[m].float(), last.tokens[m].detach().float(), dim=-1).mean() for m in net_b.inputs]).mean()
+        pairs = [standardised(student.tokens[m].float(), last.tokens[m].detach().float()) for m in net_b.inputs]
+        tok = torch.stack([1 - torch.nn.functional.cosine_similarity(s, t, dim=-1).mean() for s, t in pairs]).mean()
         cfg.runtime.step(net_b, opt_b, cfg.token_weight * tok + sum(student.losses.values()))
         assert logs["token"] == float(tok.detach())
     for (k, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
