@@ -1,5 +1,6 @@
 """engine.py — what train.py and finetune.py share around their step: the training loop,
-checkpoints, the learning-rate schedule and the optimiser's parameter groups.
+what its checkpoints hold (checkpoints.py writes and reads the files), the learning-rate
+schedule and the optimiser's parameter groups.
 
     loop = Loop(cfg, net, optimizer, dataset, generator, device, extra={...})
     loop.resume(ckpt)                      # optional: continue a saved run exactly
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 import data
 import model as M
+from checkpoints import load_checkpoint, save_checkpoint
 from cli import UserError, check_numbers, check_output, parse_config
 from runtime import rank_and_world
 
@@ -44,37 +46,7 @@ RUN_FILES = ("ckpt.pt", "log.jsonl", "loss_curve.png")
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(obj: dict, path: str) -> None:
-    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# What each script writes: kind -> (how messages name it, the script that writes it).
-CHECKPOINT_KINDS = {"pretrain": ("pre-training", "train.py"), "finetune": ("fine-tuned", "finetune.py")}
-
-
-def load_checkpoint(path: str, kind: str) -> dict:
-    """A checkpoint of the given kind ("pretrain" or "finetune"); anything else (no file, an
-    unreadable or foreign file, the other kind) is one clear line."""
-    noun, script = CHECKPOINT_KINDS[kind]
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no {noun} checkpoint there")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})".splitlines()[0])
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path}: not a MaskMentor checkpoint (no model/config inside)")
-    if ckpt.get("kind") != kind:
-        raise UserError(f"{path}: a {ckpt.get('kind', 'unknown')} checkpoint, not a {noun} one "
-                      f"({script} writes those)")
-    return ckpt
+# RNG states (in every checkpoint, for an exact resume)
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -97,7 +69,7 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Schedule, optimiser groups, weights to start from
+# Schedule, optimiser groups
 
 
 def lr_at(it: int, total: int, warmup: int, base: float, minimum: float) -> float:
@@ -131,29 +103,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
         groups.setdefault(key, {"params": [], "lr_scale": scale, "weight_decay": 0.0 if no_wd else weight_decay})
         groups[key]["params"].append(p)
     return list(groups.values())
-
-
-def init_encoder(net: M.MultiViT, path: str) -> M.InitReport:
-    """--init: load a ViT-B checkpoint (MultiMAE, MAE or timm) into net's encoder in place
-    (model.load_encoder_weights) and print what was loaded, what stays random, what was ignored."""
-    if not os.path.isfile(path):
-        raise UserError(f"--init {path}: no such file")
-    try:
-        if path.endswith(".safetensors"):                # timm's weights on the Hugging Face hub
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file (or no safetensors package)
-        raise UserError(f"--init {path}: not a readable checkpoint ({type(e).__name__}: {e})".splitlines()[0])
-    try:
-        report = M.load_encoder_weights(net, state)
-    except ValueError as e:
-        raise UserError(f"--init {path}: {e}")
-    print(f"encoder initialised from {path}:")
-    for line in report.summary():
-        print(f"  {line}")
-    return report
 
 
 def load_optimizer_state(optimizer, state: dict) -> None:
@@ -515,7 +464,7 @@ def start_run(cls, argv, presets, run_control: set, kind: str):
         raise UserError("--resume continues the run in --out_dir, --overwrite replaces it: pass one of them")
     if not cfg.resume:
         return cfg, None
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), kind)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), kind, resume=True)
     saved = dict(ckpt["config"])
     if "amp" in saved:                  # a checkpoint from before --dtype: --amp was bfloat16
         saved["dtype"] = "bfloat16" if saved.pop("amp") else "float32"

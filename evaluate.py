@@ -6,6 +6,7 @@
     python evaluate.py --rgb img.png --depth d.png --out seg.png   # one image, either input optional
     python evaluate.py --rgb imgs/ --depth depths/ --out segs/     # every image of a folder
     python evaluate.py --export_onnx onnx/  # rgbd.onnx, rgb.onnx, depth.onnx (docs/deploy.md)
+    python evaluate.py --export_safetensors model.safetensors   # + model.json: the model to share
 
 This is the paper's Tables 1-3 protocol: the *same* network is run with both modalities,
 with rgb alone and with depth alone (the missing modality simply contributes no tokens),
@@ -47,8 +48,9 @@ import data
 import model as M
 import modalities
 import vis
+from checkpoints import export_safetensors, json_path, load_checkpoint, load_weights
 from cli import UserError, arg, check_numbers, check_output, one_line, parse_config, pick_device, run_cli
-from engine import load_checkpoint, to_device
+from engine import to_device
 
 SETTINGS = {"rgbd": ("rgb", "depth"), "rgb": ("rgb",), "depth": ("depth",)}
 # The long side of an image given with --rgb / --depth is limited to MAX_SIDE x the
@@ -94,7 +96,8 @@ def scores(cm: torch.Tensor) -> dict:
 @dataclass
 class EvalConfig:
     """Evaluate a fine-tuned checkpoint on rgb+depth, rgb only and depth only."""
-    ckpt: str = arg("out/finetune/ckpt.pt", "fine-tuned checkpoint (finetune.py's output)")
+    ckpt: str = arg("out/finetune/ckpt.pt", "fine-tuned checkpoint (finetune.py's ckpt.pt, or an exported "
+                                            ".safetensors with its .json)")
     dataset: str = arg("", "dataset (default: the one the checkpoint was fine-tuned on)", ("",) + data.DATASETS)
     cues: float = arg(-1.0, "synthetic rooms: their cue level, 0 to 1 (default -1: the checkpoint's)")
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
@@ -111,6 +114,8 @@ class EvalConfig:
     out: str = arg("", "where class maps go (palette PNG, pixel = class id): a .png file for one image, "
                        "a folder for folders ('' = seg.png or seg/)")
     export_onnx: str = arg("", "write one ONNX graph per input condition into this folder, check them, and stop")
+    export_safetensors: str = arg("", "write the --ckpt's weights (fine-tuned or pre-training) to this .safetensors "
+                                      "file and what they need to be used to the .json beside it, and stop")
     workers: int = arg(0, "DataLoader worker processes")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
 
@@ -137,7 +142,7 @@ class Conventions:
 def load_segmenter(path: str, device) -> tuple[M.Segmenter, dict]:
     ckpt = load_checkpoint(path, "finetune")
     net = M.Segmenter(M.ModelConfig.from_dict(ckpt["model_config"]))
-    net.load_state_dict(ckpt["model"])
+    load_weights(net, ckpt, path)
     return net.to(device).eval(), ckpt
 
 
@@ -526,11 +531,21 @@ def check_png(path: str, flag: str) -> None:
 
 
 def check_request(cfg) -> str:
-    """Flags and output paths, before the model is loaded. Returns the mode: "export",
-    "folder", "image" or "dataset"."""
+    """Flags and output paths, before the model is loaded. Returns the mode: "safetensors",
+    "export", "folder", "image" or "dataset"."""
     check_numbers(cfg, positive=("batch_size", "depth_scale"), non_negative=("num_vis", "workers"), finite=("cues",))
     if cfg.cues > 1:
         raise UserError(f"--cues must be in [0, 1] (or -1: the checkpoint's), got {cfg.cues}")
+    if cfg.export_safetensors:
+        if cfg.export_onnx or cfg.rgb or cfg.depth:
+            raise UserError("--export_safetensors writes the weights and stops; export ONNX or segment images "
+                            "(--export_onnx, --rgb, --depth) in another run")
+        if not cfg.export_safetensors.endswith(".safetensors"):
+            raise UserError(f"--export_safetensors {cfg.export_safetensors}: the name must end in .safetensors "
+                            f"(its .json goes beside it)")
+        check_output(cfg.export_safetensors, "--export_safetensors", "file")
+        check_output(json_path(cfg.export_safetensors), "--export_safetensors", "file")
+        return "safetensors"
     if cfg.export_onnx:
         if cfg.rgb or cfg.depth:
             raise UserError("--export_onnx exports the model; segment images (--rgb, --depth) in another run")
@@ -570,6 +585,13 @@ def format_table(results: dict, class_names) -> str:
 def main(argv=None):
     cfg, _ = parse_config(EvalConfig, argv)
     mode = check_request(cfg)
+    if mode == "safetensors":
+        ckpt = load_checkpoint(cfg.ckpt)
+        paths = export_safetensors(ckpt, cfg.export_safetensors)
+        reader = "evaluate.py --ckpt" if ckpt["kind"] == "finetune" else "finetune.py --pretrained"
+        print(f"wrote {paths[0]} ({len(ckpt['model'])} tensors) and {paths[1]}: {reader} {paths[0]} reads them "
+              f"as it reads {cfg.ckpt}, --init reads the encoder")
+        return {"written": paths}
     device = pick_device("cpu" if mode == "export" else cfg.device)
     net, ckpt = load_segmenter(cfg.ckpt, device)
     conv = conventions(ckpt, net, cfg.ckpt, cfg.dataset)

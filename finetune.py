@@ -29,9 +29,9 @@ import data
 import model as M
 import modalities
 import ops
+from checkpoints import init_encoder, load_checkpoint
 from cli import UserError, arg, check_numbers, pick_device, run_cli
-from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_checkpoint, param_groups,
-                    check_out_dir, start_run, training_set)
+from engine import RUN_CONTROL, Loop, check_common_flags, param_groups, check_out_dir, start_run, training_set
 from runtime import DTYPES, TrainingRuntime, autocast_dtype, global_mean, grad_scaler, init_distributed
 
 
@@ -42,7 +42,8 @@ class FinetuneConfig:
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
     subset: int = arg(0, "use only the first N training images (0 = all)")
     cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (rooms.py)")
-    pretrained: str = arg("out/pretrain/ckpt.pt", "pre-training checkpoint, or 'none' for the baseline")
+    pretrained: str = arg("out/pretrain/ckpt.pt", "pre-training checkpoint (ckpt.pt, or an exported .safetensors "
+                          "with its .json), or 'none' for the baseline")
     init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
     config: str = arg("tiny", "model preset (default: the pre-training checkpoint's)", tuple(M.PRESETS))
     epochs: int = arg(6, "epochs (paper: 500)")
@@ -156,10 +157,16 @@ def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, ru
 
 
 def load_pretrained(path: str) -> dict:
+    """--pretrained: train.py's ckpt.pt, or one exported as .safetensors + .json; its config
+    must name the model preset (whose training defaults fine-tuning takes)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no pre-training checkpoint there; run `python train.py` first, "
                         f"or pass --pretrained none for the baseline")
-    return load_checkpoint(path, "pretrain")
+    ckpt = load_checkpoint(path, "pretrain")
+    if ckpt["config"].get("config") not in M.PRESETS:
+        raise UserError(f"{path}: its config names no model preset of this version "
+                        f"({ckpt['config'].get('config')!r}; {', '.join(M.PRESETS)})")
+    return ckpt
 
 
 def main(argv=None):

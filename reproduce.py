@@ -70,8 +70,9 @@ import rooms
 import sttp
 import train
 import vis
+from checkpoints import load_checkpoint
 from cli import UserError, arg, check_numbers, parse_config, run_cli
-from engine import Subset, load_checkpoint
+from engine import Subset
 from report import (DEFAULT_VARIANTS, DIAG_IMAGES, REFERENCE_MODE, ROBUST_VARIANTS, SETTINGS, VARIANTS, bar_chart,
                     diagnostics, ordering_checks, steps_per_batch, summarise, teacher_variant, variant_epochs,
                     write_markdown)
@@ -477,7 +478,7 @@ def _stage(out_dir: str, main, argv: list) -> dict:
     t0 = time.time()
     with _logged(os.path.join(out_dir, "output.txt")), BudgetCounter() as count:
         main(argv + (["--resume"] if resume else []))
-    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), resume=True)
     steps = int(next(iter(ckpt["optimizer"]["state"].values()))["step"])   # AdamW's own count, resumes included
     info = {**count.summary(), "optimizer_steps": steps, "seconds": time.time() - t0, "resumed": resume, "argv": argv}
     _write_json(info, done)

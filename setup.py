@@ -132,7 +132,7 @@ setup(
     python_requires=">=3.10",
     py_modules=MODULES,
     # The runtime part of requirements.txt; keep the two in step.
-    install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "h5py", "scipy"],
+    install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "safetensors", "h5py", "scipy"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

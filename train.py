@@ -30,9 +30,10 @@ import modalities
 import ops
 import sttp
 import vis
+from checkpoints import init_encoder, load_checkpoint, load_weights
 from cli import UserError, arg, check_numbers, pick_device, run_cli
-from engine import (RUN_CONTROL, Loop, check_common_flags, init_encoder, load_checkpoint, param_groups,
-                    check_out_dir, start_run, to_device, training_set)
+from engine import (RUN_CONTROL, Loop, check_common_flags, param_groups, check_out_dir, start_run, to_device,
+                    training_set)
 from runtime import DTYPES, TrainingRuntime, autocast_dtype, grad_scaler, init_distributed
 
 
@@ -151,7 +152,7 @@ def load_teacher(path: str, model_cfg: M.ModelConfig, device) -> M.MaskMentor:
     if tcfg != model_cfg:
         raise UserError(f"{path}: the teacher's model config differs from the student's")
     teacher = M.MaskMentor(tcfg)
-    teacher.load_state_dict(ckpt["model"])
+    load_weights(teacher, ckpt, path)
     return teacher.to(device).eval().requires_grad_(False)
 
 

@@ -1,14 +1,19 @@
 """--init: ViT-B weights (MultiMAE, MAE, timm) into our encoder (model.py, "Loading ViT-B
-weights"). The key test: a timm ViT and our encoder loaded from its state dict compute the
-same tokens. Then MAE's and MultiMAE's layouts, refusals, grid resizing, and the loaded
-position table surviving a checkpoint round trip."""
+weights"; checkpoints.py reads the file). The key test: a timm ViT and our encoder loaded
+from its state dict compute the same tokens. Then MAE's and MultiMAE's files as their
+save_model writes them (args a Namespace, numpy scalars: checkpoints.ALLOW_LIST), refusals,
+grid resizing, and the loaded position table surviving a checkpoint round trip."""
+import argparse
 import dataclasses
+import io
+import zipfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import engine
+import checkpoints
 import modalities
 import model as M
 from cli import UserError
@@ -18,7 +23,7 @@ from conftest import tiny
 
 def load_file(net, path):
     """What `--init path` does (train.py, finetune.py)."""
-    return engine.init_encoder(net, str(path))
+    return checkpoints.init_encoder(net, str(path))
 
 
 def timm_vit(timm, cfg: M.ModelConfig, **kw):
@@ -57,6 +62,43 @@ def vit_state(cfg: M.ModelConfig, grid=None, patch=None, width=None, depth=None,
         s.update({f"blocks.{i}.{k}": torch.randn(shape) * 0.02 for k, shape in shapes.items()
                   if only is None or k in only})
     return s
+
+
+def save_model_file(state: dict, args: argparse.Namespace) -> dict:
+    """What MAE's util/misc.py and MultiMAE's utils/checkpoint.py save_model write:
+    {"model", "optimizer", "epoch", "scaler", "args"}, the optimiser an AdamW that made a
+    step, the scaler torch's GradScaler state, args the script's argparse.Namespace."""
+    params = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = torch.optim.AdamW(params, lr=float(args.lr), betas=(0.9, 0.95))
+    sum(p.square().sum() for p in params).backward()
+    optimizer.step()
+    return {"model": state, "optimizer": optimizer.state_dict(), "epoch": 1599,
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                       "_growth_tracker": 812},
+            "args": args}
+
+
+def mae_args() -> argparse.Namespace:
+    """MAE's main_pretrain.py command line (defaults of its flags, ViT-B), with what main()
+    and init_distributed_mode() add (lr, rank, gpu, distributed, dist_backend)."""
+    return argparse.Namespace(
+        batch_size=64, epochs=1600, accum_iter=1, model="mae_vit_base_patch16", input_size=224, mask_ratio=0.75,
+        norm_pix_loss=True, weight_decay=0.05, lr=0.0024, blr=1.5e-4, min_lr=0.0, warmup_epochs=40,
+        data_path="/datasets01/imagenet_full_size/061417/", output_dir="./output_dir", log_dir="./output_dir",
+        device="cuda", seed=0, resume="", start_epoch=0, num_workers=10, pin_mem=True, world_size=64, local_rank=-1,
+        dist_on_itp=False, dist_url="env://", rank=0, gpu=0, distributed=True, dist_backend="nccl")
+
+
+def multimae_args() -> argparse.Namespace:
+    """MultiMAE's run_pretraining_multimae.py command line (a few of its flags), with what
+    main() adds (the domain lists). Numpy scalars turn up in such files when a value was
+    computed with numpy: lr is one here."""
+    return argparse.Namespace(
+        batch_size=256, epochs=1600, in_domains=["rgb", "depth", "semseg"], out_domains=["rgb", "depth", "semseg"],
+        all_domains=["depth", "rgb", "semseg"], standardize_depth=True, extra_norm_pix_loss=True,
+        model="pretrain_multimae_base", num_encoded_tokens=98, num_global_tokens=1, patch_size=16, input_size=224,
+        alphas=1.0, decoder_dim=256, decoder_depth=2, opt_betas=[0.9, 0.95], clip_grad=None, blr=1e-4,
+        lr=np.float64(1e-4) * 2048 / 256, warmup_epochs=40, output_dir="output/pretrain", seed=0)
 
 
 def timm_tokens(vit, x):
@@ -118,7 +160,7 @@ def test_mae_checkpoint_loads_and_reports_its_decoder_ignored(tmp_path):
     for i in range(8):
         state.update({f"decoder_blocks.{i}.{k}": torch.randn(d) for k in ("norm1.weight", "norm2.bias")})
     path = tmp_path / "mae.pth"
-    torch.save({"model": state, "optimizer": {}, "epoch": 1599, "args": None}, path)   # MAE's layout
+    torch.save(save_model_file(state, mae_args()), path)
     net = M.MaskMentor(cfg)
     report = load_file(net, path)
 
@@ -162,7 +204,7 @@ def test_multimae_checkpoint_loads_the_encoder_and_its_position_tables(tmp_path)
     cfg = tiny()
     state = multimae_state(cfg)
     path = tmp_path / "multimae.pth"
-    torch.save({"model": state, "epoch": 1599}, path)
+    torch.save(save_model_file(state, multimae_args()), path)
     torch.manual_seed(2)
     net = M.MaskMentor(cfg).eval()
     report = load_file(net, path)
@@ -221,7 +263,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(kw, vit_b, tmp_pa
     path = tmp_path / "vit.pth"
     torch.save(state, path)
     with pytest.raises(UserError) as e:
-        engine.init_encoder(net, str(path))
+        checkpoints.init_encoder(net, str(path))
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
@@ -251,7 +293,7 @@ def test_the_position_table_survives_save_and_load(tmp_path):
     M.load_encoder_weights(pre, vit_state(cfg))
     path = tmp_path / "ckpt.pt"
     torch.save({"model": pre.state_dict()}, path)
-    saved = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    saved = torch.load(path, map_location="cpu", weights_only=True)["model"]
     assert "input_adapters.depth.pos_emb" in saved
 
     again = M.MaskMentor(cfg)                        # train.py --resume / the kd teacher: strict
@@ -277,11 +319,48 @@ def test_not_a_vit_is_refused():
 def test_init_encoder_turns_bad_files_into_one_line(tmp_path):
     net = M.Segmenter(tiny())
     with pytest.raises(UserError, match="no such file"):
-        engine.init_encoder(net, str(tmp_path / "missing.pth"))
+        checkpoints.init_encoder(net, str(tmp_path / "missing.pth"))
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint") as e:
-        engine.init_encoder(net, str(tmp_path / "bad.pth"))
+        checkpoints.init_encoder(net, str(tmp_path / "bad.pth"))
     assert "\n" not in str(e.value)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable .safetensors file") as e:
+        checkpoints.init_encoder(net, str(tmp_path / "bad.safetensors"))
+    assert "\n" not in str(e.value)
+
+
+def as_numpy1_wrote_it(path):
+    """The file with its numpy scalars named as numpy 1.x pickled them (numpy.core, not
+    numpy._core): MAE's and MultiMAE's files were written before numpy 2."""
+    with zipfile.ZipFile(path) as z:
+        entries = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, data in entries:
+            if name.endswith("data.pkl"):
+                assert b"numpy._core.multiarray\nscalar" in data or b"numpy.core.multiarray\nscalar" in data
+                data = data.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+            z.writestr(name, data)
+    path.write_bytes(out.getvalue())
+
+
+def test_numpy_scalars_of_either_numpy_load_and_a_pickled_model_is_refused(tmp_path):
+    cfg = tiny()
+    args = mae_args()
+    args.lr, args.epochs, args.norm_pix_loss = np.float32(0.0024), np.int64(1600), np.bool_(True)
+    path = tmp_path / "mae.pth"
+    torch.save(save_model_file(vit_state(cfg), args), path)
+    as_numpy1_wrote_it(path)
+    net = M.Segmenter(cfg)
+    assert load_file(net, path).source == "timm/MAE ViT"
+    loaded = checkpoints._torch_load(str(path), "x")["args"]
+    assert (loaded.lr, loaded.epochs, loaded.norm_pix_loss) == (np.float32(0.0024), 1600, True)
+    # A whole model pickled (torch.save(model)) would create its class: refused, named.
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pth")
+    with pytest.raises(UserError) as e:
+        checkpoints.init_encoder(net, str(tmp_path / "whole.pth"))
+    assert "\n" not in str(e.value) and "refused" in str(e.value) and "torch.nn.modules.linear.Linear" in str(e.value)
 
 
 def test_an_incomplete_or_foreign_encoder_is_refused_in_one_line():

@@ -1,0 +1,272 @@
+"""checkpoints.py — files of weights: the project's checkpoints written and read, third-party
+ViT weights read for --init, a model shared as .safetensors + .json.
+
+    save_checkpoint(ckpt, "out/pretrain/ckpt.pt")        # atomic; a full disk is one line
+    ckpt = load_checkpoint(path, "finetune")             # ckpt.pt, or x.safetensors + x.json
+    report = init_encoder(net, "mae_pretrain_vit_base.pth")   # --init
+    export_safetensors(ckpt, "model.safetensors")        # + model.json
+
+The loop (engine.py) calls save_checkpoint; train.py, finetune.py, evaluate.py and
+reproduce.py read through load_checkpoint, --init through init_encoder. The method
+(masking.py, model.py, sttp.py) never reads a file: model.py maps the keys of a state dict
+this module has read (model.load_encoder_weights).
+
+Loading a file never runs code. A .pth file is a pickle, and a pickle may call any function
+(os.system, open) while it loads. torch.load(weights_only=True) rebuilds only tensors and
+plain data (dict, list, tuple, str, numbers, None) and refuses anything else before
+creating it. The project's own checkpoints hold nothing else (save_checkpoint checks);
+third-party checkpoints hold a few more types, harmless ones, allowed by name in ALLOW_LIST;
+anything else is refused in one line that names it. A .safetensors file holds tensors only:
+nothing in it can run.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import errno
+import json
+import os
+import pickle
+import re
+
+import numpy as np
+import torch
+
+import model as M
+from cli import UserError
+
+# What each script writes: kind -> (how messages name it, the script that writes it).
+KINDS = {"pretrain": ("pre-training", "train.py"), "finetune": ("fine-tuned", "finetune.py")}
+# The keys the readers of every checkpoint use, with their types ...
+NEEDED = {"model": dict, "config": dict, "model_config": dict, "kind": str}
+# ... and those --resume (engine.Loop.resume) and reproduce.py's step count use.
+RESUME_NEEDED = {"optimizer": dict, "rng_state": dict, "epoch": int, "batch": int, "history": list}
+# What a .safetensors export keeps beside its tensors (in its .json): what the tensors are
+# (kind, model_config), how the model was trained (config; finetune.py reads its preset),
+# and what its inputs and outputs mean (data: classes, crop, rgb normalisation, depth unit;
+# dataset in fine-tuned checkpoints from before "data"). The optimiser, RNG and history
+# (for --resume) stay in ckpt.pt.
+SHARED = ("kind", "version", "model_config", "config", "dataset", "data")
+
+
+# -----------------------------------------------------------------------------
+# What a third-party checkpoint may hold besides tensors and plain data, and why each is
+# harmless: unpickling one creates a value and sets its fields, it calls nothing else, and
+# whatever it holds goes through the same restricted unpickler.
+
+_scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
+_NUMBERS = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+            np.float16, np.float32, np.float64)
+ALLOW_LIST = [
+    (argparse.Namespace, "MAE's and MultiMAE's save_model store their command line as `args`: a bag of "
+                         "attributes, set from the (restricted) values it was saved with"),
+    (_scalar, "numpy's scalar reconstructor: one number from its dtype and raw bytes (a metric or "
+              "hyperparameter computed with numpy)"),
+    ((_scalar, "numpy.core.multiarray.scalar"), "the same, as files written with numpy 1.x name it"),
+    ((_scalar, "numpy._core.multiarray.scalar"), "the same, as files written with numpy 2.x name it"),
+    (np.dtype, "a numpy scalar's dtype, built from a type code such as 'f8'"),
+    *[(type(np.dtype(t)), f"the class of the {np.dtype(t).name} dtype, whose state (byte order) a numpy "
+                          f"scalar's dtype is given when it loads") for t in _NUMBERS],
+]
+
+
+def _safe_globals():
+    """ALLOW_LIST for the torch.load calls inside the block. torch 2.4 has no context manager
+    and no renamed entries: there they are added process-wide, without the renamed ones."""
+    allowed = [g for g, _ in ALLOW_LIST]
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(allowed)
+    torch.serialization.add_safe_globals([g for g in allowed if not isinstance(g, tuple)])
+    return contextlib.nullcontext()
+
+
+def _torch_load(path: str, name: str):
+    """torch.load(weights_only=True) with ALLOW_LIST; `name` starts every message ("--init x.pth")."""
+    try:
+        with _safe_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e)
+        # torch names what it refused as "GLOBAL module.name" (or, for a type it would
+        # have to fill in, "got <class 'module.name'>"); the wording varies between versions.
+        refused = re.search(r"GLOBAL ([\w.]+)|got <class '([\w.]+)'>", msg) if isinstance(e, pickle.UnpicklingError) \
+            else None
+        if refused:
+            raise UserError(f"{name}: refused: the file's pickle would create {refused.group(1) or refused.group(2)}, "
+                            f"which is not plain data; only tensors and plain data are loaded") from None
+        reason = [line.strip() for line in msg.split("WeightsUnpickler error:")[-1].splitlines() if line.strip()]
+        raise UserError(f"{name}: not a readable checkpoint ({type(e).__name__}: {reason[0] if reason else ''})") from None
+
+
+def _load_tensors(path: str, name: str) -> dict:
+    """A .safetensors file's tensors (on the CPU)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"{name}: reading .safetensors needs the safetensors package: pip install safetensors") from None
+    try:
+        return load_file(path)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"{name}: not a readable .safetensors file ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def json_path(path: str) -> str:
+    """The .json beside a .safetensors file: model.safetensors -> model.json."""
+    return os.path.splitext(path)[0] + ".json"
+
+
+def _load_shared(path: str) -> dict:
+    """An exported model as a checkpoint: its .json's keys and its tensors as "model"."""
+    meta_path = json_path(path)
+    if not os.path.isfile(meta_path):
+        raise UserError(f"{path}: no {meta_path} beside it, which says what the tensors are (kind, model_config); "
+                        f"evaluate.py --export_safetensors writes both")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{meta_path}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: not a JSON object of {', '.join(SHARED)}")
+    if isinstance(meta.get("model_config"), dict):   # JSON has no tuples; ModelConfig's sequences are tuples
+        meta["model_config"] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()}
+    return {**meta, "model": _load_tensors(path, path)}
+
+
+# -----------------------------------------------------------------------------
+# The project's checkpoints
+
+
+def load_checkpoint(path: str, kind: str | None = None, resume: bool = False) -> dict:
+    """A checkpoint of the given kind ("pretrain", "finetune"; None: either) with the keys and
+    types its readers use (`resume`: also what --resume needs), from a .pt file or from a
+    .safetensors file and its .json. Anything else (no file, a file that would run code, an
+    unreadable or foreign file, the other kind, a missing key) is one line naming the file."""
+    noun, script = KINDS[kind] if kind else ("MaskMentor", "train.py or finetune.py")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no {noun} checkpoint there")
+    ckpt = _load_shared(path) if path.endswith(".safetensors") else _torch_load(path, path)
+    what = f"not a MaskMentor {'' if kind is None else noun + ' '}checkpoint"
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path}: {what} (a {type(ckpt).__name__}, not a dict of model, config, ...)")
+    if kind is not None and ckpt.get("kind") in KINDS and ckpt["kind"] != kind:
+        raise UserError(f"{path}: a {KINDS[ckpt['kind']][0]} checkpoint, not a {noun} one ({script} writes those)")
+    needed = {**NEEDED, **(RESUME_NEEDED if resume else {})}
+    missing = [k for k in needed if k not in ckpt]
+    if kind == "finetune" and "data" not in ckpt and "dataset" not in ckpt:
+        missing.append("data")
+    if missing:
+        hint = "; --init reads MAE, MultiMAE and timm weights" if "kind" in missing else ""
+        raise UserError(f"{path}: {what}: it lacks {', '.join(missing)}{hint}")
+    for k, typ in needed.items():
+        if not isinstance(ckpt[k], typ) or isinstance(ckpt[k], bool) and typ is int:
+            raise UserError(f"{path}: {what}: its {k} is a {type(ckpt[k]).__name__}, not a {typ.__name__}")
+    if ckpt["kind"] not in KINDS:
+        raise UserError(f"{path}: {what}: its kind is {ckpt['kind']!r}, not one of {', '.join(KINDS)}")
+    bad = next((k for k, v in ckpt["model"].items() if not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise UserError(f"{path}: {what}: its model[{bad!r}] is a {type(ckpt['model'][bad]).__name__}, not a tensor")
+    try:
+        M.ModelConfig.from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: its model_config does not fit this version ({e})") from None
+    return ckpt
+
+
+def load_weights(net: torch.nn.Module, ckpt: dict, path: str) -> None:
+    """net.load_state_dict(ckpt["model"]) (strict), a mismatch one line naming the file."""
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"{path}: its weights do not fit its model_config ({lines[-1]})") from None
+
+
+def _check_plain(obj, where: str = "checkpoint") -> None:
+    """Raise TypeError unless obj is what torch.load(weights_only=True) rebuilds without an
+    allow-list: tensors, and dicts, lists and tuples of str, int, float, bool and None.
+    Exact types: numpy's float64 is a float, but it pickles as numpy's."""
+    if type(obj) in (dict, collections.OrderedDict):
+        for k, v in obj.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}[{k!r}]")
+    elif type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif type(obj) not in (str, int, float, bool, type(None), torch.Tensor, torch.nn.Parameter):
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}, not plain data: make it a "
+                        f"str, number, list or dict before saving (checkpoints load with weights_only=True)")
+
+
+def _write_atomic(path: str, write) -> None:
+    """write(file) into a temporary file beside `path`, then rename it to `path`: a crash or a
+    full disk never leaves half a file, and what was at `path` before stays as it was. The
+    temporary file is removed on any failure; a write error is one line naming `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        # A file object, not a name: a full disk is then an OSError(ENOSPC) from f.write,
+        # which torch.save's "[enforce fail at inline_container.cc] unexpected pos" keeps
+        # as its context; given a name, torch.save loses it.
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())          # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        kept = " (nothing there was changed)"
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(e, (OSError, RuntimeError)) and cause is not None:
+            why = "no space left on device" if cause.errno == errno.ENOSPC else \
+                f"cannot be written ({cause.strerror or cause})"
+            raise UserError(f"{path}: {why}{kept}") from None
+        if isinstance(e, RuntimeError):
+            raise UserError(f"{path}: cannot be written ({str(e).splitlines()[0]}){kept}") from None
+        raise
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Write a checkpoint atomically (_write_atomic); it must hold plain data only, so that
+    load_checkpoint reads it back without an allow-list."""
+    _check_plain(obj)
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def export_safetensors(ckpt: dict, path: str) -> list:
+    """The checkpoint's weights as `path` (.safetensors: tensors only) and what they need to be
+    used as json_path(path) (SHARED); together they load as a checkpoint (load_checkpoint).
+    Returns the two paths."""
+    from safetensors.torch import save
+    tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt["model"].items()}
+    meta = {k: ckpt[k] for k in SHARED if k in ckpt}
+    _write_atomic(path, lambda f: f.write(save(tensors)))
+    text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in meta.items()) + "\n}\n"  # a key a line
+    _write_atomic(json_path(path), lambda f: f.write(text.encode()))
+    return [path, json_path(path)]
+
+
+# -----------------------------------------------------------------------------
+# Third-party weights (--init)
+
+
+def init_encoder(net: M.MultiViT, path: str) -> M.InitReport:
+    """--init: read a ViT-B checkpoint (MultiMAE, MAE or timm; .pth or .safetensors), load it
+    into net's encoder in place (model.load_encoder_weights maps the keys), and print what was
+    loaded, what stays random, what was ignored."""
+    name = f"--init {path}"
+    if not os.path.isfile(path):
+        raise UserError(f"{name}: no such file")
+    state = _load_tensors(path, name) if path.endswith(".safetensors") else _torch_load(path, name)
+    try:
+        report = M.load_encoder_weights(net, state)
+    except ValueError as e:
+        raise UserError(f"{name}: {e}") from None
+    print(f"encoder initialised from {path}:")
+    for line in report.summary():
+        print(f"  {line}")
+    return report

@@ -1,0 +1,301 @@
+"""checkpoints.py: loading a file never runs code (a pickle that would create a file is refused
+through every path that loads one, in one line naming what it would create, and the file never
+appears); the project's checkpoints hold plain data and round-trip; .safetensors + .json out
+and in again give the same numbers; a full disk is one line that loses nothing; a checkpoint
+that lacks what a script reads is one line naming what it lacks."""
+import dataclasses
+import errno
+import importlib.util
+import io
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoints
+import evaluate
+import finetune
+import model as M
+import reproduce
+import train
+from cli import UserError
+from conftest import ROOT, fixture_path, make_esanet, one_line_error, real_sample, tiny
+
+PRE = ["--subset", "16", "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--vis_every", "0",
+       "--device", "cpu"]
+FT = ["--subset", "16", "--batch_size", "16", "--epochs", "1", "--device", "cpu"]
+
+
+class MakesAFile:
+    """Unpickled by a loader that runs code, it creates `marker` (os.system("touch ...")):
+    what a malicious .pth does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+def malicious(path, marker, kind="pretrain"):
+    """A file laid out like the project's checkpoints, whose optimizer state is a MakesAFile."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cfg = tiny()
+    torch.save({"model": {"global_tokens": torch.zeros(1, 1, cfg.width)}, "config": {"config": "tiny"},
+                "kind": kind, "model_config": dataclasses.asdict(cfg), "dataset": "synthetic",
+                "optimizer": MakesAFile(marker)}, path)
+    return str(path)
+
+
+def _fake_onnx(monkeypatch):
+    """--export_onnx's check that onnx is installed passes (the load comes before any export)."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "onnx" else find_spec(name, *a))
+
+
+# Every path that loads a file of weights: (how to run it, where the file goes, its kind).
+LOADERS = {
+    "train --init": (lambda p, d: train.main(PRE + ["--init", p, "--out_dir", d]), "w.pth", "pretrain"),
+    "finetune --init": (lambda p, d: finetune.main(FT + ["--init", p, "--out_dir", d]), "w.pth", "pretrain"),
+    "finetune --pretrained": (lambda p, d: finetune.main(FT + ["--pretrained", p, "--out_dir", d]), "w.pth",
+                              "pretrain"),
+    "train --mode kd --teacher": (lambda p, d: train.main(PRE + ["--mode", "kd", "--teacher", p, "--out_dir", d]),
+                                  "w.pth", "pretrain"),
+    "evaluate --ckpt": (lambda p, d: evaluate.main(["--ckpt", p, "--out_json", f"{d}/r.json", "--save_vis", ""]),
+                        "w.pth", "finetune"),
+    "evaluate --ckpt --rgb": (lambda p, d: evaluate.main(["--ckpt", p, "--rgb", fixture_path("nyu_0001", "rgb.jpg"),
+                                                          "--out", f"{d}/seg.png"]), "w.pth", "finetune"),
+    "evaluate --ckpt --export_onnx": (lambda p, d: evaluate.main(["--ckpt", p, "--export_onnx", f"{d}/onnx"]),
+                                      "w.pth", "finetune"),
+    "evaluate --ckpt --export_safetensors": (
+        lambda p, d: evaluate.main(["--ckpt", p, "--export_safetensors", f"{d}/m.safetensors"]), "w.pth", "finetune"),
+    "train --resume": (lambda p, d: train.main(["--resume", "--out_dir", d]), "run/ckpt.pt", "pretrain"),
+    "finetune --resume": (lambda p, d: finetune.main(["--resume", "--out_dir", d]), "run/ckpt.pt", "finetune"),
+    # reproduce.py reads a finished run's ckpt.pt (its optimiser's step count): here a run
+    # whose checkpoint was replaced by a malicious one.
+    "reproduce _stage": (lambda p, d: reproduce._stage(d, lambda argv: None, []), "run/ckpt.pt", "pretrain"),
+}
+
+
+@pytest.mark.parametrize("name", list(LOADERS))
+def test_a_pickle_that_would_run_code_is_refused_on_every_path(name, tmp_path, monkeypatch):
+    run, where, kind = LOADERS[name]
+    marker = tmp_path / "marker"
+    path = malicious(tmp_path / where, marker, kind)
+    if "export_onnx" in name:
+        _fake_onnx(monkeypatch)
+    with pytest.raises(UserError) as e:
+        run(path, str(tmp_path / "run"))
+    one_line_error(e, path, "refused: the file's pickle would create", "system", "only tensors and plain data")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload,named", [
+    (lambda m: (os.system, (f"touch {shlex.quote(m)}",)), "system"),
+    (lambda m: (open, (m, "w")), "open"),
+    (lambda m: (__import__("pathlib").Path.touch, (__import__("pathlib").Path(m),)), "getattr"),
+])
+def test_the_refusal_names_what_the_pickle_would_create(payload, named, tmp_path):
+    marker = str(tmp_path / "marker")
+
+    class Payload:
+        def __reduce__(self):
+            return payload(marker)
+
+    torch.save({"model": {}, "args": Payload()}, tmp_path / "x.pth")
+    with pytest.raises(UserError) as e:
+        checkpoints.load_checkpoint(str(tmp_path / "x.pth"), "pretrain")
+    one_line_error(e, "refused", named)
+    assert not os.path.exists(marker)
+
+
+def test_the_command_line_says_it_in_one_line(tmp_path):
+    marker = tmp_path / "marker"
+    path = malicious(tmp_path / "ckpt.pt", marker, "finetune")
+    p = subprocess.run([sys.executable, "evaluate.py", "--ckpt", path, "--out_json", str(tmp_path / "r.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path}: refused"), p.stderr
+    assert not marker.exists()
+
+
+# --- the project's own checkpoints ------------------------------------------------------------
+
+
+def test_own_checkpoints_are_plain_data_and_round_trip(tmp_path):
+    """Pre-training with float16's loss scaler (its state is saved too) and fine-tuning from
+    it: each checkpoint loads with weights_only=True and no allow-list, and load_checkpoint
+    gives back what torch.save wrote."""
+    pre, ft = str(tmp_path / "pre"), str(tmp_path / "ft")
+    train.main(PRE + ["--dtype", "float16", "--stop_after", "1", "--out_dir", pre])
+    finetune.main(FT + ["--pretrained", f"{pre}/ckpt.pt", "--out_dir", ft])
+    for folder, kind in ((pre, "pretrain"), (ft, "finetune")):
+        plain = torch.load(f"{folder}/ckpt.pt", weights_only=True)       # no allow-list
+        ckpt = checkpoints.load_checkpoint(f"{folder}/ckpt.pt", kind, resume=True)
+        assert ckpt.keys() == plain.keys() and ckpt["config"] == plain["config"] and ckpt["history"] == plain["history"]
+        assert all(torch.equal(ckpt["model"][k], v) for k, v in plain["model"].items())
+    assert "scale" in torch.load(f"{pre}/ckpt.pt", weights_only=True)["scaler"]
+
+
+def test_a_checkpoint_that_is_not_plain_data_is_not_written(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(TypeError, match=r"checkpoint\['history'\]\[0\]\['loss'\] is a numpy.float64, not plain"):
+        checkpoints.save_checkpoint({"model": {}, "history": [{"loss": np.float64(1.0)}]}, str(path))
+    assert not os.listdir(tmp_path)
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with `room` bytes left: a write past it fails with ENOSPC."""
+    room = 4096
+
+    def write(self, b):
+        if self.tell() + len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(b)
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoints.save_checkpoint({"model": {"w": torch.zeros(4)}, "epoch": 1}, path)
+    before = open(path, "rb").read()
+    monkeypatch.setattr(checkpoints, "open", lambda p, mode: FullDisk(p, mode.replace("b", "")), raising=False)
+    with pytest.raises(UserError) as e:
+        checkpoints.save_checkpoint({"model": {"w": torch.randn(100_000)}, "epoch": 2}, path)
+    one_line_error(e, path, "no space left on device", "nothing there was changed")
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]   # no temporary file
+    with pytest.raises(UserError, match="no space left on device"):             # an export too
+        checkpoints.export_safetensors({"model": {"w": torch.randn(100_000)}}, str(tmp_path / "m.safetensors"))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_failing_torch_save_is_one_line(tmp_path, monkeypatch):
+    def fails(obj, f):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598\nmore")
+
+    monkeypatch.setattr(torch, "save", fails)
+    with pytest.raises(UserError) as e:
+        checkpoints.save_checkpoint({"model": {}}, str(tmp_path / "ckpt.pt"))
+    one_line_error(e, "ckpt.pt: cannot be written ([enforce fail")
+    assert not os.listdir(tmp_path)
+
+
+def test_training_onto_a_full_disk_stops_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "open", lambda p, mode: FullDisk(p, mode.replace("b", "")), raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        train.main(PRE + ["--stop_after", "1", "--out_dir", str(out)])
+    one_line_error(e, out / "ckpt.pt", "no space left on device")
+    assert not [f for f in os.listdir(out) if "ckpt" in f]
+
+
+# --- what each script needs ---------------------------------------------------------------------
+
+
+def _saved(path, drop=(), **changes):
+    """A tiny fine-tuned checkpoint laid out as finetune.py writes one, minus `drop`, with `changes`."""
+    cfg = tiny()
+    ckpt = {"model": M.Segmenter(cfg).state_dict(), "config": {"config": "tiny"}, "kind": "finetune",
+            "model_config": dataclasses.asdict(cfg), "dataset": "synthetic", **changes}
+    torch.save({k: v for k, v in ckpt.items() if k not in drop}, path)
+    return str(path)
+
+
+def test_a_checkpoint_lacking_what_a_script_reads_is_one_line(tmp_path):
+    ev = lambda p: evaluate.main(["--ckpt", p, "--out_json", str(tmp_path / "r.json"), "--save_vis", ""])
+    with pytest.raises(UserError) as e:
+        ev(_saved(tmp_path / "a.pt", drop=("model_config",)))
+    one_line_error(e, "a.pt: not a MaskMentor fine-tuned checkpoint: it lacks model_config")
+    with pytest.raises(UserError) as e:
+        finetune.main(FT + ["--pretrained", _saved(tmp_path / "b.pt", drop=("model_config",), kind="pretrain"),
+                            "--out_dir", str(tmp_path / "ft")])
+    one_line_error(e, "b.pt: not a MaskMentor pre-training checkpoint: it lacks model_config")
+    with pytest.raises(UserError) as e:
+        ev(_saved(tmp_path / "c.pt", drop=("dataset",)))
+    one_line_error(e, "c.pt", "it lacks data")
+    with pytest.raises(UserError) as e:                          # MAE's layout given as a MaskMentor checkpoint
+        torch.save({"model": {"cls_token": torch.zeros(1)}, "epoch": 1}, tmp_path / "mae.pth")
+        ev(str(tmp_path / "mae.pth"))
+    one_line_error(e, "it lacks config, model_config, kind", "--init reads MAE")
+    with pytest.raises(UserError) as e:
+        ev(_saved(tmp_path / "d.pt", model={"w": "not a tensor"}))
+    one_line_error(e, "d.pt", "its model['w'] is a str, not a tensor")
+    with pytest.raises(UserError) as e:
+        ev(_saved(tmp_path / "e.pt", kind="pretrain"))
+    one_line_error(e, "e.pt: a pre-training checkpoint, not a fine-tuned one (finetune.py writes those)")
+    with pytest.raises(UserError) as e:
+        ev(_saved(tmp_path / "f.pt", model_config={**dataclasses.asdict(tiny()), "colour": 1}))
+    one_line_error(e, "f.pt: its model_config does not fit this version", "colour")
+    with pytest.raises(UserError) as e:
+        ev(_saved(tmp_path / "g.pt", model_config=dataclasses.asdict(tiny(width=64))))
+    one_line_error(e, "g.pt: its weights do not fit its model_config")
+    with pytest.raises(UserError) as e:                          # an export cannot be resumed
+        checkpoints.load_checkpoint(_saved(tmp_path / "h.pt"), "finetune", resume=True)
+    one_line_error(e, "h.pt", "it lacks optimizer, rng_state, epoch, batch, history")
+
+
+# --- .safetensors + .json ------------------------------------------------------------------------
+
+
+def test_an_exported_fine_tuned_model_evaluates_to_the_same_numbers(tmp_path):
+    rgb, label40, depth, _ = real_sample()
+    root = str(tmp_path / "nyu")
+    make_esanet(root, rgb[:96, :128], label40[:96, :128], depth[:96, :128])
+    finetune.main(["--dataset", "nyu", "--data_root", root, "--pretrained", "none", "--batch_size", "1",
+                   "--epochs", "1", "--device", "cpu", "--out_dir", str(tmp_path / "ft")])
+    shared = str(tmp_path / "share" / "model.safetensors")
+    evaluate.main(["--ckpt", str(tmp_path / "ft" / "ckpt.pt"), "--export_safetensors", shared])
+    assert sorted(os.listdir(tmp_path / "share")) == ["model.json", "model.safetensors"]
+    results = [evaluate.main(["--ckpt", ckpt, "--data_root", root, "--out_json", str(tmp_path / f"{i}.json"),
+                              "--save_vis", "", "--device", "cpu"])
+               for i, ckpt in enumerate((str(tmp_path / "ft" / "ckpt.pt"), shared))]
+    for r in results:
+        r.pop("meta")
+    assert results[0] == results[1]
+    seg = [evaluate.main(["--ckpt", ckpt, "--rgb", fixture_path("nyu_0001", "rgb.jpg"), "--out",
+                          str(tmp_path / f"seg{i}.png")])["pred"] for i, ckpt in enumerate((str(tmp_path / "ft/ckpt.pt"), shared))]
+    assert torch.equal(seg[0], seg[1])                          # and the data conventions came along
+    os.remove(tmp_path / "share" / "model.json")
+    with pytest.raises(UserError) as e:
+        evaluate.main(["--ckpt", shared, "--save_vis", ""])
+    one_line_error(e, "model.safetensors: no", "model.json beside it")
+
+
+def test_an_exported_pre_training_checkpoint_fine_tunes_and_initialises_alike(tmp_path):
+    pre = str(tmp_path / "pre" / "ckpt.pt")
+    train.main(PRE + ["--stop_after", "1", "--out_dir", str(tmp_path / "pre")])
+    shared = str(tmp_path / "pre.safetensors")
+    evaluate.main(["--ckpt", pre, "--export_safetensors", shared])
+    weights = []
+    for i, source in enumerate((pre, shared)):
+        finetune.main(FT + ["--pretrained", source, "--stop_after", "1", "--out_dir", str(tmp_path / f"ft{i}")])
+        weights.append(torch.load(tmp_path / f"ft{i}" / "ckpt.pt", weights_only=True)["model"])
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    nets = [M.MaskMentor(M.ModelConfig.from_dict(checkpoints.load_checkpoint(pre)["model_config"])) for _ in range(2)]
+    for net, source in zip(nets, (pre, shared)):
+        checkpoints.init_encoder(net, source)
+    own = M.MaskMentor(nets[0].cfg)
+    own.load_state_dict(torch.load(pre, weights_only=True)["model"])
+    for k, v in own.state_dict().items():
+        assert torch.equal(nets[0].state_dict()[k], nets[1].state_dict()[k]), k
+        if k.startswith(("encoder.", "global_tokens", "input_adapters.")):
+            assert torch.equal(nets[1].state_dict()[k], v), k
+
+
+def test_export_checks_its_output_before_any_work(tmp_path):
+    missing = ["--ckpt", str(tmp_path / "no_such_ckpt.pt")]     # never reached
+    (tmp_path / "file").write_text("x")
+    for flags, words in ((["--export_safetensors", str(tmp_path / "m.pt")], "must end in .safetensors"),
+                         (["--export_safetensors", str(tmp_path / "file" / "m.safetensors")], "is a file, not a folder"),
+                         (["--export_safetensors", str(tmp_path / "m.safetensors"), "--export_onnx", "o"],
+                          "in another run")):
+        with pytest.raises(UserError) as e:
+            evaluate.main(missing + flags)
+        one_line_error(e, words)
