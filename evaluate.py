@@ -52,7 +52,7 @@ from checkpoints import export_safetensors, json_path, load_checkpoint, load_wei
 from cli import UserError, arg, check_numbers, check_output, one_line, parse_config, pick_device, run_cli
 from engine import to_device
 
-SETTINGS = {"rgbd": ("rgb", "depth"), "rgb": ("rgb",), "depth": ("depth",)}
+SETTINGS = modalities.INPUT_CONDITIONS
 # The long side of an image given with --rgb / --depth is limited to MAX_SIDE x the
 # fine-tuning crop (1280 px for the paper's 640). See segment().
 MAX_SIDE = 2
@@ -172,6 +172,12 @@ def conventions(ckpt: dict, net: M.Segmenter, path: str, dataset: str = "") -> C
 
 # -----------------------------------------------------------------------------
 # Prediction: every image padded to (at least) the grid fine-tuning saw
+
+
+def conditions_of(net: M.Segmenter) -> list:
+    """The input conditions (SETTINGS) a segmenter can be run on: all three for a joint or
+    rgb+depth model, only its own for a dedicated rgb or depth model (finetune.py --inputs)."""
+    return [s for s, names in SETTINGS.items() if all(m in net.inputs for m in names)]
 
 
 def padded_size(H: int, W: int, crop: int, patch: int) -> tuple[int, int]:
@@ -595,7 +601,13 @@ def main(argv=None):
     device = pick_device("cpu" if mode == "export" else cfg.device)
     net, ckpt = load_segmenter(cfg.ckpt, device)
     conv = conventions(ckpt, net, cfg.ckpt, cfg.dataset)
-    settings = [cfg.only] if cfg.only else list(SETTINGS)
+    possible = conditions_of(net)
+    if cfg.only and cfg.only not in possible:
+        raise UserError(f"--only {cfg.only}: {cfg.ckpt} takes {' and '.join(net.inputs)} only")
+    settings = [cfg.only] if cfg.only else possible
+    if len(possible) < len(SETTINGS) and not cfg.only:
+        print(f"{cfg.ckpt} takes {' and '.join(net.inputs)} only: skipping "
+              f"{', '.join(s for s in SETTINGS if s not in possible)}")
     if mode == "export":
         return export_onnx(net, conv, cfg.export_onnx, settings)
     if mode == "folder":

@@ -3,12 +3,16 @@
     python finetune.py                          # from out/pretrain/ckpt.pt (train.py's output)
     python finetune.py --pretrained none        # Table 3's "baseline": no multimodal pre-training
     python finetune.py --dataset nyu --config base
+    python finetune.py --inputs rgb             # a dedicated rgb-only model (Table 2's reference)
 
 The MIM heads and the semseg input adapter are discarded; the encoder, global token and
 rgb/depth input adapters come from the pre-training checkpoint, and a randomly
 initialised ConvNeXt head is added (model.Segmenter). Each training sample independently
 sees rgb only, depth only, or both (`--p_missing`, default 2/3: one third each), so one
 network learns every input condition; the loss is cross-entropy with 255 ignored.
+`--inputs rgbd|rgb|depth` instead trains a dedicated model that always sees exactly those
+inputs (a dedicated rgb or depth model has only that input adapter): what a model trained
+for one input condition reaches, against which the joint model's loss is measured.
 The checkpoint goes to `<out_dir>/ckpt.pt`; evaluate.py finds it there by default.
 Same loop, checkpoints and resume as train.py (engine.py), and the same
 `torchrun --nproc_per_node N finetune.py ...` with a global --batch_size (runtime.py).
@@ -55,7 +59,10 @@ class FinetuneConfig:
     layer_decay: float = arg(0.75, "lr factor per encoder block towards the input (MultiMAE: 0.75)")
     drop_path: float = arg(0.0, "stochastic depth in the encoder (MultiMAE: 0.1)")
     image_size: int = arg(64, "training crop size")
-    p_missing: float = arg(2 / 3, "probability that a sample misses rgb or depth (either, equally)")
+    inputs: str = arg("any", "what the model sees: any = each sample rgb only, depth only or both (--p_missing); "
+                      "rgbd, rgb, depth = a dedicated model that always sees exactly those (Table 2)",
+                      ("any",) + tuple(modalities.INPUT_CONDITIONS))
+    p_missing: float = arg(2 / 3, "--inputs any: probability that a sample misses rgb or depth (either, equally)")
     clip_grad: float = arg(0.0, "gradient-norm clipping (0 = off)")
     seed: int = arg(0, "seed of data order, modality choice and head initialisation")
     out_dir: str = arg("out/finetune", "where ckpt.pt, log.jsonl and loss_curve.png go")
@@ -140,7 +147,8 @@ def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, ru
     inputs = modalities.prepare_inputs(batch, net.inputs)
     target = batch["semseg"]
     first = inputs[net.inputs[0]]
-    present = runtime.rows(sample_present(first.shape[0] * runtime.world, len(net.inputs), cfg.p_missing,
+    p_missing = cfg.p_missing if cfg.inputs == "any" else 0.0     # a dedicated model sees all its inputs
+    present = runtime.rows(sample_present(first.shape[0] * runtime.world, len(net.inputs), p_missing,
                                           generator, first.device))
     count = None
     if runtime.micro_steps > 1:
@@ -188,6 +196,9 @@ def main(argv=None):
             # The model comes from the checkpoint: so do that preset's training defaults.
             cfg, _ = start_run(FinetuneConfig, ["--config", preset] + argv, FINETUNE_PRESETS, RUN_CONTROL,
                                "finetune")
+    if cfg.inputs != "any" and any(a.split("=")[0] == "--p_missing" for a in argv):
+        raise UserError(f"--p_missing chooses the inputs of --inputs any; --inputs {cfg.inputs} always sees "
+                        f"{' and '.join(modalities.INPUT_CONDITIONS[cfg.inputs])}")
     validate(cfg)
     _, _, device = init_distributed(pick_device(cfg.device))
     dtype = autocast_dtype(cfg.dtype, device)
@@ -201,6 +212,12 @@ def main(argv=None):
         base = M.ModelConfig.from_dict(pre["model_config"]) if pre else M.PRESETS[cfg.config]
         model_cfg = dataclasses.replace(base, image_size=cfg.image_size, drop_path=cfg.drop_path,
                                         num_classes=data.num_classes(cfg.dataset))
+        if cfg.inputs != "any":            # a dedicated model: only the adapters of its inputs
+            wanted = modalities.INPUT_CONDITIONS[cfg.inputs]
+            lacking = [m for m in wanted if m not in modalities.segmenter_inputs(base.modalities)]
+            if lacking:
+                raise UserError(f"--inputs {cfg.inputs}: {cfg.pretrained} was pre-trained without {', '.join(lacking)}")
+            model_cfg = dataclasses.replace(model_cfg, modalities=wanted)
     net = M.Segmenter(model_cfg)
     if pre is not None:
         trunk = M.trunk_state_dict(pre["model"], net.inputs)
@@ -230,8 +247,8 @@ def main(argv=None):
     # one of the modalities: its tokens still run through the encoder (as padding), weighted
     # by 0 (tests/test_distributed.py checks it). So DDP needs no find_unused_parameters.
     model = runtime.wrap(net)
-    print(f"fine-tuning on {cfg.dataset} ({len(dataset)} images) on {device}, "
-          f"p_missing={cfg.p_missing:.2f}; {ops.backend()}")
+    sees = f"p_missing={cfg.p_missing:.2f}" if cfg.inputs == "any" else f"a dedicated {cfg.inputs} model"
+    print(f"fine-tuning on {cfg.dataset} ({len(dataset)} images) on {device}, {sees}; {ops.backend()}")
 
     net.train()
     loop.run(lambda batch, epoch: train_step(model, optimizer, batch, cfg, generator, runtime))

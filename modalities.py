@@ -96,6 +96,11 @@ MODALITIES = {
 DEFAULT = tuple(MODALITIES)       # the paper's K = 3 pre-training inputs, in sequence order
 
 
+# The paper's three input conditions (Tables 1-3): what one fine-tuned model is evaluated
+# on, and what a dedicated model (finetune.py --inputs) always sees.
+INPUT_CONDITIONS = {"rgbd": ("rgb", "depth"), "rgb": ("rgb",), "depth": ("depth",)}
+
+
 def check(names) -> tuple:
     """`names` as a tuple, after checking each is a row of the table (ValueError if not)."""
     names = tuple(names)

@@ -13,6 +13,7 @@ import statistics
 
 from PIL import Image, ImageDraw
 
+import modalities
 import rooms
 import sttp
 
@@ -30,12 +31,17 @@ VARIANTS = {
     # Not run by default: MaskMentor given M²IM's epochs, i.e. 4x the optimiser steps (but the
     # same distinct batches), the budget a comparison at equal epochs gives it.
     "maskmentor_epochs": ("sttp", "MaskMentor, M²IM's epochs (4x steps)", ((57.9, 70.4), (53.3, 66.5), (44.0, 56.8))),
+    # The regime study's (results/regime/): STTP's schedule without its token loss, and the
+    # foundation every "adapt" run starts from (MIM on the rooms' pool split). No paper rows.
+    "tw0": ("sttp", "STTP, token weight 0", None),
+    "foundation": ("mim", "the foundation (MIM on the pool)", None),
 }
+VARIANT_FLAGS = {"tw0": ("--token_weight", "0")}      # train.py flags a variant adds to its mode
 DEFAULT_VARIANTS = ("baseline", "mim", "m2im", "maskmentor", "token", "kd")
 EQUAL_EPOCHS = ("maskmentor_epochs",)             # the variants outside the equal-step budget
 TABLE3 = ("baseline", "mim", "m2im", "maskmentor", "maskmentor_epochs")
 TABLE4 = ("m2im", "token", "kd", "maskmentor")
-SETTINGS = ("rgbd", "rgb", "depth")              # evaluate.SETTINGS: the three input conditions
+SETTINGS = tuple(modalities.INPUT_CONDITIONS)     # the three input conditions
 ROBUST_VARIANTS = ("mim", "maskmentor")           # the checkpoints the robustness table compares
 DIAG_IMAGES = 256          # held-out (test-split) images for the pre-training diagnostics
 # The objective whose epochs `--main_epochs` counts: every other variant gets as many optimiser

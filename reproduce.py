@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from tqdm import tqdm
 
 import data
@@ -73,7 +73,8 @@ import vis
 from checkpoints import load_checkpoint
 from cli import UserError, arg, check_numbers, parse_config, run_cli
 from engine import Subset
-from report import (DEFAULT_VARIANTS, DIAG_IMAGES, REFERENCE_MODE, ROBUST_VARIANTS, SETTINGS, VARIANTS, bar_chart,
+from report import (DEFAULT_VARIANTS, DIAG_IMAGES, REFERENCE_MODE, ROBUST_VARIANTS, SETTINGS, VARIANT_FLAGS, VARIANTS,
+                    bar_chart,
                     diagnostics, ordering_checks, steps_per_batch, summarise, teacher_variant, variant_epochs,
                     write_markdown)
 
@@ -156,10 +157,19 @@ def has_token_loss(variant: str) -> bool:
 @dataclass(frozen=True)
 class Spec:
     """One configuration to run: a variant and, for the token-loss variants, the token
-    target, positions and normalisation (sttp.TOKEN_TARGETS, ...). Its name, e.g.
-    "maskmentor+teacher_complete+hidden", names its runs' folder: each level name is unique."""
+    target, positions and normalisation (sttp.TOKEN_TARGETS, ...); for the regime study
+    (results/regime/) also where pre-training starts, its lr and schedule, and how the
+    model is fine-tuned. Its name, e.g. "maskmentor+teacher_complete+hidden" or
+    "m2im+adapt+lr0.0003+steps", names the folder of its pre-training (each level name is
+    unique; the defaults add nothing, so the ablation's folders stay as they were), and
+    `finetune_dir` the folder of its fine-tuning inside it."""
     variant: str
     token: tuple = FIRST_READING
+    regime: str = "scratch"       # "adapt": pre-training starts from the seed's foundation (--init)
+    lr: float = 0.0               # pre-training --lr (0: train.py's default)
+    schedule: str = "batches"     # train.py --lr_schedule
+    inputs: str = "any"           # finetune.py --inputs
+    layer_decay: float = 0.0      # finetune.py --layer_decay (0: its default)
 
     def __post_init__(self):
         # A variant without a token loss has no token settings: one Spec per such run, so
@@ -169,9 +179,22 @@ class Spec:
 
     @property
     def name(self) -> str:
-        if not has_token_loss(self.variant) or self.token == FIRST_READING:
-            return self.variant
-        return "+".join([self.variant] + [lv for lv, d in zip(self.token, FIRST_READING) if lv != d])
+        parts = [self.variant]
+        if has_token_loss(self.variant) and self.token != FIRST_READING:
+            parts += [lv for lv, d in zip(self.token, FIRST_READING) if lv != d]
+        if VARIANTS[self.variant][0] is not None:     # no pre-training: the regime is where fine-tuning starts
+            parts += [f"lr{self.lr:g}"] if self.lr else []
+            parts += [self.schedule] if self.schedule != "batches" else []
+        return "+".join(parts + (["adapt"] if self.regime == "adapt" else []))
+
+    @property
+    def finetune_dir(self) -> str:
+        return "-".join(["finetune"] + ([self.inputs] if self.inputs != "any" else []) +
+                        ([f"ld{self.layer_decay:g}"] if self.layer_decay else []))
+
+    def pretraining(self) -> "Spec":
+        """The Spec of this one's pre-training run (which several fine-tunings share)."""
+        return dataclasses.replace(self, inputs="any", layer_decay=0.0)
 
 
 def specs(cfg: ReproConfig) -> list:
@@ -186,17 +209,37 @@ def run_dir(cfg: ReproConfig, spec: Spec, seed: int) -> str:
     return os.path.join(cfg.work_dir, *([f"cues{cfg.cues:g}"] if cfg.cues else []), spec.name, f"seed{seed}")
 
 
+FOUNDATION = Spec("foundation")
+
+
+def foundation_ckpt(cfg: ReproConfig, seed: int) -> str:
+    """The seed's foundation checkpoint: MIM pre-training on the synthetic rooms' pool split
+    (the regime study's stand-in for released MultiMAE weights)."""
+    return os.path.join(run_dir(cfg, FOUNDATION, seed), "pretrain", "ckpt.pt")
+
+
 def cue_argv(cfg: ReproConfig) -> list:
     return ["--cues", cfg.cues] if cfg.cues else []
 
 
 def pretrain_argv(cfg: ReproConfig, spec: Spec, seed: int) -> list:
     mode = VARIANTS[spec.variant][0]
+    out = ["--vis_every", 0, "--device", "cpu", "--out_dir", os.path.join(run_dir(cfg, spec, seed), "pretrain")]
+    if spec == FOUNDATION:               # MIM throughout, on the pool (results/regime/PROTOCOL.md)
+        e = cfg.foundation_epochs
+        return [str(a) for a in ["--mode", "mim", "--split", "pool", "--subset", cfg.foundation_images,
+                                 "--batch_size", cfg.foundation_batch, "--epochs", e, "--warmup_epochs", e,
+                                 "--seed", seed] + out + cue_argv(cfg)]
     argv = ["--mode", mode, "--epochs", variant_epochs(spec.variant, cfg.warmup_epochs, cfg.main_epochs),
             "--warmup_epochs", cfg.warmup_epochs, "--subset", cfg.pretrain_images,
-            "--batch_size", cfg.batch_size, "--teacher_iters", sttp.ObjectiveConfig.teacher_iters, "--seed", seed,
-            "--vis_every", 0, "--device", "cpu", "--out_dir", os.path.join(run_dir(cfg, spec, seed), "pretrain")]
-    argv += cue_argv(cfg)
+            "--batch_size", cfg.batch_size, "--teacher_iters", sttp.ObjectiveConfig.teacher_iters, "--seed", seed]
+    argv += out + cue_argv(cfg) + list(VARIANT_FLAGS.get(spec.variant, ()))
+    if spec.regime == "adapt":
+        argv += ["--init", foundation_ckpt(cfg, seed)]
+    if spec.lr:
+        argv += ["--lr", spec.lr]
+    if spec.schedule != "batches":
+        argv += ["--lr_schedule", spec.schedule]
     if has_token_loss(spec.variant):   # explicit, whatever train.py's defaults are
         argv += [a for f, lv in zip(TOKEN_FLAGS, spec.token) for a in (f"--{f}", lv)]
     if teacher_variant(spec.variant):
@@ -207,10 +250,16 @@ def pretrain_argv(cfg: ReproConfig, spec: Spec, seed: int) -> list:
 
 def finetune_argv(cfg: ReproConfig, spec: Spec, seed: int) -> list:
     d = run_dir(cfg, spec, seed)
-    pretrained = "none" if VARIANTS[spec.variant][0] is None else os.path.join(d, "pretrain", "ckpt.pt")
-    return [str(a) for a in ["--pretrained", pretrained, "--subset", cfg.finetune_images,
-                             "--epochs", cfg.finetune_epochs, "--batch_size", cfg.batch_size, "--seed", seed,
-                             "--device", "cpu", "--out_dir", os.path.join(d, "finetune")] + cue_argv(cfg)]
+    if VARIANTS[spec.variant][0] is not None:
+        pretrained = os.path.join(d, "pretrain", "ckpt.pt")
+    else:                                # no pre-training: a random encoder, or the foundation as it is
+        pretrained = foundation_ckpt(cfg, seed) if spec.regime == "adapt" else "none"
+    argv = ["--pretrained", pretrained, "--subset", cfg.finetune_images,
+            "--epochs", cfg.finetune_epochs, "--batch_size", cfg.batch_size, "--seed", seed,
+            "--device", "cpu", "--out_dir", os.path.join(d, spec.finetune_dir)] + cue_argv(cfg)
+    argv += ["--inputs", spec.inputs] if spec.inputs != "any" else []
+    argv += ["--layer_decay", spec.layer_decay] if spec.layer_decay else []
+    return [str(a) for a in argv]
 
 
 # -----------------------------------------------------------------------------
@@ -218,15 +267,22 @@ def finetune_argv(cfg: ReproConfig, spec: Spec, seed: int) -> list:
 
 
 class BudgetCounter:
-    """Counts, inside a `with` block, the optimiser steps taken and the images each one
-    learned from (the batch rows of the training-mode forward passes with gradient since
-    the previous step), with global hooks, so train.py and finetune.py need no change.
-    A frozen teacher (eval mode, no gradient) is not counted: it teaches, it doesn't learn."""
+    """Counts, inside a `with` block, the optimiser steps taken, the images each one learned
+    from (the batch rows of the training-mode forward passes with gradient since the
+    previous step) and the learning rate each step was taken with, with global hooks, so
+    train.py and finetune.py need no change. A frozen teacher (eval mode, no gradient) is
+    not counted: it teaches, it doesn't learn. Steps whose forward passes missed a modality
+    (a pre-training masking plan that dropped one for some sample: Algorithm 1) are
+    "missing-modality steps"; `lr` and `missing_lr` are the integrated learning rate (the
+    sum of the base lr, i.e. before layer decay, over the steps) over all steps and over those."""
 
     def __enter__(self):
         self.steps, self.images, self.per_step, self._pending = 0, 0, set(), 0
+        self.missing_steps, self.lr, self.missing_lr, self._missing = 0, 0.0, 0.0, False
         self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(self._forward),
-                       register_optimizer_step_pre_hook(self._step)]
+                       register_optimizer_step_pre_hook(self._step),
+                       # after the step: the lr it used (a schedule may set it in a pre-hook of its own)
+                       register_optimizer_step_post_hook(self._stepped)]
         return self
 
     def __exit__(self, *exc):
@@ -236,6 +292,8 @@ class BudgetCounter:
     def _forward(self, module, args):
         if isinstance(module, (M.MaskMentor, M.Segmenter)) and module.training and torch.is_grad_enabled():
             self._pending += next(iter(args[0].values())).shape[0]
+            if isinstance(module, M.MaskMentor) and len(args) > 1 and not bool(args[1].keep.all()):
+                self._missing = True
 
     def _step(self, optimizer, args, kwargs):
         self.steps += 1
@@ -243,8 +301,19 @@ class BudgetCounter:
         self.per_step.add(self._pending)
         self._pending = 0
 
+    def _stepped(self, optimizer, args, kwargs):
+        group = optimizer.param_groups[0]
+        lr = group["lr"] / group.get("lr_scale", 1.0)
+        self.lr += lr
+        if self._missing:
+            self.missing_steps += 1
+            self.missing_lr += lr
+        self._missing = False
+
     def summary(self) -> dict:
-        return {"steps": self.steps, "images": self.images, "images_per_step": sorted(self.per_step)}
+        return {"steps": self.steps, "images": self.images, "images_per_step": sorted(self.per_step),
+                "missing_modality_steps": self.missing_steps, "integrated_lr": self.lr,
+                "missing_modality_lr": self.missing_lr}
 
 
 # -----------------------------------------------------------------------------
@@ -323,7 +392,7 @@ def evaluate_conditions(net: M.Segmenter, dataset, batch_size: int, robustness: 
     degradation with rgb+depth and with the degraded modality alone."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate)
     C = net.cfg.num_classes
-    conditions = {"clean": SETTINGS}
+    conditions = {"clean": evaluate.conditions_of(net)}     # a dedicated model: its own only
     if robustness:
         conditions.update({name: ("rgbd", mod) for name, (mod, _, _) in DEGRADATIONS.items()})
     cms = {(c, s): torch.zeros(C, C, dtype=torch.long) for c, ss in conditions.items() for s in ss}
@@ -490,6 +559,7 @@ def run_variant(cfg: ReproConfig, spec: Spec, seed: int, stage: str) -> dict:
     finetune.py, then evaluation on validation and test; writes and returns the run's result.json."""
     d = run_dir(cfg, spec, seed)
     pretrained = VARIANTS[spec.variant][0] is not None
+    ft_dir = os.path.join(d, spec.finetune_dir)
     if stage == "pretrain":
         pre_dir = os.path.join(d, "pretrain")
         info = _stage(pre_dir, train.main, pretrain_argv(cfg, spec, seed))
@@ -497,7 +567,7 @@ def run_variant(cfg: ReproConfig, spec: Spec, seed: int, stage: str) -> dict:
         if not os.path.isfile(diag_path):
             _write_json(pretrain_diagnostics(pre_dir), diag_path)
         return info
-    result_path = os.path.join(d, "result.json")
+    result_path = os.path.join(d, f"result{spec.finetune_dir[len('finetune'):]}.json")
     if os.path.isfile(result_path):
         result = json.load(open(result_path))
         if (result.get("test_images"), result.get("val_images")) == (cfg.test_images, cfg.val_images) \
@@ -506,47 +576,72 @@ def run_variant(cfg: ReproConfig, spec: Spec, seed: int, stage: str) -> dict:
         # else: evaluated with other settings; _stage below says so if the fine-tuning differs
     pre = json.load(open(os.path.join(d, "pretrain", "budget.json"))) if pretrained else None
     pre_diag = json.load(open(os.path.join(d, "pretrain", "diagnostics.json"))) if pretrained else None
-    fine = _stage(os.path.join(d, "finetune"), finetune.main, finetune_argv(cfg, spec, seed))
-    net, _ = evaluate.load_segmenter(os.path.join(d, "finetune", "ckpt.pt"), "cpu")
+    fine = _stage(ft_dir, finetune.main, finetune_argv(cfg, spec, seed))
+    net, _ = evaluate.load_segmenter(os.path.join(ft_dir, "ckpt.pt"), "cpu")
     split = lambda name, n: Subset(data.build_dataset("synthetic", None, name, image_size=net.cfg.image_size,
                                                       cues=cfg.cues), n)
     t0 = time.time()
     val = evaluate_conditions(net, split("val", cfg.val_images), 50, robustness=False)["clean"]
     scores = evaluate_conditions(net, split("test", cfg.test_images), 50,
-                                 robustness=spec.variant in ROBUST_VARIANTS)
+                                 robustness=spec.variant in ROBUST_VARIANTS and cfg.study != "regime")
     result = {"variant": spec.variant, "name": spec.name, "token": dict(zip(TOKEN_FLAGS, spec.token)), "seed": seed,
-              "cues": cfg.cues,
+              "cues": cfg.cues, **{f: getattr(spec, f) for f in ("regime", "lr", "schedule", "inputs", "layer_decay")},
               "test_images": cfg.test_images, "val_images": cfg.val_images, "pretrain": pre, "finetune": fine,
               "eval_seconds": time.time() - t0, "val": val,
-              "diagnostics": {"pretrain": pre_diag, "finetune_log": loss_log(os.path.join(d, "finetune", "log.jsonl"),
+              "diagnostics": {"pretrain": pre_diag, "finetune_log": loss_log(os.path.join(ft_dir, "log.jsonl"),
                                                        cfg.finetune_images // cfg.batch_size)},
               **scores}
     _write_json(result, result_path)
     return result
 
 
-def run_all(cfg: ReproConfig, todo_specs: list) -> list:
-    """Every (configuration, seed) run, `--jobs` at a time, pre-training before fine-tuning,
-    the teachers' runs first (kd's: the mim runs). Returns the result dicts."""
-    seeds = range(cfg.seeds)
-    teachers = {teacher_variant(sp.variant) for sp in todo_specs}
-    order = sorted(todo_specs, key=lambda sp: (sp.variant not in teachers, teacher_variant(sp.variant) is not None))
-    todo = [(sp, s, "pretrain") for sp in order if VARIANTS[sp.variant][0] for s in seeds] + \
-           [(sp, s, "finetune") for sp in order for s in seeds]
+def needs(spec: Spec, seed: int, stage: str) -> list:
+    """The runs a run waits for: a fine-tuning its pre-training (or, for the adapt regime's
+    no-pre-training variant, the foundation it starts from); a pre-training its frozen
+    teacher's (kd: the mim run) and, in the adapt regime, the seed's foundation."""
+    pretrained = VARIANTS[spec.variant][0] is not None
+    if stage == "finetune":
+        return [(spec.pretraining(), seed, "pretrain")] if pretrained else \
+            [(FOUNDATION, seed, "pretrain")] if spec.regime == "adapt" else []
+    teacher = teacher_variant(spec.variant)
+    return ([(Spec(teacher), seed, "pretrain")] if teacher else []) + \
+        ([(FOUNDATION, seed, "pretrain")] if spec.regime == "adapt" else [])
 
-    def ready(task, done):
-        sp, s, stage = task
-        needs = [(sp, s, "pretrain")] if stage == "finetune" and VARIANTS[sp.variant][0] else []
-        teacher = teacher_variant(sp.variant)
-        needs += [(Spec(teacher), s, "pretrain")] if teacher and stage == "pretrain" else []
-        return all(n in done for n in needs)
+
+def each_seed(cfg: ReproConfig, todo_specs: list, seeds=None) -> list:
+    """(spec, seed) for every configuration and seed (0 .. --seeds-1 unless given)."""
+    return [(sp, s) for sp in todo_specs for s in (range(cfg.seeds) if seeds is None else seeds)]
+
+
+def tasks(runs: list) -> list:
+    """The (spec, seed, stage) runs that fine-tune each (configuration, seed) of `runs` and
+    the runs they wait for (`needs`), each once: pre-trainings before fine-tunings, the runs
+    others wait for first, else in the order given."""
+    todo = []
+
+    def add(task):
+        if task not in todo:
+            todo.append(task)
+            for dep in needs(*task):
+                add(dep)
+
+    for sp, s in runs:
+        add((sp, s, "finetune"))
+    waited_for = {dep for task in todo for dep in needs(*task)}
+    return sorted(todo, key=lambda t: (t[2] != "pretrain", t not in waited_for))       # stable: else as given
+
+
+def run_all(cfg: ReproConfig, runs: list) -> list:
+    """Every run of tasks(runs) (`runs`: (spec, seed) pairs, e.g. each_seed), `--jobs` at a
+    time, each as soon as the runs it needs are done. Returns the fine-tunings' result dicts."""
+    todo = tasks(runs)
 
     results, done, running = [], set(), {}
     ctx = multiprocessing.get_context("spawn")
     bar = tqdm(total=len(todo), desc="runs", dynamic_ncols=True)
     with cf.ProcessPoolExecutor(cfg.jobs, mp_context=ctx, initializer=_init_worker, initargs=(cfg.threads,)) as pool:
         while todo or running:
-            for task in [t for t in todo if ready(t, done)][: cfg.jobs - len(running)]:
+            for task in [t for t in todo if all(n in done for n in needs(*t))][: cfg.jobs - len(running)]:
                 todo.remove(task)
                 running[pool.submit(run_variant, cfg, *task)] = task
             if not running:                 # never spin: what is left waits for nothing that runs
@@ -619,10 +714,11 @@ def _measure_cost(cfg: ReproConfig, repeats: int) -> dict:
 # -----------------------------------------------------------------------------
 
 
-def count_runs(cfg: ReproConfig, todo_specs: list) -> tuple:
-    """(runs, runs already finished): a run is one pre-training or one fine-tuning + evaluation."""
-    stages = [os.path.join(run_dir(cfg, sp, seed), stage) for sp in todo_specs for seed in range(cfg.seeds)
-              for stage in (("pretrain", "finetune") if VARIANTS[sp.variant][0] else ("finetune",))]
+def count_runs(cfg: ReproConfig, runs: list) -> tuple:
+    """(runs, runs already finished) of `tasks`: a run is one pre-training or one fine-tuning
+    + evaluation."""
+    stages = [os.path.join(run_dir(cfg, sp, seed), "pretrain" if stage == "pretrain" else sp.finetune_dir)
+              for sp, seed, stage in tasks(runs)]
     return len(stages), sum(os.path.isfile(os.path.join(d, "budget.json")) for d in stages)
 
 
@@ -639,7 +735,7 @@ def token_study(cfg: ReproConfig) -> dict:
     print(f"token study: {1 + len(one_factor)} configurations x {cfg.seeds} seed(s), then the combination; "
           f"runs in {cfg.work_dir}, results in {cfg.out_dir}")
     cost = measure_cost(cfg, repeats=2 if cfg.quick else 7)
-    results = run_all(cfg, [base] + one_factor)
+    results = run_all(cfg, each_seed(cfg, [base] + one_factor))
     per_config = report.study_scores(results)
     costs = {sp.name: cost["per_batch_s"]["sttp" if sp.token[0] == FIRST_READING[0] else f"sttp {sp.token[0]}"]
              for sp in [base] + one_factor}
@@ -650,11 +746,11 @@ def token_study(cfg: ReproConfig) -> dict:
                                      for i, b in enumerate(best)))
     configs = [base] + one_factor + ([combo] if combo not in [base] + one_factor else [])
     if combo not in [base] + one_factor:
-        results += run_all(cfg, [combo])
+        results += run_all(cfg, each_seed(cfg, [combo]))
         per_config = report.study_scores(results)
     costs[combo.name] = cost["per_batch_s"]["sttp" if combo.token[0] == FIRST_READING[0] else f"sttp {combo.token[0]}"]
     chosen = report.select([sp.name for sp in configs], per_config, costs)
-    meta = {"wall_minutes": (time.time() - t0) / 60, "runs": count_runs(cfg, configs)[0],
+    meta = {"wall_minutes": (time.time() - t0) / 60, "runs": count_runs(cfg, each_seed(cfg, configs))[0],
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
     out = {"config": dataclasses.asdict(cfg), "meta": meta, "cost": cost, "costs": costs, "per_config": per_config,
            "factor_best": best, "combination": combo.name, "chosen": chosen,
@@ -685,8 +781,8 @@ def cue_study(cfg: ReproConfig) -> dict:
     levels, runs = {}, 0
     for x in CUE_LEVELS:
         c = dataclasses.replace(cfg, cues=x)
-        results = run_all(c, todo)
-        runs += count_runs(c, todo)[0]
+        results = run_all(c, each_seed(c, todo))
+        runs += count_runs(c, each_seed(c, todo))[0]
         levels[f"{x:g}"] = {"summary": summarise(results), "per_class_iou": diagnostics(results)["per_class_iou"],
                             "runs": results}
     out = {"config": dataclasses.asdict(cfg), "predictability": predictability, "levels": levels,
@@ -706,13 +802,13 @@ def main(argv=None) -> dict:
     if cfg.study == "cues":
         return cue_study(cfg)
     t0 = time.time()
-    n_runs, before = count_runs(cfg, specs(cfg))
+    n_runs, before = count_runs(cfg, each_seed(cfg, specs(cfg)))
     print(f"reproduce: {cfg.variants} x {cfg.seeds} seed(s), {cfg.jobs} job(s) of {cfg.threads} thread(s); "
           f"runs in {cfg.work_dir}, results in {cfg.out_dir}")
     cost = measure_cost(cfg, repeats=2 if cfg.quick else 7)
     print("cost per pre-training batch: " + ", ".join(f"{m} {s:.3f} s ({cost['per_batch_ratio'][m]:.2f}x)"
                                                       for m, s in cost["per_batch_s"].items()))
-    results = run_all(cfg, specs(cfg))
+    results = run_all(cfg, each_seed(cfg, specs(cfg)))
     summary = summarise(results)
     diag = diagnostics(results)
     run_seconds = sum(r[st]["seconds"] for r in results for st in ("pretrain", "finetune") if r[st]) + \

@@ -265,9 +265,10 @@ def test_the_token_study_chooses_on_validation_and_runs_the_combination(tmp_path
            "maskmentor+missing+standardize": 45}
     asked = []
 
-    def run_all(cfg, todo):
-        asked.append([sp.name for sp in todo])
-        return [fake_result(sp, s, val.get(sp.name, 39), val.get(sp.name, 39)) for sp in todo for s in range(3)]
+    def run_all(cfg, runs):
+        asked.append(list(dict.fromkeys(sp.name for sp, _ in runs)))
+        assert [s for _, s in runs] == [0, 1, 2] * len(asked[-1])
+        return [fake_result(sp, s, val.get(sp.name, 39), val.get(sp.name, 39)) for sp, s in runs]
 
     monkeypatch.setattr(R, "run_all", run_all)
     monkeypatch.setattr(R, "measure_cost", lambda cfg, repeats: {"per_batch_s": {
