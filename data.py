@@ -441,7 +441,11 @@ def read_depth(path: str, layout: Layout, dataset: str) -> np.ndarray:
         depth = depth.astype(np.float32)
     else:
         v = _read_uint16(path)
-        if layout.depth == "sun":
+        if layout.depth in ("mm", "npy_or_mm"):          # millimetres ("npy_or_mm": its PNG case)
+            depth = (v / 1000.0).astype(np.float32)
+        elif layout.depth == "multimae":
+            depth = (v / 6553.6).astype(np.float32)
+        elif layout.depth == "sun":
             # In SUN's encoding every depth under 8.192 m has its low 3 bits zero; plain
             # millimetres use them ~7/8 of the time. Refuse rather than decode garbage.
             nonzero = v[v > 0]
@@ -449,10 +453,8 @@ def read_depth(path: str, layout: Layout, dataset: str) -> np.ndarray:
                 raise UserError(f"{path}: not SUN RGB-D's bit-rotated depth encoding (the low 3 bits are in "
                                 f"use: plain millimetres?); expected the toolbox's depth / depth_bfx PNGs")
             depth = sun_depth_to_metres(v)
-        elif layout.depth == "multimae":
-            depth = (v / 6553.6).astype(np.float32)
-        else:                                   # "mm" and the PNG case of "npy_or_mm"
-            depth = (v / 1000.0).astype(np.float32)
+        else:                                   # a Layout written with a code this function lacks
+            raise ValueError(f"{path}: unknown depth encoding {layout.depth!r} of the {layout.key} layout")
     if not np.isfinite(depth).all():
         raise UserError(f"{path}: depth contains NaN or infinite values")
     if (depth < 0).any():
