@@ -180,6 +180,18 @@ def aug_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed % 2**64, epoch % 2**64, index % 2**64])
 
 
+def check_dataset_flags(name: str, root: Optional[str] = None, cues: float = 0.0) -> None:
+    """The rules of --dataset, --data_root and --cues, one line each: build_dataset checks
+    them, and train.py / finetune.py before any work (engine.check_common_flags)."""
+    _check_name(name)
+    SyntheticRooms.check_cues(cues)
+    if cues != 0 and name != "synthetic":
+        raise UserError(f"--cues applies to the synthetic rooms only, not {name}")
+    if name == "synthetic" and root:
+        raise UserError(f"--data_root {root}: the synthetic rooms are generated, not read; "
+                        f"give --dataset nyu or sun to read a dataset folder")
+
+
 def build_dataset(name: str, root: Optional[str] = None, split: str = "train", train: bool = False,
                   image_size: Optional[int] = None, seed: int = 0, augmentation: str = "finetune",
                   cues: float = 0.0) -> torch.utils.data.Dataset:
@@ -194,10 +206,7 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", t
     [0, 1]: the synthetic rooms' cross-modal cues (rooms.py, "Cross-modal cues"); 0 = the
     rooms as they always were.
     """
-    _check_name(name)
-    SyntheticRooms.check_cues(cues)
-    if cues != 0 and name != "synthetic":
-        raise UserError(f"--cues applies to the synthetic rooms only, not {name}")
+    check_dataset_flags(name, root, cues)
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     if split == "val" and name != "synthetic":
