@@ -407,6 +407,16 @@ def test_prepare_nyu_bad_inputs(nyu_mat, tmp_path):
     one_line_error(e, "splits.mat", "mapClass")
 
 
+def test_prepare_nyu_flags_are_one_line_errors(tmp_path):
+    """cli.parse_config's rules: no abbreviated flags, --mat required, choices checked."""
+    for argv, words in ((["--ma", "x.mat"], "unrecognized arguments: --ma"), ([], "--mat is required"),
+                        (["--mat", "x.mat", "--depth", "holes"], "invalid choice: 'holes'")):
+        with pytest.raises(data.UserError) as e:
+            prepare_nyu.main(argv + ["--out", str(tmp_path / "o")])
+        one_line_error(e, words)
+    assert not (tmp_path / "o").exists()
+
+
 # --- the layouts users already have ----------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import pytest
 
 import evaluate
 import finetune
+import prepare_nyu
 import reproduce
 import train
 from conftest import ROOT
@@ -25,7 +26,8 @@ def section(script: str) -> str:
 
 @pytest.mark.parametrize("script,cls", [("train.py", train.TrainConfig), ("finetune.py", finetune.FinetuneConfig),
                                         ("evaluate.py", evaluate.EvalConfig),
-                                        ("reproduce.py", reproduce.ReproConfig)])
+                                        ("reproduce.py", reproduce.ReproConfig),
+                                        ("prepare_nyu.py", prepare_nyu.PrepareConfig)])
 def test_every_flag_is_documented(script, cls):
     table = section(script)
     documented = set(re.findall(r"^\| `--(\w+)", table, re.M))
