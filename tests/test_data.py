@@ -69,8 +69,8 @@ def test_denormalize_inverts_normalize():
 
 def test_collate_pads_to_the_largest_image():
     def sample(h, w):
-        return data.make_sample(torch.ones(3, h, w), torch.ones(1, h, w), torch.ones(h, w, dtype=torch.int64),
-                                f"{h}x{w}")
+        return data.make_sample({"rgb": torch.ones(3, h, w), "depth": torch.ones(1, h, w),
+                                 "semseg": torch.ones(h, w, dtype=torch.int64)}, f"{h}x{w}")
     b = data.collate([sample(4, 6), sample(5, 3)])
     assert b["rgb"].shape == (2, 3, 5, 6) and b["depth"].shape == (2, 1, 5, 6) and b["semseg"].shape == (2, 5, 6)
     assert b["id"] == ["4x6", "5x3"]
