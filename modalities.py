@@ -1,7 +1,8 @@
 """modalities.py — the one table of modalities: what each input is and how it is learned.
 
 MaskMentor pre-trains on K = 3 modalities (paper §3.5): rgb, depth and semseg. Everything
-the network and the objectives need to know about one of them is a row of `MODALITIES`:
+the network, the objectives and the data need to know about one of them is a row of
+`MODALITIES`:
 
     name     kind    channels  stride  loss  normalise            norm head  segmenter input  resample
     rgb      image   3         1       mse   as given (ImageNet)  yes        yes              bilinear
