@@ -1,7 +1,9 @@
 """data.py — every image the project sees: datasets, file layouts, augmentation, converters.
 
 All datasets return the same sample dict (docs/method.md §6), which is all that the rest
-of the project (modalities → masking → model → sttp → the scripts) ever sees:
+of the project (modalities → masking → model → sttp → the scripts) ever sees: one map
+per modality, keyed by its row of modalities.MODALITIES, all at the image's H x W, and
+the sample's id:
 
     rgb     float32 [3, H, W]  normalised with RGB_MEAN / RGB_STD (ImageNet)
     depth   float32 [1, H, W]  metres, 0 = missing
@@ -9,13 +11,19 @@ of the project (modalities → masking → model → sttp → the scripts) ever 
     id      str                names the sample (a file, or "synthetic/train/17"), for
                                messages and pictures
 
+A dataset's `maps(index)` gives the maps; everything after it (collate's padding,
+center_crop, every augmentation) handles each map as its row says (`pad_value`,
+`resample`), so a modality added to the table needs only a map there (README, "Adding a
+modality").
+
 Sections, top to bottom:
-  common        UserError, constants, class names, palettes, collate, build_dataset
+  common        UserError, constants, class names, palettes, the sample and its
+                padding, collate, the dataset flags, build_dataset
   synthetic     the dataset of procedural RGB-D rooms (rendered by rooms.py): no
                 download, the default of every CLI
   real data     NYU Depth V2 and SUN RGB-D in the layouts users already have; its two
                 tables are the one place that states every layout's files and encodings
-  augmentation  rescale / pad / crop / flip, jointly on the three maps
+  augmentation  rescale / pad / crop / flip, jointly on every map of a sample
 
 `python prepare_nyu.py --mat nyu_depth_v2_labeled.mat` (prepare_nyu.py) converts the
 official NYU file into the layout this file reads first.
@@ -38,12 +46,12 @@ from PIL import Image, UnidentifiedImageError
 
 import rooms
 from cli import UserError
+from modalities import IGNORE_INDEX, MODALITIES
 
 # =============================================================================
 # Common
 
 
-IGNORE_INDEX = 255
 # ImageNet statistics: the encoder is initialised from ImageNet ViT-B weights (docs/method.md §2).
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
@@ -126,31 +134,51 @@ def denormalize_rgb(rgb: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def make_sample(rgb: torch.Tensor, depth: torch.Tensor, semseg: torch.Tensor, sample_id: str) -> dict:
-    return {"rgb": rgb, "depth": depth, "semseg": semseg, "id": sample_id}
+def make_sample(maps: dict, sample_id: str) -> dict:
+    """The sample dict: `maps` ({modality: map}, rows of modalities.MODALITIES, images
+    [C, H, W] and labels [H, W] of one size) and the sample's id."""
+    size = next(iter(maps.values())).shape[-2:]
+    for m, x in maps.items():
+        if m not in MODALITIES:
+            raise ValueError(f"{sample_id}: {m!r} is not a row of modalities.MODALITIES")
+        if x.shape[-2:] != size:
+            raise ValueError(f"{sample_id}: the {m} map is {tuple(x.shape)}, not at the image's H x W {tuple(size)}")
+    return {**maps, "id": sample_id}
 
 
-# The value each map is padded with: rgb 0 is the dataset mean after normalisation,
-# depth 0 means "missing", semseg 255 is ignored by the loss and the metrics.
-PAD_VALUE = {"rgb": 0.0, "depth": 0.0, "semseg": IGNORE_INDEX}
+def modalities_of(sample: dict) -> list:
+    """The names of a sample's maps, in its order (its other entries, like "id", are not maps)."""
+    return [k for k in sample if k in MODALITIES]
+
+
+def map_size(sample: dict) -> tuple:
+    """(H, W) of a sample's maps."""
+    return tuple(sample[modalities_of(sample)[0]].shape[-2:])
+
+
+def pad_value(name: str):
+    """What a map of modality `name` is padded with, from its row's kind: labels get
+    IGNORE_INDEX, which every loss and metric ignores; images get 0, which is rgb's mean
+    after normalisation and depth's "missing"."""
+    return IGNORE_INDEX if MODALITIES[name].kind == "labels" else 0.0
 
 
 def collate(samples: list) -> dict:
     """Stack a list of sample dicts into a batch. Images of different sizes (real test
-    sets) are padded at the bottom/right to the largest H and W in the batch with
-    PAD_VALUE, so that padding is ignored by every loss and metric."""
+    sets) are padded at the bottom/right to the largest H and W in the batch with each
+    map's pad_value, so that padding is ignored by every loss and metric."""
     if not samples:
         raise ValueError("collate: empty batch")
-    H = max(s["semseg"].shape[-2] for s in samples)
-    W = max(s["semseg"].shape[-1] for s in samples)
+    H = max(map_size(s)[0] for s in samples)
+    W = max(map_size(s)[1] for s in samples)
     batch = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
         if not torch.is_tensor(values[0]):
             batch[key] = values
             continue
-        if key in PAD_VALUE:
-            values = [_pad_to(v, H, W, PAD_VALUE[key]) for v in values]
+        if key in MODALITIES:
+            values = [_pad_to(v, H, W, pad_value(key)) for v in values]
         batch[key] = torch.stack(values)
     return batch
 
@@ -163,14 +191,14 @@ def _pad_to(x: torch.Tensor, H: int, W: int, value) -> torch.Tensor:
 
 
 def center_crop(sample: dict, size: int) -> dict:
-    """The central size x size window of a sample's maps (padded with PAD_VALUE first if
-    smaller), for pictures at the training size."""
+    """The central size x size window of a sample's maps (padded with their pad_value
+    first if smaller), for pictures at the training size."""
     out = dict(sample)
-    H, W = sample["semseg"].shape[-2:]
+    H, W = map_size(sample)
     y0, x0 = max(0, (H - size) // 2), max(0, (W - size) // 2)
-    for key, value in PAD_VALUE.items():
-        x = _pad_to(sample[key], max(H, size), max(W, size), value)
-        out[key] = x[..., y0:y0 + size, x0:x0 + size].contiguous()
+    for m in modalities_of(sample):
+        x = _pad_to(sample[m], max(H, size), max(W, size), pad_value(m))
+        out[m] = x[..., y0:y0 + size, x0:x0 + size].contiguous()
     return out
 
 
@@ -178,6 +206,18 @@ def aug_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The augmentation generator of one sample in one epoch: a function of (seed, epoch,
     index) only, so it does not matter which worker process draws it or in what order."""
     return np.random.default_rng([seed % 2**64, epoch % 2**64, index % 2**64])
+
+
+def check_dataset_flags(name: str, root: Optional[str] = None, cues: float = 0.0) -> None:
+    """The rules of --dataset, --data_root and --cues, one line each: build_dataset checks
+    them, and train.py / finetune.py before any work (engine.check_common_flags)."""
+    _check_name(name)
+    SyntheticRooms.check_cues(cues)
+    if cues != 0 and name != "synthetic":
+        raise UserError(f"--cues applies to the synthetic rooms only, not {name}")
+    if name == "synthetic" and root:
+        raise UserError(f"--data_root {root}: the synthetic rooms are generated, not read; "
+                        f"give --dataset nyu or sun to read a dataset folder")
 
 
 def build_dataset(name: str, root: Optional[str] = None, split: str = "train", train: bool = False,
@@ -194,10 +234,7 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", t
     [0, 1]: the synthetic rooms' cross-modal cues (rooms.py, "Cross-modal cues"); 0 = the
     rooms as they always were.
     """
-    _check_name(name)
-    SyntheticRooms.check_cues(cues)
-    if cues != 0 and name != "synthetic":
-        raise UserError(f"--cues applies to the synthetic rooms only, not {name}")
+    check_dataset_flags(name, root, cues)
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     if split == "val" and name != "synthetic":
@@ -243,14 +280,19 @@ class SyntheticRooms(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def maps(self, index: int) -> dict:
+        """Scene `index` unaugmented: {modality: map} (the module docstring's sample)."""
+        rgb, depth, label = rooms.render_synthetic(self.split, index, self.size, self.cues)
+        return {"rgb": normalize_rgb(rgb), "depth": torch.from_numpy(depth.copy())[None],
+                "semseg": torch.from_numpy(label.copy())}
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        rgb, depth, label = rooms.render_synthetic(self.split, index, self.size, self.cues)
+        maps = self.maps(index)
         if self.train and aug_rng(self.seed, self.epoch, index).uniform() < 0.5:
-            rgb, depth, label = rgb[:, ::-1], depth[:, ::-1], label[:, ::-1]
-        return make_sample(normalize_rgb(rgb), torch.from_numpy(depth.copy())[None],
-                           torch.from_numpy(label.copy()), f"synthetic/{self.split}/{index}")
+            maps = {m: x.flip(-1) for m, x in maps.items()}
+        return make_sample(maps, f"synthetic/{self.split}/{index}")
 
 
 # =============================================================================
@@ -441,7 +483,11 @@ def read_depth(path: str, layout: Layout, dataset: str) -> np.ndarray:
         depth = depth.astype(np.float32)
     else:
         v = _read_uint16(path)
-        if layout.depth == "sun":
+        if layout.depth in ("mm", "npy_or_mm"):          # millimetres ("npy_or_mm": its PNG case)
+            depth = (v / 1000.0).astype(np.float32)
+        elif layout.depth == "multimae":
+            depth = (v / 6553.6).astype(np.float32)
+        elif layout.depth == "sun":
             # In SUN's encoding every depth under 8.192 m has its low 3 bits zero; plain
             # millimetres use them ~7/8 of the time. Refuse rather than decode garbage.
             nonzero = v[v > 0]
@@ -449,10 +495,8 @@ def read_depth(path: str, layout: Layout, dataset: str) -> np.ndarray:
                 raise UserError(f"{path}: not SUN RGB-D's bit-rotated depth encoding (the low 3 bits are in "
                                 f"use: plain millimetres?); expected the toolbox's depth / depth_bfx PNGs")
             depth = sun_depth_to_metres(v)
-        elif layout.depth == "multimae":
-            depth = (v / 6553.6).astype(np.float32)
-        else:                                   # "mm" and the PNG case of "npy_or_mm"
-            depth = (v / 1000.0).astype(np.float32)
+        else:                                   # a Layout written with a code this function lacks
+            raise ValueError(f"{path}: unknown depth encoding {layout.depth!r} of the {layout.key} layout")
     if not np.isfinite(depth).all():
         raise UserError(f"{path}: depth contains NaN or infinite values")
     if (depth < 0).any():
@@ -540,22 +584,24 @@ class RealRGBD(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict:
+    def maps(self, index: int) -> dict:
+        """Image `index` read, checked and unaugmented: {modality: map} (the module docstring's sample)."""
         item = self.items[index]
         rgb = read_rgb(item.rgb)
         depth = read_depth(item.depth, self.layout, self.name)
         label = read_label(item.label, self.layout, self.classes)
         check_same_size(item.rgb, rgb, {item.depth: depth, item.label: label})
-        rgb_t = normalize_rgb(rgb)
-        depth_t = torch.from_numpy(depth)[None]
-        label_t = torch.from_numpy(label)
+        return {"rgb": normalize_rgb(rgb), "depth": torch.from_numpy(depth)[None], "semseg": torch.from_numpy(label)}
+
+    def __getitem__(self, index: int) -> dict:
+        sample = make_sample(self.maps(index), self.items[index].id)
         if self.train:
             rng = aug_rng(self.seed, self.epoch, index)
             if self.augmentation == "pretrain":
-                rgb_t, depth_t, label_t = augment_pretrain(rgb_t, depth_t, label_t, rng, self.crop)
+                sample = augment_pretrain(sample, rng, self.crop)
             else:
-                rgb_t, depth_t, label_t = augment(rgb_t, depth_t, label_t, rng, self.crop, self.scale_range)
-        return make_sample(rgb_t, depth_t, label_t, item.id)
+                sample = augment(sample, rng, self.crop, self.scale_range)
+        return sample
 
 
 def _list_images(folder: str) -> dict:
@@ -656,45 +702,52 @@ def build_real_dataset(name: str, root: str, split: str, train: bool, image_size
 
 
 # =============================================================================
-# Augmentation (real data): rescale, pad, crop, flip — jointly on the three maps
+# Augmentation (real data): rescale, pad, crop, flip — the same geometry on every map
+#
+# Each function makes its random draws first, always the same number in the same order
+# from the sample's own generator, then applies one geometry to every map the sample has,
+# resampled and padded as the map's row of modalities.MODALITIES says.
 
 
-def augment(rgb: torch.Tensor, depth: torch.Tensor, label: torch.Tensor, rng: np.random.Generator,
-            size: int, scale_range=SCALE_RANGE):
+def resample(name: str, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A map of modality `name` (images [C, H, W], labels [H, W]) scaled to h x w as its
+    row's `resample` says: "bilinear", antialiased when shrinking; or "nearest", which
+    invents no value (no depth across an edge or a hole, 0 stays missing; labels stay
+    ids). Nearest is "nearest-exact": it samples at pixel centres like bilinear does, so
+    the maps stay aligned (plain "nearest" is off by up to half a pixel)."""
+    labels = MODALITIES[name].kind == "labels"
+    y = x[None, None] if labels else x[None]
+    if MODALITIES[name].resample == "bilinear":
+        y = torch.nn.functional.interpolate(y, (h, w), mode="bilinear", align_corners=False,
+                                            antialias=h < x.shape[-2] or w < x.shape[-1])
+    else:
+        y = torch.nn.functional.interpolate(y.float(), (h, w), mode="nearest-exact").to(x.dtype)
+    return y[0, 0] if labels else y[0]
+
+
+def augment(sample: dict, rng: np.random.Generator, size: int, scale_range=SCALE_RANGE) -> dict:
     """The paper's fine-tuning augmentation (§4.1: random flip, crop, rescale), applied
-    with the same geometry to rgb [3,H,W] (normalised), depth [1,H,W] and label [H,W].
+    with the same geometry to every map of `sample` (rgb normalised, depth, labels...):
 
-    1. rescale by s ~ U(scale_range): rgb bilinear; depth and labels nearest, so that no
-       depth is invented across an edge or a hole (0 stays missing) and labels stay ids;
-    2. pad to at least size x size (bottom/right): rgb 0 (the mean after normalisation),
-       depth 0 (missing), label IGNORE_INDEX;
+    1. rescale by s ~ U(scale_range) (`resample`);
+    2. pad to at least size x size (bottom/right) with each map's pad_value;
     3. crop size x size at a uniform position; 4. flip horizontally with p = 0.5.
     The four draws are always made, in this order, so each sample uses a fixed number of
     draws from its own generator.
     """
     s = rng.uniform(*scale_range)
     flip = rng.uniform() < 0.5
-    H, W = label.shape
+    H, W = map_size(sample)
     h, w = max(1, round(H * s)), max(1, round(W * s))
-    if (h, w) != (H, W):
-        # "nearest-exact" samples at pixel centres like bilinear does, so the three maps
-        # stay aligned (plain "nearest" is off by up to half a pixel).
-        rgb = torch.nn.functional.interpolate(rgb[None], (h, w), mode="bilinear", align_corners=False,
-                                              antialias=s < 1)[0]
-        depth = torch.nn.functional.interpolate(depth[None], (h, w), mode="nearest-exact")[0]
-        label = torch.nn.functional.interpolate(label[None, None].float(), (h, w),
-                                                mode="nearest-exact")[0, 0].long()
     ph, pw = max(h, size), max(w, size)
-    rgb = _pad_to(rgb, ph, pw, PAD_VALUE["rgb"])
-    depth = _pad_to(depth, ph, pw, PAD_VALUE["depth"])
-    label = _pad_to(label, ph, pw, PAD_VALUE["semseg"])
     y0 = int(rng.integers(0, ph - size + 1))
     x0 = int(rng.integers(0, pw - size + 1))
-    crop = (slice(y0, y0 + size), slice(x0, x0 + size))
-    rgb, depth, label = rgb[(slice(None),) + crop], depth[(slice(None),) + crop], label[crop]
-    if flip:
-        rgb, depth, label = rgb.flip(-1), depth.flip(-1), label.flip(-1)
-    return rgb.contiguous(), depth.contiguous(), label.contiguous()
+    out = dict(sample)
+    for m in modalities_of(sample):
+        x = resample(m, sample[m], h, w) if (h, w) != (H, W) else sample[m]
+        x = _pad_to(x, ph, pw, pad_value(m))[..., y0:y0 + size, x0:x0 + size]
+        out[m] = (x.flip(-1) if flip else x).contiguous()
+    return out
 
 
 # MultiMAE pre-trains with torchvision's RandomResizedCrop(scale=(0.2, 1.0)) and a flip, and
@@ -705,15 +758,13 @@ PRETRAIN_SCALE = (0.2, 1.0)           # fraction of the image's area a crop cove
 PRETRAIN_RATIO = (3 / 4, 4 / 3)       # its aspect ratio (width / height)
 
 
-def augment_pretrain(rgb: torch.Tensor, depth: torch.Tensor, label: torch.Tensor, rng: np.random.Generator,
-                     size: int, scale=PRETRAIN_SCALE, ratio=PRETRAIN_RATIO):
-    """MultiMAE's pre-training augmentation, jointly on rgb [3,H,W], depth [1,H,W] and
-    label [H,W]: a random crop of `scale` of the area and `ratio` aspect (torchvision's
+def augment_pretrain(sample: dict, rng: np.random.Generator, size: int, scale=PRETRAIN_SCALE,
+                     ratio=PRETRAIN_RATIO) -> dict:
+    """MultiMAE's pre-training augmentation, with the same geometry on every map of
+    `sample`: a random crop of `scale` of the area and `ratio` aspect (torchvision's
     RandomResizedCrop: up to 10 tries, else the largest centred crop of an allowed
-    aspect), resized to size x size (rgb bilinear, antialiased when shrinking; depth and
-    labels nearest, so no depth is invented across an edge or a hole), then a flip with
-    p = 0.5."""
-    H, W = label.shape
+    aspect), resized to size x size (`resample`), then a flip with p = 0.5."""
+    H, W = map_size(sample)
     for _ in range(10):
         area = H * W * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
@@ -726,12 +777,9 @@ def augment_pretrain(rgb: torch.Tensor, depth: torch.Tensor, label: torch.Tensor
         w, h = (W, round(W / aspect)) if W / H < aspect else (round(H * aspect), H)
         w, h = min(w, W), min(h, H)
         y0, x0 = (H - h) // 2, (W - w) // 2
-    crop = (slice(y0, y0 + h), slice(x0, x0 + w))
-    rgb, depth, label = rgb[(slice(None),) + crop], depth[(slice(None),) + crop], label[crop]
-    rgb = torch.nn.functional.interpolate(rgb[None], (size, size), mode="bilinear", align_corners=False,
-                                          antialias=size < h or size < w)[0]
-    depth = torch.nn.functional.interpolate(depth[None], (size, size), mode="nearest-exact")[0]
-    label = torch.nn.functional.interpolate(label[None, None].float(), (size, size), mode="nearest-exact")[0, 0].long()
-    if rng.uniform() < 0.5:
-        rgb, depth, label = rgb.flip(-1), depth.flip(-1), label.flip(-1)
-    return rgb.contiguous(), depth.contiguous(), label.contiguous()
+    flip = rng.uniform() < 0.5
+    out = dict(sample)
+    for m in modalities_of(sample):
+        x = resample(m, sample[m][..., y0:y0 + h, x0:x0 + w], size, size)
+        out[m] = (x.flip(-1) if flip else x).contiguous()
+    return out

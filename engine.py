@@ -159,8 +159,8 @@ def training_set(cfg, augmentation: str = "finetune"):
 
 
 def check_common_flags(cfg, positive=(), non_negative=()) -> int:
-    """The checks train.py and finetune.py share (their schedule, run-control and image
-    flags), plus the extra names given; returns the preset's patch size."""
+    """The checks train.py and finetune.py share (their schedule, run-control, dataset and
+    image flags), plus the extra names given; returns the preset's patch size."""
     check_numbers(cfg, positive=("epochs", "batch_size", "image_size", "lr") + tuple(positive),
                   non_negative=("subset", "stop_after", "ckpt_every", "workers", "clip_grad", "min_lr",
                                 "lr_warmup_epochs", "weight_decay") + tuple(non_negative))
@@ -170,12 +170,7 @@ def check_common_flags(cfg, positive=(), non_negative=()) -> int:
                         f"micro-batches")
     if cfg.min_lr > cfg.lr:
         raise UserError(f"--min_lr {cfg.min_lr} is above --lr {cfg.lr}")
-    check_numbers(cfg, unit=("cues",))
-    if cfg.cues and cfg.dataset != "synthetic":
-        raise UserError(f"--cues applies to the synthetic rooms only, not --dataset {cfg.dataset}")
-    if cfg.dataset == "synthetic" and cfg.data_root:
-        raise UserError(f"--data_root {cfg.data_root}: the synthetic rooms are generated, not read; "
-                        f"give --dataset nyu or sun to read a dataset folder")
+    data.check_dataset_flags(cfg.dataset, cfg.data_root, cfg.cues)
     patch = M.PRESETS[cfg.config].patch_size
     if cfg.image_size % patch:
         raise UserError(f"--image_size {cfg.image_size} is not a multiple of the patch size {patch}")

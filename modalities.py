@@ -1,12 +1,13 @@
 """modalities.py — the one table of modalities: what each input is and how it is learned.
 
 MaskMentor pre-trains on K = 3 modalities (paper §3.5): rgb, depth and semseg. Everything
-the network and the objectives need to know about one of them is a row of `MODALITIES`:
+the network, the objectives and the data need to know about one of them is a row of
+`MODALITIES`:
 
-    name     kind    channels  stride  loss  normalise            norm head  segmenter input
-    rgb      image   3         1       mse   as given (ImageNet)  yes        yes
-    depth    image   1         1       l1    standardize_depth    no         yes
-    semseg   labels  classes   4       ce    subsample_labels     no         no
+    name     kind    channels  stride  loss  normalise            norm head  segmenter input  resample
+    rgb      image   3         1       mse   as given (ImageNet)  yes        yes              bilinear
+    depth    image   1         1       l1    standardize_depth    no         yes              nearest
+    semseg   labels  classes   4       ce    subsample_labels     no         no               nearest
 
 - kind "image": a dense float map; its input adapter is a patch projection
   (model.PatchedInputAdapter), its MIM head predicts `channels` values per pixel.
@@ -14,17 +15,24 @@ the network and the objectives need to know about one of them is a row of `MODAL
   its head predicts one logit per class (channels = the dataset's number of classes).
 - stride: the map's resolution is 1/stride of the image's (semseg at 1/4, MultiMAE).
 - loss: the pixel loss on its masked patches (sttp.pixel_losses): MSE, L1 or
-  cross-entropy; pixels the normaliser marks invalid (depth holes) or labelled 255 don't count.
+  cross-entropy; pixels the normaliser marks invalid (depth holes) or labelled
+  IGNORE_INDEX (255, the labels' void) don't count.
 - normalise: the data's tensor -> (the model's input and reconstruction target, a mask of
   valid pixels or None).
 - norm head: MultiMAE's extra head that predicts the per-patch-normalised map (norm_rgb).
 - segmenter input: fed to the fine-tuned segmenter; semseg is a pre-training input only.
+- resample: how data.py scales the map when it augments (data.resample): "bilinear"
+  (antialiased when shrinking) for rgb; "nearest" (default) invents no value, so no depth
+  appears across an edge or a hole (0 stays missing) and labels stay class ids.
+  data.py also pads each map from its kind: labels with IGNORE_INDEX, images with 0.
 
 The model (model.py) builds one adapter and one head per row, the objectives (sttp.py) one
-loss per row, in the table's order, which is also the order of the token sequence. To add
-a modality (surface normals, say) add a row, e.g.
+loss per row, in the table's order, which is also the order of the token sequence; the
+data (data.py) pads, crops, flips and rescales every map a sample has as its row says. To
+add a modality (surface normals, say) add a row, e.g.
     MODALITIES["normals"] = Modality("image", 3, 1, "l1", as_given)
-and give the samples a "normals" map; `--modalities rgb,depth` leaves one out (docs/method.md §2).
+and return a "normals" map from the dataset's `maps` (README, "Adding a modality");
+`--modalities rgb,depth` leaves one out (docs/method.md §2).
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ from typing import Callable, Optional
 
 import torch
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255      # the labels' void: not a class, ignored by every loss and metric
 
 
 # -----------------------------------------------------------------------------
@@ -86,10 +94,15 @@ class Modality:
     normalise: Callable           # (map, stride) -> (input/target, valid mask or None)
     norm_head: bool = False       # MultiMAE's extra head on the per-patch-normalised map
     segmenter_input: bool = True  # an input of the fine-tuned segmenter
+    resample: str = "nearest"     # how data.py scales the map: "nearest" or "bilinear"
+
+    def __post_init__(self):
+        if self.resample not in ("nearest", "bilinear") or (self.kind == "labels" and self.resample != "nearest"):
+            raise ValueError(f"resample must be 'nearest' or 'bilinear' ('nearest' for labels), got {self.resample!r}")
 
 
 MODALITIES = {
-    "rgb": Modality("image", 3, 1, "mse", as_given, norm_head=True),
+    "rgb": Modality("image", 3, 1, "mse", as_given, norm_head=True, resample="bilinear"),
     "depth": Modality("image", 1, 1, "l1", standardize_depth),
     "semseg": Modality("labels", 0, 4, "ce", subsample_labels, segmenter_input=False),
 }

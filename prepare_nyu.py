@@ -23,16 +23,16 @@ Sources: classMapping40.mat `mapClass` (Gupta et al., CVPR 2013) and splits.mat
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 from PIL import Image
 
-from cli import check_output
-from data import IGNORE_INDEX, UserError, default_root
+from cli import UserError, arg, check_output, parse_config, run_cli
+from data import default_root
+from modalities import IGNORE_INDEX
 
 
 # Character k is the NYU-40 class (1..40) of raw label k+1, one base-62 digit each
@@ -173,28 +173,25 @@ def prepare_nyu(mat: str, out: str = "data/nyu", splits: Optional[str] = None, m
     return counts
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                       # one line, like the other CLIs
-        raise UserError(f"{self.prog}: {message} (see --help)")
+@dataclass
+class PrepareConfig:
+    """Convert nyu_depth_v2_labeled.mat into data/nyu (see the top of prepare_nyu.py)."""
+    mat: str = arg("", "the official nyu_depth_v2_labeled.mat (MATLAB v7.3); required")
+    splits: str = arg("", "splits.mat ('': the official split, embedded here)")
+    mapping: str = arg("", "classMapping40.mat ('': the official mapping, embedded here)")
+    out: str = arg(default_root("nyu"), "output folder")
+    depth: str = arg("filled", "the filled `depths` or the Kinect's `rawDepths` with holes", ("filled", "raw"))
 
 
-def main(argv=None) -> None:
-    p = _Parser(prog="prepare_nyu.py", description="Convert nyu_depth_v2_labeled.mat into data/nyu (see the top of this file).")
-    p.add_argument("--mat", required=True, help="the official nyu_depth_v2_labeled.mat (MATLAB v7.3)")
-    p.add_argument("--splits", default=None, help="splits.mat (default: the official split, embedded)")
-    p.add_argument("--mapping", default=None, help="classMapping40.mat (default: the official mapping, embedded)")
-    p.add_argument("--out", default=default_root("nyu"), help="output folder (default: data/nyu)")
-    p.add_argument("--depth", default="filled", choices=("filled", "raw"),
-                   help="the filled `depths` (default) or the Kinect's `rawDepths` with holes")
-    args = p.parse_args(argv)
-    check_output(args.out, "--out")            # before reading 2.8 GB
-    counts = prepare_nyu(args.mat, args.out, args.splits, args.mapping, args.depth)
-    print(f"prepare_nyu: {counts['written']} images written, {counts['skipped']} already there, in {args.out}")
+def main(argv=None) -> dict:
+    cfg, _ = parse_config(PrepareConfig, argv)
+    if not cfg.mat:
+        raise UserError("--mat is required: the official nyu_depth_v2_labeled.mat (see README)")
+    check_output(cfg.out, "--out")            # before reading 2.8 GB
+    counts = prepare_nyu(cfg.mat, cfg.out, cfg.splits or None, cfg.mapping or None, cfg.depth)
+    print(f"prepare_nyu: {counts['written']} images written, {counts['skipped']} already there, in {cfg.out}")
+    return counts
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -20,7 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-IGNORE_INDEX = 255        # void label (data.IGNORE_INDEX)
+from modalities import IGNORE_INDEX    # the void label, defined once
+
 SYNTHETIC_CLASSES = ("floor", "wall", "ceiling", "rug", "poster", "pillar", "ball", "disc", "box", "table")
 
 # A pinhole camera (60° field of view, 1.1-1.6 m high, pitched down 0-15°, yawed ±20°)

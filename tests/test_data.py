@@ -2,6 +2,7 @@
 between rgb and depth), collate / augmentation, and the real-data readers and converter
 on small real NYU files (tests/data/, see tests/data/ATTRIBUTION.md)."""
 import copy
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -68,8 +69,8 @@ def test_denormalize_inverts_normalize():
 
 def test_collate_pads_to_the_largest_image():
     def sample(h, w):
-        return data.make_sample(torch.ones(3, h, w), torch.ones(1, h, w), torch.ones(h, w, dtype=torch.int64),
-                                f"{h}x{w}")
+        return data.make_sample({"rgb": torch.ones(3, h, w), "depth": torch.ones(1, h, w),
+                                 "semseg": torch.ones(h, w, dtype=torch.int64)}, f"{h}x{w}")
     b = data.collate([sample(4, 6), sample(5, 3)])
     assert b["rgb"].shape == (2, 3, 5, 6) and b["depth"].shape == (2, 1, 5, 6) and b["semseg"].shape == (2, 5, 6)
     assert b["id"] == ["4x6", "5x3"]
@@ -406,6 +407,16 @@ def test_prepare_nyu_bad_inputs(nyu_mat, tmp_path):
     one_line_error(e, "splits.mat", "mapClass")
 
 
+def test_prepare_nyu_flags_are_one_line_errors(tmp_path):
+    """cli.parse_config's rules: no abbreviated flags, --mat required, choices checked."""
+    for argv, words in ((["--ma", "x.mat"], "unrecognized arguments: --ma"), ([], "--mat is required"),
+                        (["--mat", "x.mat", "--depth", "holes"], "invalid choice: 'holes'")):
+        with pytest.raises(data.UserError) as e:
+            prepare_nyu.main(argv + ["--out", str(tmp_path / "o")])
+        one_line_error(e, words)
+    assert not (tmp_path / "o").exists()
+
+
 # --- the layouts users already have ----------------------------------------------------
 
 
@@ -473,6 +484,21 @@ def test_sun_layout_reads_the_official_depth_encoding(tmp_path):
     with pytest.raises(data.UserError) as e:
         data.build_dataset("sun", str(root), "test")[0]
     one_line_error(e, "img-test.png", "bit-rotated")
+
+
+def test_each_depth_encoding_is_an_explicit_case(tmp_path):
+    """read_depth decodes each layout's depth code as the table says (2.5 m in each
+    encoding reads back as 2.5 m); a code it does not know is an error naming it, not
+    millimetres."""
+    stored = {"mm": np.uint16(2500), "npy_or_mm": np.uint16(2500), "multimae": np.uint16(2.5 * 6553.6),
+              "sun": data.metres_to_sun_depth(np.float64(2.5))}
+    for code, v in stored.items():
+        path = str(tmp_path / f"{code}.png")
+        save(path, np.full((6, 8), v, np.uint16))
+        depth = data.read_depth(path, dataclasses.replace(data.MASKMENTOR, depth=code), "nyu")
+        assert depth.dtype == np.float32 and np.allclose(depth, 2.5), code
+    with pytest.raises(ValueError, match="unknown depth encoding 'cm'"):
+        data.read_depth(str(tmp_path / "mm.png"), dataclasses.replace(data.MASKMENTOR, depth="cm"), "nyu")
 
 
 def test_missing_root_and_unknown_layout(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import evaluate
 import modalities
 import model as M
 from cli import UserError
-from conftest import make_esanet, one_line_error, real_sample
+from conftest import fixture_path, make_esanet, one_line_error, real_sample
 
 
 def finetuned(path, dataset="synthetic", conventions=None, table=None, **cfg):
@@ -208,12 +208,30 @@ def test_a_large_image_is_segmented_at_a_bounded_size(tmp_path, monkeypatch, cap
 # --- ONNX ----------------------------------------------------------------------------------
 
 
+def test_default_onnx_check_images_are_synthetic_rooms_one_with_depth_holes():
+    conv = evaluate.Conventions("synthetic", data.CLASS_NAMES["synthetic"], 32, data.RGB_MEAN, data.RGB_STD)
+    images = evaluate.check_images(conv)
+    rooms = data.build_dataset("synthetic", split="test", image_size=32)
+    assert [n for n, _ in images] == ["synthetic room 0 (32x32 padded to 32x32)",
+                                      "synthetic room 1 with depth holes (32x32 padded to 32x32)"]
+    plain, holes = (b["depth"][0, 0] for _, b in images)
+    assert torch.equal(plain, rooms[0]["depth"][0]) and torch.equal(images[1][1]["rgb"][0], rooms[1]["rgb"])
+    made = (holes == 0) & (rooms[1]["depth"][0] > 0)                  # holes the check added
+    assert made.float().mean() > 0.1 and torch.equal(holes[~made], rooms[1]["depth"][0][~made])
+    assert (holes > 0).any()                                           # still a depth map to standardise
+
+
 @pytest.mark.slow
 def test_onnx_export_matches_pytorch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     net = finetuned(tmp_path / "ckpt.pt", "nyu")
-    r = evaluate.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--export_onnx", str(tmp_path / "onnx")])
+    conv = evaluate.conventions(evaluate.load_segmenter(str(tmp_path / "ckpt.pt"), "cpu")[1], net, "ckpt.pt")
+    # checked on the real NYU image #1 (640x480 fitted into 64x48), filled and raw (holey) depth
+    real = [(f"NYU #1, {kind} depth", evaluate.read_inputs(fixture_path("nyu_0001", "rgb.jpg"),
+                                                            fixture_path("nyu_0001", f"depth_{kind}.png"), 1e-4, conv))
+            for kind in ("filled", "raw")]                                 # x10000 PNGs; raw has holes
+    r = evaluate.export_onnx(net, conv, str(tmp_path / "onnx"), list(evaluate.SETTINGS), check_on=real)
     assert sorted(os.listdir(tmp_path / "onnx")) == ["depth.onnx", "rgb.onnx", "rgbd.onnx"]
     for s, res in r.items():
         # float32 through the same operations; ~1e-6 measured, 1e-3 leaves room for other CPUs
@@ -317,3 +335,4 @@ def test_onnx_export_falls_back_to_the_torchscript_exporter(tmp_path, monkeypatc
     assert r["rgb"]["max_abs_diff"] < 1e-3 and r["rgb"]["class_differs"] == 0
     out = capsys.readouterr().out
     assert "cannot handle this); using dynamo=False" in out and "long report" not in out
+    assert "synthetic room 1 with depth holes" in out                  # the default check images

@@ -1,10 +1,14 @@
-"""The modality table: a modality added by one row is built, pre-trained and fine-tuned;
+"""The modality table: a modality added by one row travels through data.py (the sample,
+its flip, collate's padding, the real-data augmentations), is pre-trained and fine-tuned;
 `--modalities` leaves one out."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import data
 import finetune
 import masking
 import modalities
@@ -12,8 +16,9 @@ import model as M
 import runtime
 import sttp
 import train
-from conftest import smooth_batch
 from modalities import Modality
+
+C = data.num_classes("synthetic")
 
 
 @pytest.fixture
@@ -23,19 +28,101 @@ def normals(monkeypatch):
     return ("rgb", "depth", "normals", "semseg")
 
 
-def batch_with_normals(B=4, size=64):
-    b = smooth_batch(B, size, classes=7)
-    g = torch.Generator().manual_seed(5)
-    b["normals"] = torch.nn.functional.normalize(torch.randn(B, 3, size, size, generator=g), dim=1)
-    return b
+def normals_from_depth(depth):
+    """Unit normals [3, H, W] of a depth map [1, H, W]: (-dz/dx, -dz/dy, 1) from the
+    pixel gradients, normalised; a stand-in for a real normal estimator."""
+    dz_dy, dz_dx = torch.gradient(depth[0])
+    return F.normalize(torch.stack([-dz_dx, -dz_dy, torch.ones_like(dz_dx)]), dim=0)
+
+
+class RoomsWithNormals(data.SyntheticRooms):
+    """What the README asks of a user: the dataset's `maps` also returns a "normals" map."""
+
+    def maps(self, index):
+        maps = super().maps(index)
+        return {**maps, "normals": normals_from_depth(maps["depth"])}
+
+
+def batch_with_normals(B=4):
+    """A training batch of the rooms with normals: flipped as the dataset flips, collated."""
+    ds = RoomsWithNormals("train", train=True, seed=1)
+    return data.collate([ds[i] for i in range(B)])
 
 
 def changed(before: dict, net: torch.nn.Module, prefix: str) -> bool:
     return any(not torch.equal(before[k], v) for k, v in net.state_dict().items() if k.startswith(prefix))
 
 
+# --- the new map through data.py --------------------------------------------------------
+
+
+def test_a_map_needs_its_row():
+    maps = data.SyntheticRooms("test").maps(0)
+    with pytest.raises(ValueError, match="'normals' is not a row"):
+        data.make_sample({**maps, "normals": normals_from_depth(maps["depth"])}, "x")
+
+
+def test_the_synthetic_flip_and_collate_carry_the_new_map(normals):
+    plain, aug = RoomsWithNormals("train"), RoomsWithNormals("train", train=True, seed=3)
+    without = data.SyntheticRooms("train", train=True, seed=3)
+    flips = 0
+    for i in range(8):
+        s, p, w = aug[i], plain[i], without[i]
+        assert all(torch.equal(s[k], w[k]) for k in ("rgb", "depth", "semseg"))   # the same draws
+        flipped = not torch.equal(s["rgb"], p["rgb"])
+        assert torch.equal(s["normals"], p["normals"].flip(-1) if flipped else p["normals"])
+        flips += flipped
+    assert 0 < flips < 8
+    # collate pads a smaller image's normals with 0 (an image's pad value), its labels with 255
+    big, small = plain[0], RoomsWithNormals("test", image_size=48)[0]
+    b = data.collate([big, small])
+    assert b["normals"].shape == (2, 3, 64, 64) and torch.equal(b["normals"][1, :, :48, :48], small["normals"])
+    assert (b["normals"][1, :, 48:] == 0).all() and (b["normals"][1, :, :, 48:] == 0).all()
+    assert (b["semseg"][1, 48:] == 255).all() and torch.equal(b["normals"][0], big["normals"])
+    assert torch.equal(data.center_crop(big, 32)["normals"], big["normals"][:, 16:48, 16:48])
+
+
+def pixels(sample) -> torch.Tensor:
+    """[H*W, 5]: each pixel's depth, normal and label, the maps data.py resamples nearest."""
+    maps = torch.cat([sample["depth"], sample["normals"], sample["semseg"][None].float()])
+    return maps.flatten(1).T
+
+
+@pytest.mark.parametrize("augment", [data.augment, data.augment_pretrain])
+def test_the_real_data_augmentations_give_the_new_map_the_same_geometry(normals, augment, monkeypatch):
+    rooms = RoomsWithNormals("test")
+    padding = (0.0, 0.0, 0.0, 0.0, float(data.IGNORE_INDEX))
+    for i in range(6):
+        sample = data.make_sample(rooms.maps(i), f"room {i}")
+        kwargs = {"scale_range": (0.5, 0.6)} if augment is data.augment and i == 0 else {}   # padded
+        out = augment(sample, np.random.default_rng(i), 48, **kwargs)
+        assert out["normals"].shape == (3, 48, 48) and out["id"] == f"room {i}"
+        # the new map takes no draws: the other maps are what they are without it
+        ref = augment({k: v for k, v in sample.items() if k != "normals"}, np.random.default_rng(i), 48, **kwargs)
+        assert all(torch.equal(out[k], ref[k]) for k in ("rgb", "depth", "semseg"))
+        # one geometry for every map, resampled nearest (the row's default): each pixel's
+        # (depth, normal, label) is one of the source's, or padding (0, 0, 255)
+        source = set(map(tuple, pixels(sample).tolist())) | {padding}
+        got = set(map(tuple, pixels(out).tolist()))
+        assert got <= source
+        if kwargs:
+            assert padding in got
+    # how a map is resampled is a fact of its row: a copy of rgb stays rgb's copy when its
+    # row says "bilinear" like rgb's, not with the default "nearest"
+    sample = data.make_sample({**rooms.maps(0), "normals": rooms.maps(0)["rgb"].clone()}, "room 0")
+    out = augment(sample, np.random.default_rng(1), 48)
+    assert not torch.equal(out["normals"], out["rgb"])
+    monkeypatch.setitem(modalities.MODALITIES, "normals", dataclasses.replace(modalities.MODALITIES["normals"],
+                                                                              resample="bilinear"))
+    out = augment(sample, np.random.default_rng(1), 48)
+    assert torch.equal(out["normals"], out["rgb"])
+
+
+# --- the new row in the model, the objectives and fine-tuning -------------------------------
+
+
 def test_a_row_of_the_table_gives_an_adapter_a_head_and_a_loss(normals):
-    cfg = dataclasses.replace(M.PRESETS["tiny"], num_classes=7, modalities=normals)
+    cfg = dataclasses.replace(M.PRESETS["tiny"], num_classes=C, modalities=normals)
     net = M.MaskMentor(cfg)
     assert list(net.input_adapters) == list(normals)
     assert set(net.output_adapters) == set(normals) | {"norm_rgb"}
@@ -58,7 +145,7 @@ def test_a_row_of_the_table_gives_an_adapter_a_head_and_a_loss(normals):
 @pytest.mark.parametrize("mode", ["m2im", "sttp"])
 def test_pretraining_steps_learn_the_new_modality(normals, mode):
     torch.manual_seed(0)
-    net = M.MaskMentor(dataclasses.replace(M.PRESETS["tiny"], num_classes=7, modalities=normals))
+    net = M.MaskMentor(dataclasses.replace(M.PRESETS["tiny"], num_classes=C, modalities=normals))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32))
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -69,7 +156,7 @@ def test_pretraining_steps_learn_the_new_modality(normals, mode):
 
 def test_finetuning_takes_the_new_modality_as_an_input(normals):
     torch.manual_seed(0)
-    cfg = dataclasses.replace(M.PRESETS["tiny"], num_classes=7, modalities=normals)
+    cfg = dataclasses.replace(M.PRESETS["tiny"], num_classes=C, modalities=normals)
     pre = M.MaskMentor(cfg)
     seg = M.Segmenter(cfg)
     assert seg.inputs == ("rgb", "depth", "normals")
@@ -79,11 +166,12 @@ def test_finetuning_takes_the_new_modality_as_an_input(normals):
     before = {k: v.clone() for k, v in seg.state_dict().items()}
     fcfg = finetune.FinetuneConfig(p_missing=1.0)
     rt = runtime.TrainingRuntime(torch.device("cpu"))
-    logs = finetune.train_step(seg, opt, batch_with_normals(), fcfg, torch.Generator().manual_seed(0), rt)
+    batch = batch_with_normals()
+    logs = finetune.train_step(seg, opt, batch, fcfg, torch.Generator().manual_seed(0), rt)
     assert logs["loss"] > 0 and changed(before, seg, "input_adapters.normals.")
     seg.eval()
-    only = modalities.prepare_inputs({"normals": batch_with_normals()["normals"]}, seg.inputs)
-    assert seg(only).shape == (4, 7, 64, 64)
+    only = modalities.prepare_inputs({"normals": batch["normals"]}, seg.inputs)
+    assert seg(only).shape == (4, C, 64, 64)
 
 
 def test_sample_present_with_three_inputs_draws_every_proper_subset():
