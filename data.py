@@ -56,7 +56,8 @@ from modalities import IGNORE_INDEX, MODALITIES
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
 DATASETS = ("synthetic", "nyu", "sun")
-SPLITS = ("train", "val", "test")      # "val": synthetic only
+SPLITS = ("train", "val", "test", "pool")      # "val", "pool": synthetic only
+SYNTHETIC_ONLY = {"val": "validation", "pool": "foundation pool"}
 
 SYNTHETIC_CLASSES = rooms.SYNTHETIC_CLASSES
 # NYU-40 (Gupta et al. 2013) in the official order of `className` in classMapping40.mat.
@@ -223,8 +224,9 @@ def check_dataset_flags(name: str, root: Optional[str] = None, cues: float = 0.0
 def build_dataset(name: str, root: Optional[str] = None, split: str = "train", train: bool = False,
                   image_size: Optional[int] = None, seed: int = 0, augmentation: str = "finetune",
                   cues: float = 0.0) -> torch.utils.data.Dataset:
-    """The dataset `name` ("synthetic", "nyu", "sun"), split "train" or "test" (or "val":
-    the synthetic rooms' validation split, for choices made before looking at test).
+    """The dataset `name` ("synthetic", "nyu", "sun"), split "train" or "test" (or, for the
+    synthetic rooms only, "val": the validation split, for choices made before looking at
+    test; "pool": 8000 more scenes to pre-train a foundation on, results/regime/).
 
     train=True applies the training augmentation (synthetic: flip; real data: MultiMAE's
     for `augmentation` "finetune" (flip, rescale, crop to image_size) or "pretrain" (random
@@ -237,8 +239,9 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", t
     check_dataset_flags(name, root, cues)
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    if split == "val" and name != "synthetic":
-        raise UserError(f"{name}: no 'val' split (NYUv2 and SUN RGB-D come as train and test only)")
+    if split in SYNTHETIC_ONLY and name != "synthetic":
+        raise UserError(f"{name}: no {split!r} split: the {SYNTHETIC_ONLY[split]} split is the synthetic rooms' "
+                        f"(NYUv2 and SUN RGB-D come as train and test only)")
     if name == "synthetic":
         return SyntheticRooms(split, train=train, image_size=image_size or rooms.SYNTHETIC_SIZE, seed=seed,
                               cues=cues)

@@ -150,10 +150,10 @@ class Subset(torch.utils.data.Dataset):
         self.dataset.set_epoch(epoch)
 
 
-def training_set(cfg, augmentation: str = "finetune"):
-    """The training split of cfg.dataset with augmentation ("pretrain" or "finetune": see
-    data.build_dataset), cut to --subset if given."""
-    ds = data.build_dataset(cfg.dataset, cfg.data_root or None, "train", train=True,
+def training_set(cfg, augmentation: str = "finetune", split: str = "train"):
+    """The training split (or another: train.py --split pool) of cfg.dataset with augmentation
+    ("pretrain" or "finetune": see data.build_dataset), cut to --subset if given."""
+    ds = data.build_dataset(cfg.dataset, cfg.data_root or None, split, train=True,
                             image_size=cfg.image_size, seed=cfg.seed, augmentation=augmentation, cues=cfg.cues)
     return Subset(ds, cfg.subset) if cfg.subset else ds
 

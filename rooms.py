@@ -116,9 +116,11 @@ SYNTHETIC_CUE = {"floor": "either", "wall": "either", "ceiling": "either", "rug"
 
 FLOOR, WALL, CEILING, RUG, POSTER, PILLAR, BALL, DISC, BOX, TABLE = range(len(SYNTHETIC_CLASSES))
 SYNTHETIC_SIZE = 64                       # default image side, pixels
-# The validation split is for choices (recipes, settings); test is for reporting only.
-SYNTHETIC_LENGTH = {"train": 2000, "val": 500, "test": 500}
-_SYNTHETIC_SPLIT_KEY = {"train": 1, "test": 2, "val": 3}   # different seed streams: no shared scene
+# The validation split is for choices (recipes, settings); test is for reporting only. The
+# pool is for pre-training a foundation to start from (results/regime/: the stand-in for
+# weights trained on other data, as released MultiMAE weights are), never for evaluation.
+SYNTHETIC_LENGTH = {"train": 2000, "val": 500, "test": 500, "pool": 8000}
+_SYNTHETIC_SPLIT_KEY = {"train": 1, "test": 2, "val": 3, "pool": 4}   # different seed streams: no shared scene
 _SYNTHETIC_BASE_SEED = 20240229
 _HFOV = math.radians(60.0)                # about a Kinect's 58°
 # The cross-modal cues' sizes at cues = 1 (header, "Cross-modal cues").

@@ -46,10 +46,14 @@ class TrainConfig:
     """MaskMentor pre-training: MIM warm-up on complete modalities, then --mode."""
     dataset: str = arg("synthetic", "dataset to pre-train on", data.DATASETS)
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
+    split: str = arg("train", "what to pre-train on: the training split, or the synthetic rooms' pool "
+                     "(8000 scenes apart from train/val/test, for a foundation to start from: results/regime/)",
+                     ("train", "pool"))
     subset: int = arg(0, "use only the first N training images (0 = all)")
     cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (rooms.py)")
     config: str = arg("tiny", "model preset and its training defaults", tuple(M.PRESETS))
-    init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
+    init: str = arg("", "weights to start from: a MultiMAE, MAE or timm ViT-B, or a ckpt.pt of train.py "
+                        "(MultiMAE-shaped: its encoder and MIM heads load)")
     mode: str = arg("sttp", "objective after the warm-up (docs/cli.md: the objectives)", sttp.OBJECTIVES)
     modalities: str = arg(",".join(modalities.DEFAULT), "comma-separated pre-training inputs, rows of "
                           "modalities.MODALITIES (e.g. rgb,depth: no semantic maps)")
@@ -179,7 +183,7 @@ def main(argv=None):
     # Seeded alike in every process: masking is drawn for the global batch (model.Shard).
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    dataset = training_set(cfg, augmentation="pretrain")
+    dataset = training_set(cfg, augmentation="pretrain", split=cfg.split)
     model_cfg = dataclasses.replace(M.PRESETS[cfg.config], image_size=cfg.image_size,
                                     num_classes=data.num_classes(cfg.dataset),
                                     modalities=tuple(cfg.modalities.split(",")))

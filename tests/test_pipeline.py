@@ -146,3 +146,25 @@ def test_layer_decay_groups():
     assert scale[id(net.input_adapters["rgb"].proj.weight)] == 0.5 ** (depth + 1)
     assert wd[id(net.encoder[0].attn.qkv.bias)] == 0.0 and wd[id(net.global_tokens)] == 0.0
     assert wd[id(net.encoder[0].attn.qkv.weight)] == 0.05
+
+
+def test_dedicated_models(tmp_path, monkeypatch, capsys):
+    """finetune.py --inputs: a dedicated rgb model has only the rgb adapter, is evaluated on
+    rgb only (and says it skips the rest); a dedicated rgbd model always sees both inputs;
+    --p_missing belongs to --inputs any."""
+    base = ["--pretrained", "none", "--subset", "16", "--batch_size", "8", "--epochs", "1"]
+    seen = []
+    real = finetune.sample_present
+    monkeypatch.setattr(finetune, "sample_present", lambda *a: seen.append(real(*a)) or seen[-1])
+    finetune.main(base + ["--inputs", "rgbd", "--out_dir", str(tmp_path / "rgbd")])
+    assert seen and all(p.all() for p in seen)
+    net = finetune.main(base + ["--inputs", "rgb", "--out_dir", str(tmp_path / "rgb")])
+    assert net.inputs == ("rgb",) and not any(k.startswith("input_adapters.depth") for k in net.state_dict())
+    capsys.readouterr()
+    out = evaluate.main(["--ckpt", str(tmp_path / "rgb" / "ckpt.pt"), "--out_json", str(tmp_path / "r.json"),
+                         "--save_vis", ""])
+    assert set(out) == {"rgb", "meta"} and "skipping rgbd, depth" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--only depth: .* takes rgb only"):
+        evaluate.main(["--ckpt", str(tmp_path / "rgb" / "ckpt.pt"), "--only", "depth"])
+    with pytest.raises(UserError, match="--p_missing chooses the inputs of --inputs any"):
+        finetune.main(base + ["--inputs", "depth", "--p_missing", "0.5", "--out_dir", str(tmp_path / "d")])

@@ -376,3 +376,23 @@ def test_an_incomplete_or_foreign_encoder_is_refused_in_one_line():
     renamed = {k.replace("encoder.", "encoder.layers."): v for k, v in multimae_state(cfg).items()}
     with pytest.raises(ValueError, match="encoder.layers.0.*not a block of MultiMAE's encoder"):
         M.load_encoder_weights(M.Segmenter(cfg), renamed)
+
+
+def test_a_pre_training_checkpoint_of_this_project_initialises_everything(tmp_path):
+    """train.py --init of a train.py ckpt.pt (the regime study's foundation): it is
+    MultiMAE-shaped, so the encoder, every input adapter and the MIM heads load, all of
+    them, value for value; a Segmenter takes its encoder and the adapters of its inputs."""
+    import train
+    train.main(["--subset", "16", "--batch_size", "8", "--epochs", "1", "--vis_every", "0", "--stop_after", "1",
+                "--mode", "mim", "--out_dir", str(tmp_path / "a")])
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"), "pretrain")
+    cfg = M.ModelConfig.from_dict(ckpt["model_config"])
+    torch.manual_seed(1)
+    net = M.MaskMentor(cfg)
+    report = checkpoints.init_encoder(net, str(tmp_path / "a" / "ckpt.pt"))
+    assert not report.missing and any(k.startswith("output_adapters.") for k in report.loaded)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in ckpt["model"].items())
+    seg = M.Segmenter(dataclasses.replace(cfg, modalities=("depth",)))
+    checkpoints.init_encoder(seg, str(tmp_path / "a" / "ckpt.pt"))
+    own = seg.state_dict()
+    assert all(torch.equal(ckpt["model"][k], own[k]) for k in own if k.startswith(("encoder.", "input_adapters.")))
