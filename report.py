@@ -530,3 +530,222 @@ def difference_chart(series: dict, path: str) -> None:
     for i, (label, colour) in enumerate(colours.items()):
         d.text((pad + 260 * i, H - 18), label.replace("²", "2").replace("−", "-"), fill=colour)
     img.save(path)
+
+
+# -----------------------------------------------------------------------------
+# The regime study (reproduce.py --study regime): scratch against adapting a foundation
+
+
+def regime_score(run: dict) -> float:
+    """The pilot's score of one run: the mean of its validation mIoU over the three input
+    conditions (results/regime/PROTOCOL.md: it does not look at differences between variants)."""
+    return statistics.fmean(run["val"][s]["miou"] for s in SETTINGS)
+
+
+def choose_pilot_lr(results: list, lrs) -> float:
+    """The protocol's rule: the adapt-regime pre-training lr whose pilot runs (mim and m2im,
+    jointly fine-tuned) have the highest mean score; within 0.1 of the best, the smaller lr."""
+    scores = pilot_scores(results, lrs)
+    best = max(scores.values())
+    return min(lr for lr, sc in scores.items() if sc >= best - 0.1)
+
+
+def pilot_scores(results: list, lrs) -> dict:
+    """{lr: mean regime_score} over the pilot's runs: adapt regime, mim and m2im, joint."""
+    return {lr: statistics.fmean(regime_score(r) for r in results if r["regime"] == "adapt" and r["lr"] == lr
+                                 and r["variant"] in ("mim", "m2im") and r["inputs"] == "any"
+                                 and not r["layer_decay"])
+            for lr in lrs}
+
+
+def integrated_lr(mode: str, warmup_epochs: int, epochs: int, batches: int, lr: float, min_lr: float,
+                  lr_warmup_epochs: float, schedule: str) -> dict:
+    """What a pre-training's learning-rate schedule gives it, computed from the schedule
+    (engine.Loop's two clocks) and the objective's declared steps (sttp.OBJECTIVES): the
+    optimiser steps and the sum of their lr, over all steps and over the steps that see
+    Algorithm 1 input. `schedule` "batches": lr_at of the batch position; "steps": of the
+    optimiser step position (train.py --lr_schedule). reproduce.py's BudgetCounter counts the
+    same during the runs."""
+    import engine
+    cfg = sttp.ObjectiveConfig()
+    per = lambda e: 1 if e < warmup_epochs else sttp.OBJECTIVES[mode].steps_per_batch(cfg)
+    missing = lambda e: () if e < warmup_epochs else sttp.OBJECTIVES[mode].missing_modality_steps(cfg)
+    position = lambda e, b: sum(batches * per(i) for i in range(e)) + b * per(e)
+    by_steps = schedule == "steps"
+    total = position(epochs, 0) if by_steps else epochs * batches
+    warm = int(lr_warmup_epochs * batches)
+    warm = position(*divmod(warm, batches)) if by_steps else warm
+    out = {"steps": 0, "lr": 0.0, "missing_steps": 0, "missing_lr": 0.0}
+    for e in range(epochs):
+        for b in range(batches):
+            for k in range(per(e)):
+                x = engine.lr_at(position(e, b) + k if by_steps else e * batches + b, total, warm, lr, min_lr)
+                out["steps"] += 1
+                out["lr"] += x
+                if k in missing(e):
+                    out["missing_steps"] += 1
+                    out["missing_lr"] += x
+    return out
+
+
+def integrated_lr_table(variants, warmup_epochs: int, main_epochs: int, batches: int, lr_warmup_epochs: float) -> dict:
+    """{variant: {schedule: integrated_lr at a peak lr of 1}}: Σ lr in units of steps at the
+    peak lr, for the equal-step budgets (variant_epochs) under both schedules."""
+    return {v: {sch: integrated_lr(VARIANTS[v][0], warmup_epochs, variant_epochs(v, warmup_epochs, main_epochs),
+                                   batches, 1.0, 0.0, lr_warmup_epochs, sch) for sch in ("batches", "steps")}
+            for v in variants}
+
+
+REGIME_CONTRASTS = (("m2im", "mim", "M²IM − MIM"), ("maskmentor", "m2im", "MaskMentor − M²IM"),
+                    ("maskmentor", "tw0", "MaskMentor − tw0"))
+
+
+def runs_of(results: list, **match) -> dict:
+    """{seed: run} of the runs whose fields equal `match` (variant, regime, lr, inputs,
+    layer_decay; inputs "any" and layer_decay 0 unless given)."""
+    match = {"inputs": "any", "layer_decay": 0.0, **match}
+    return {r["seed"]: r for r in results if all(r.get(k) == v for k, v in match.items())}
+
+
+def paired(a: dict, b: dict, setting: str, b_setting: str = None) -> dict:
+    """Per-seed differences a − b of test mIoU (the seeds both have), their mean ± sd, and
+    whether the mean is clear of zero by two standard errors (the protocol's rule)."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s]["clean"][setting]["miou"] - b[s]["clean"][b_setting or setting]["miou"] for s in seeds]
+    m, sd = mean_std(diffs) if diffs else (math.nan, math.nan)
+    clear = len(diffs) > 1 and abs(m) > 2 * sd / math.sqrt(len(diffs))
+    return {"seeds": seeds, "diffs": diffs, "mean": m, "sd": sd, "clear": clear}
+
+
+def _diff_cell(d: dict) -> str:
+    if not d["diffs"]:
+        return "—"
+    text = f"{d['mean']:+.2f} ± {d['sd']:.2f}"
+    return f"**{text}** (clear)" if d["clear"] else f"{text}"
+
+
+def _miou_cell(runs: dict, setting: str) -> str:
+    values = [r["clean"][setting]["miou"] for r in runs.values() if setting in r["clean"]]
+    return _pm(mean_std(values)) + f" (n={len(values)})" if values else "—"
+
+
+def write_regime(study: dict, path: str, png: str) -> None:
+    """results/regime/regime.md and regime.png: the pilot and its choice, the foundation, then
+    each row of the protocol with paired differences per seed, the integrated lr, every run."""
+    R, cfg, lr_a = study["runs"], study["config"], study["chosen_lr"]
+    regimes = {"adapt": dict(regime="adapt", lr=lr_a), "scratch": dict(regime="scratch", lr=0.0)}
+    variant = lambda v, reg, **kw: runs_of(R, variant=v, **({**regimes[reg], "lr": 0.0} if v == "baseline"
+                                                            else regimes[reg]), **kw)
+    L = ["# Scratch against adaptation, joint against dedicated (`python reproduce.py --study regime`)", "",
+         f"Protocol, written before the first run: [PROTOCOL.md](PROTOCOL.md). Synthetic rooms, tiny model; "
+         f"pre-training {cfg['pretrain_images']} images, batch {cfg['batch_size']}, {cfg['warmup_epochs']} MIM warm-up "
+         f"epoch(s) + {cfg['main_epochs']} STTP-sized epochs for every variant, the lr schedule indexed by optimiser "
+         f"steps; fine-tuning {cfg['finetune_images']} images, {cfg['finetune_epochs']} epochs; test = the first "
+         f"{cfg['test_images']} test images, validation = the first {cfg['val_images']} val images. The foundation "
+         f"(one per seed): MIM on {cfg['foundation_images']} pool scenes, batch {cfg['foundation_batch']}, "
+         f"{cfg['foundation_epochs']} epochs. Differences are paired by seed: mean ± sd over seeds; **clear** = the "
+         f"mean is more than two standard errors from 0.", "",
+         "## Step 0: the adapt regime's pre-training lr, chosen on validation", "",
+         "| lr | mim: val mIoU (mean of the 3 conditions) | m2im | score |", "|---|---|---|---|"]
+    scores = pilot_scores(R, study["pilot_lrs"])
+    for lr in study["pilot_lrs"]:
+        cells = [_pm(mean_std([regime_score(r) for r in runs_of(R, variant=v, regime="adapt", lr=lr).values()]))
+                 for v in ("mim", "m2im")]
+        L.append(f"| {lr:g}{' (chosen)' if lr == lr_a else ''} | {cells[0]} | {cells[1]} | {scores[lr]:.2f} |")
+    L += ["", "## The foundation: its MIM loss", "",
+          "| seed | pixel loss, first → last epoch | last epoch's drop |", "|---|---|---|"]
+    for s, f in enumerate(study["foundation"]):
+        L.append(f"| {s} | {f['first']:.3f} → {f['last']:.3f} | {100 * f['last_epoch_drop']:.1f} % |")
+    settings = ("rgb", "depth", "rgbd")
+    label = {"rgb": "rgb only", "depth": "depth only", "rgbd": "rgb+depth"}
+    series = {}
+    for reg, title in (("adapt", "The paper's regime: adapting the foundation"),
+                       ("scratch", "Today's regime: from scratch (step schedule)")):
+        L += ["", f"## {title}", "", "Test mIoU, mean ± sd over seeds.", "",
+              "| variant | " + " | ".join(label[s] for s in settings) + " |", "|---|---|---|---|"]
+        for v in ("baseline", "mim", "m2im", "maskmentor", "tw0"):
+            runs = variant(v, reg)
+            if runs:
+                name = "none (the foundation as it is)" if v == "baseline" and reg == "adapt" else VARIANTS[v][1]
+                L.append(f"| {name} | " + " | ".join(_miou_cell(runs, s) for s in settings) + " |")
+        L += ["", "| paired difference | " + " | ".join(label[s] for s in settings) + " |", "|---|---|---|---|"]
+        for a, b, text in REGIME_CONTRASTS + (("mim", "baseline", "MIM − none"),):
+            ds = [paired(variant(a, reg), variant(b, reg), s) for s in settings]
+            series[(reg, text)] = ds
+            L.append(f"| {text} | " + " | ".join(_diff_cell(d) for d in ds) + " |")
+        L += ["", f"Headroom: dedicated models against the joint one (mim, {reg} regime).", "",
+              "| | rgb only | depth only |", "|---|---|---|"]
+        joint = variant("mim", reg)
+        ded = {i: variant("mim", reg, inputs=i) for i in ("rgb", "depth")}
+        L.append("| joint model | " + " | ".join(_miou_cell(joint, s) for s in ("rgb", "depth")) + " |")
+        L.append("| dedicated model | " + " | ".join(_miou_cell(ded[s], s) for s in ("rgb", "depth")) + " |")
+        L.append("| headroom (dedicated − joint) | " +
+                 " | ".join(_diff_cell(paired(ded[s], joint, s)) for s in ("rgb", "depth")) + " |")
+    frozen = {v: variant(v, "adapt", layer_decay=study["near_frozen"]) for v in ("mim", "m2im")}
+    L += ["", f"## Fine-tuning's share: a near-frozen encoder (--layer_decay {study['near_frozen']:g}, adapt regime)",
+          "", "| variant | " + " | ".join(label[s] for s in settings) + " |", "|---|---|---|---|"]
+    for v, runs in frozen.items():
+        L.append(f"| {VARIANTS[v][1]} | " + " | ".join(_miou_cell(runs, s) for s in settings) + " |")
+    ds = [paired(frozen["m2im"], frozen["mim"], s) for s in settings]
+    series[("frozen", "M²IM − MIM")] = ds
+    L.append("| M²IM − MIM (paired) | " + " | ".join(_diff_cell(d) for d in ds) + " |")
+    L += ["", "## Integrated learning rate (Σ lr / peak lr: steps at the peak lr)", "",
+          "Under both schedules, from the schedule and the objectives' declared steps; the runs' counted sums "
+          "(BudgetCounter) beside them for the step schedule they used.", "",
+          "| variant | batch schedule: all steps | its Algorithm-1 steps | step schedule: all steps | its Algorithm-1 steps "
+          "| counted in the runs: all | Algorithm-1 | Algorithm-1 steps |", "|---|---|---|---|---|---|---|---|"]
+    for v, t in study["integrated_lr"].items():
+        counted = [r["pretrain"] for r in variant(v, "scratch").values() if r["pretrain"]]
+        c = counted[0] if counted else {}
+        L.append(f"| {v} | {t['batches']['lr']:.1f} | {t['batches']['missing_lr']:.1f} | {t['steps']['lr']:.1f} | "
+                 f"{t['steps']['missing_lr']:.1f} | {c.get('integrated_lr', math.nan) / study['scratch_lr']:.1f} | "
+                 f"{c.get('missing_modality_lr', math.nan) / study['scratch_lr']:.1f} | "
+                 f"{c.get('missing_modality_steps', '—')} |")
+    L += ["", "## Every run (test mIoU rgb+depth / rgb only / depth only; validation the same)", "",
+          "| regime | variant | lr | inputs | layer decay | seed | test | validation |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(R, key=lambda r: (r["regime"], r["variant"], r["lr"], r["inputs"], r["layer_decay"], r["seed"])):
+        cell = lambda d: " / ".join(f"{d[s]['miou']:.2f}" if s in d else "—" for s in ("rgbd", "rgb", "depth"))
+        L.append(f"| {r['regime']} | {r['variant']} | {r['lr']:g} | {r['inputs']} | {r['layer_decay'] or '—'} | "
+                 f"{r['seed']} | {cell(r['clean'])} | {cell(r['val'])} |")
+    meta = study["meta"]
+    L += ["", f"Wall time {meta['wall_minutes']:.1f} min for {meta['runs']} runs ({meta['machine']}).", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+    regime_chart(series, png)
+
+
+def regime_chart(series: dict, path: str) -> None:
+    """Paired differences (mean, whiskers ± 2 standard errors) per contrast and input
+    condition, one panel per regime (PIL only)."""
+    panels = [("adapt", "adapting the foundation"), ("scratch", "from scratch"), ("frozen", "near-frozen fine-tuning")]
+    colours = {"rgb": "#1f77b4", "depth": "#2ca02c", "rgbd": "#7f7f7f"}
+    W, H, pad, top = 1100, 380, 40, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    ends = [x for ds in series.values() for dd in ds if dd["diffs"]
+            for x in (dd["mean"] - 2 * dd["sd"] / math.sqrt(len(dd["diffs"])),
+                      dd["mean"] + 2 * dd["sd"] / math.sqrt(len(dd["diffs"])))]
+    lo, hi = min(ends + [-1.0]), max(ends + [1.0])
+    pw = (W - (len(panels) + 1) * pad) / len(panels)
+    py = lambda y: H - pad - (y - lo) / (hi - lo) * (H - pad - top)
+    for pi, (key, title) in enumerate(panels):
+        x0 = pad + pi * (pw + pad)
+        d.rectangle([x0, top, x0 + pw, H - pad], outline="black")
+        d.line([(x0, py(0)), (x0 + pw, py(0))], fill="#999999")
+        d.text((x0 + 4, top - 18), title, fill="black")
+        d.text((x0 + 4, top + 2), f"{hi:+.1f}", fill="black")
+        d.text((x0 + 4, H - pad - 14), f"{lo:+.1f}", fill="black")
+        rows = [(text, ds) for (k, text), ds in series.items() if k == key]
+        for ri, (text, ds) in enumerate(rows):
+            gx = x0 + (ri + 0.5) * pw / max(1, len(rows))
+            d.text((gx - 40, H - pad + 6), text.replace("²", "2").replace("−", "-"), fill="black")
+            for si, (s, dd) in enumerate(zip(("rgb", "depth", "rgbd"), ds)):
+                if not dd["diffs"]:
+                    continue
+                x = gx + (si - 1) * 14
+                e = 2 * dd["sd"] / math.sqrt(len(dd["diffs"]))
+                d.line([(x, py(dd["mean"] - e)), (x, py(dd["mean"] + e))], fill=colours[s], width=2)
+                d.ellipse([x - 3, py(dd["mean"]) - 3, x + 3, py(dd["mean"]) + 3], fill=colours[s])
+    for i, (s, c) in enumerate(colours.items()):
+        d.text((W - 300 + 90 * i, 8), {"rgb": "rgb only", "depth": "depth only", "rgbd": "rgb+depth"}[s], fill=c)
+    img.save(path)

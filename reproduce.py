@@ -85,7 +85,7 @@ from report import (DEFAULT_VARIANTS, DIAG_IMAGES, REFERENCE_MODE, ROBUST_VARIAN
 @dataclass
 class ReproConfig:
     """The paper's ablations at toy scale: variants x seeds, pre-trained, fine-tuned and evaluated."""
-    seeds: int = arg(3, "seeds 0..N-1; tables show mean ± std over them")
+    seeds: int = arg(3, "seeds 0..N-1; tables show mean ± std over them (--study regime: 5)")
     variants: str = arg(",".join(DEFAULT_VARIANTS), "comma-separated variants to run (kd needs mim; also: "
                         "maskmentor_epochs, MaskMentor at M²IM's epochs = 4x the steps)")
     quick: bool = arg(False, "a miniature of everything for CI: checks the machinery, not the ordering")
@@ -108,22 +108,31 @@ class ReproConfig:
     cues: float = arg(0.0, "the synthetic rooms' cue level for every run (rooms.py; 0 = the rooms without cues)")
     study: str = arg("", "instead of the ablation: 'token', the one-factor study of the token target, positions "
                      "and normalisation (results/token_study/); 'cues', MIM, M²IM and MaskMentor at cue levels "
-                     "0, 0.5 and 1 (results/cues/)", ("", "token", "cues"))
+                     "0, 0.5 and 1 (results/cues/); 'regime', from scratch against adapting a foundation, "
+                     "dedicated against joint models (results/regime/)", ("", "token", "cues", "regime"))
+    foundation_images: int = arg(8000, "--study regime: pool images the foundation is pre-trained on")
+    foundation_epochs: int = arg(8, "--study regime: the foundation's epochs of MIM")
+    foundation_batch: int = arg(16, "--study regime: the foundation's batch size")
     jobs: int = arg(2, "runs in parallel (processes of --threads threads each)")
     threads: int = arg(1, "torch threads per run")
     work_dir: str = arg("out/reproduce", "checkpoints and logs of every run (finished runs are reused)")
-    out_dir: str = arg("results", "where ablation.md, ablation.json and ablation.png go")
+    out_dir: str = arg("results", "where ablation.md, ablation.json and ablation.png go (a study's: results/<study>/)")
 
 
 QUICK = dict(seeds=2, pretrain_images=64, finetune_images=64, test_images=32, val_images=32, batch_size=16,
              warmup_epochs=1, main_epochs=1, finetune_epochs=2, work_dir="out/reproduce-quick",
-             out_dir="out/reproduce-quick/results")
+             out_dir="out/reproduce-quick/results", foundation_images=64, foundation_epochs=1)
+# Where each study writes, unless --out_dir says otherwise; the regime study's key contrasts
+# want 5 seeds (results/regime/PROTOCOL.md).
+STUDY_DEFAULTS = {"token": dict(out_dir="results/token_study"), "cues": dict(out_dir="results/cues"),
+                  "regime": dict(out_dir="results/regime", seeds=5)}
 
 
 def parse(argv=None) -> ReproConfig:
     cfg, given = parse_config(ReproConfig, argv)
-    if cfg.quick:       # the miniature's defaults; flags given explicitly still win
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in QUICK.items() if k not in given})
+    for defaults in (STUDY_DEFAULTS.get(cfg.study, {}), QUICK if cfg.quick else {}):
+        # the study's, then the miniature's defaults; flags given explicitly still win
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
     names = [v for v in cfg.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
@@ -133,12 +142,15 @@ def parse(argv=None) -> ReproConfig:
         if teacher and teacher not in names:
             raise UserError(f"--variants: {v}'s teacher is the {teacher} run, so {v} needs {teacher} too")
     for name in ("seeds", "pretrain_images", "finetune_images", "test_images", "val_images", "batch_size",
-                 "main_epochs", "finetune_epochs", "jobs", "threads"):
+                 "main_epochs", "finetune_epochs", "jobs", "threads", "foundation_images", "foundation_epochs",
+                 "foundation_batch"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     if cfg.warmup_epochs < 0:
         raise UserError(f"--warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
     check_numbers(cfg, unit=("cues",))
+    if cfg.foundation_images > rooms.SYNTHETIC_LENGTH["pool"]:
+        raise UserError(f"--foundation_images {cfg.foundation_images}: the pool has {rooms.SYNTHETIC_LENGTH['pool']}")
     for name in ("pretrain_images", "finetune_images"):
         if getattr(cfg, name) < cfg.batch_size:
             raise UserError(f"--{name} {getattr(cfg, name)} is fewer than --batch_size {cfg.batch_size}")
@@ -176,15 +188,17 @@ class Spec:
         # that kd's teacher, Spec("mim"), is the mim run whatever the token defaults are.
         if not has_token_loss(self.variant):
             object.__setattr__(self, "token", FIRST_READING)
+        if VARIANTS[self.variant][0] is None:      # no pre-training: no pre-training lr or schedule
+            object.__setattr__(self, "lr", 0.0)
+            object.__setattr__(self, "schedule", "batches")
 
     @property
     def name(self) -> str:
         parts = [self.variant]
         if has_token_loss(self.variant) and self.token != FIRST_READING:
             parts += [lv for lv, d in zip(self.token, FIRST_READING) if lv != d]
-        if VARIANTS[self.variant][0] is not None:     # no pre-training: the regime is where fine-tuning starts
-            parts += [f"lr{self.lr:g}"] if self.lr else []
-            parts += [self.schedule] if self.schedule != "batches" else []
+        parts += [f"lr{self.lr:g}"] if self.lr else []
+        parts += [self.schedule] if self.schedule != "batches" else []
         return "+".join(parts + (["adapt"] if self.regime == "adapt" else []))
 
     @property
@@ -795,12 +809,61 @@ def cue_study(cfg: ReproConfig) -> dict:
     return out
 
 
+PILOT_LRS = (1e-4, 3e-4, 1e-3)        # the adapt regime's pre-training lr, chosen on validation
+NEAR_FROZEN = 0.001                   # finetune.py --layer_decay of "fine-tuning's share"
+REGIME_VARIANTS = ("mim", "m2im", "maskmentor", "tw0")
+
+
+def regime_study(cfg: ReproConfig) -> dict:
+    """`--study regime` (results/regime/PROTOCOL.md, written before the first run): from
+    scratch against adapting the seed's foundation, every pre-training on the lr schedule
+    indexed by optimiser steps. First the one choice, the adapt regime's lr, on validation
+    (mim and m2im, the first two seeds), with every foundation and the foundations fine-tuned
+    directly; then the rows: the paper's regime, the headroom (dedicated against joint models),
+    fine-tuning's share (a near-frozen encoder) and today's regime."""
+    t0 = time.time()
+    token = tuple(getattr(cfg, f) for f in TOKEN_FLAGS)
+    key, secondary, pilot_seeds = range(cfg.seeds), range(min(3, cfg.seeds)), range(min(2, cfg.seeds))
+    adapt = lambda v, lr, **kw: Spec(v, token, regime="adapt", lr=lr, schedule="steps", **kw)
+    scratch = lambda v, **kw: Spec(v, token, schedule="steps", **kw)
+    print(f"regime study: {cfg.seeds} seed(s) for the key rows, {len(secondary)} for the others; runs in "
+          f"{cfg.work_dir}, results in {cfg.out_dir}")
+    pilot = [(adapt(v, lr), s) for lr in PILOT_LRS for v in ("mim", "m2im") for s in pilot_seeds]
+    results = run_all(cfg, pilot + [(adapt("baseline", 0.0), s) for s in key])
+    lr_a = report.choose_pilot_lr(results, PILOT_LRS)
+    print(f"chosen on validation: adapt-regime pre-training lr {lr_a:g}")
+    rows = [(adapt(v, lr_a), s) for v in REGIME_VARIANTS for s in key] + \
+        [(adapt("mim", lr_a, inputs=i), s) for i in ("rgb", "depth") for s in key] + \
+        [(scratch("mim", inputs=i), s) for i in ("any", "rgb", "depth") for s in key] + \
+        [(adapt(v, lr_a, layer_decay=NEAR_FROZEN), s) for v in ("mim", "m2im") for s in secondary] + \
+        [(scratch(v), s) for v in ("baseline",) + REGIME_VARIANTS[1:] for s in secondary]
+    results += run_all(cfg, [r for r in rows if r not in pilot])
+    meta = {"wall_minutes": (time.time() - t0) / 60, "runs": count_runs(cfg, pilot + rows)[0],
+            "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
+    foundation = [loss_log(os.path.join(run_dir(cfg, FOUNDATION, s), "pretrain", "log.jsonl"),
+                           cfg.foundation_images // cfg.foundation_batch) for s in key]
+    out = {"config": dataclasses.asdict(cfg), "meta": meta, "pilot_lrs": list(PILOT_LRS), "chosen_lr": lr_a,
+           "scratch_lr": train.TRAIN_PRESETS["tiny"]["lr"],
+           "near_frozen": NEAR_FROZEN, "foundation": foundation,
+           "integrated_lr": report.integrated_lr_table(REGIME_VARIANTS, cfg.warmup_epochs, cfg.main_epochs,
+                                                         cfg.pretrain_images // cfg.batch_size,
+                                                         train.TRAIN_PRESETS["tiny"]["lr_warmup_epochs"]),
+           "runs": results}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    _write_json(out, os.path.join(cfg.out_dir, "regime.json"))
+    report.write_regime(out, os.path.join(cfg.out_dir, "regime.md"), os.path.join(cfg.out_dir, "regime.png"))
+    print(f"wrote {cfg.out_dir}/regime.md, regime.json, regime.png in {meta['wall_minutes']:.1f} min")
+    return out
+
+
 def main(argv=None) -> dict:
     cfg = parse(argv)
     if cfg.study == "token":
         return token_study(cfg)
     if cfg.study == "cues":
         return cue_study(cfg)
+    if cfg.study == "regime":
+        return regime_study(cfg)
     t0 = time.time()
     n_runs, before = count_runs(cfg, each_seed(cfg, specs(cfg)))
     print(f"reproduce: {cfg.variants} x {cfg.seeds} seed(s), {cfg.jobs} job(s) of {cfg.threads} thread(s); "

@@ -63,6 +63,9 @@ class TrainConfig:
     lr: float = arg(1e-3, "peak learning rate (paper: 1e-5)")
     min_lr: float = arg(0.0, "final learning rate of the cosine schedule")
     lr_warmup_epochs: float = arg(0.5, "linear learning-rate warm-up from 0, in epochs")
+    lr_schedule: str = arg("batches", "what the warm-up and cosine count: batches, or optimiser steps (then "
+                           "objectives with 4 and 1 steps a batch get the same lr at every step: results/regime/)",
+                           ("batches", "steps"))
     weight_decay: float = arg(0.05, "AdamW weight decay (MultiMAE's value; biases, norms, tokens exempt: ours)")
     image_size: int = arg(64, "training crop size")
     budget: int = arg(32, "visible tokens over all modalities (MultiMAE: 98 of 3x196)")
@@ -197,9 +200,12 @@ def main(argv=None):
                                   **runtime.optimizer_options())
     ocfg = objective_config(cfg, runtime)
     check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)
+    phase = lambda epoch: "mim" if epoch < cfg.warmup_epochs else cfg.mode
+    per_batch = lambda epoch: sttp.OBJECTIVES[phase(epoch)].steps_per_batch(ocfg)
     loop = Loop(cfg, net, optimizer, dataset, generator, device,
                 extra={"kind": "pretrain", "model_config": dataclasses.asdict(model_cfg),
-                       "data": data.conventions(cfg.dataset, cfg.image_size, cfg.cues)}, scaler=scaler)
+                       "data": data.conventions(cfg.dataset, cfg.image_size, cfg.cues)}, scaler=scaler,
+                steps_per_batch=per_batch if cfg.lr_schedule == "steps" else None)
     if ckpt is not None:
         loop.resume(ckpt)
     net.grad_ckpt = cfg.grad_ckpt
@@ -210,8 +216,8 @@ def main(argv=None):
     print(f"pre-training {cfg.config} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters) "
           f"on {cfg.dataset} ({len(dataset)} images) on {device}; {ops.backend()}")
     print(f"schedule: {cfg.warmup_epochs} MIM warm-up epoch(s), then {cfg.epochs - cfg.warmup_epochs} "
-          f"epoch(s) of {cfg.mode}; output in {cfg.out_dir}")
-    phase = lambda epoch: "mim" if epoch < cfg.warmup_epochs else cfg.mode
+          f"epoch(s) of {cfg.mode}; the lr per {'optimiser step' if cfg.lr_schedule == 'steps' else 'batch'}; "
+          f"output in {cfg.out_dir}")
 
     def step(batch, epoch):
         return sttp.OBJECTIVES[phase(epoch)](model, optimizer, batch, ocfg, generator, teacher)
