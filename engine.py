@@ -16,6 +16,7 @@ model.py and sttp.py, each script's own work in its file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -259,10 +261,33 @@ class Loop:
     logs and a loss curve, atomic checkpoints, exact resume and a graceful stop.
 
     `cfg` needs the fields epochs, batch_size, lr, min_lr, lr_warmup_epochs, seed,
-    out_dir, stop_after, ckpt_every and workers (TrainConfig and FinetuneConfig have them).
-    `net` is the bare network, the one checkpoints save (the step function may run it
-    wrapped in DDP). `extra` goes into every checkpoint beside the standard keys; so does
-    the state of `scaler` (float16's GradScaler), for an exact resume.
+    out_dir, stop_after, ckpt_every, workers and accum_steps (TrainConfig and
+    FinetuneConfig have them). `net` is the bare network, the one checkpoints save (the
+    step function may run it wrapped in DDP). `extra` goes into every checkpoint beside
+    the standard keys; so does the state of `scaler` (float16's GradScaler), for an exact
+    resume.
+
+    run(step) reads top to bottom: the folder is prepared (_begin), then for each epoch
+    its batches (_batches: the permutation, this process's slice, the progress bar), for
+    each batch _train_batch (lr, step, the processes agree, NaN guard, running sums), then
+    the stop rule (_halt: Ctrl-C or --stop_after; a checkpoint, then return) and
+    _end_epoch (record, log line, checkpoint, loss curve, after_epoch).
+
+    The lr follows lr_at (linear warm-up from 0, then cosine to min_lr) on one of two clocks:
+      - batches (steps_per_batch None, the default): set before each batch from the
+        batches done, over epochs x batches, the warm-up lasting the first
+        lr_warmup_epochs epochs' batches. Every optimiser step a batch makes (STTP makes
+        teacher_iters + 1) has that batch's lr.
+      - optimiser steps (steps_per_batch(epoch): the optimiser steps each batch of that
+        epoch makes): set before every optimiser step (a step pre-hook on the optimiser
+        while run() runs) from the steps taken so far, over the run's total (the sum over
+        epochs of batches x steps_per_batch); the warm-up is the steps of the first
+        lr_warmup_epochs epochs. Objectives with 4 and 1 steps a batch then get the same lr
+        at equal optimiser steps (issue 22). --accum_steps' micro-batches make one step.
+        The count is that of optimizer.step() calls (a step float16's scaler skips without
+        calling it does not count), and checkpoints keep it, so a resume continues it.
+    On either clock a run resumed with more --epochs recomputes the total from them and
+    goes on from where it is: lr = lr_at(position now, new total), as MAE does.
 
     Under torchrun every process runs the loop on its contiguous slice of each global
     batch of `epoch_batches` (a per-(seed, epoch) permutation: what DistributedSampler
@@ -270,9 +295,11 @@ class Loop:
     alone shows the progress bar and writes logs, checkpoints and pictures.
     """
 
-    def __init__(self, cfg, net, optimizer, dataset, generator, device, extra: dict, scaler=None):
+    def __init__(self, cfg, net, optimizer, dataset, generator, device, extra: dict, scaler=None,
+                 steps_per_batch: Optional[Callable[[int], int]] = None):
         self.cfg, self.net, self.optimizer, self.dataset = cfg, net, optimizer, dataset
         self.generator, self.device, self.extra, self.scaler = generator, device, extra, scaler
+        self.steps_per_batch = steps_per_batch
         self.rank, self.world = rank_and_world()
         if cfg.batch_size % (self.world * cfg.accum_steps):
             raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the {self.world} processes "
@@ -281,12 +308,19 @@ class Loop:
         self.batches_per_epoch = len(dataset) // cfg.batch_size
         if self.batches_per_epoch == 0:
             raise UserError(f"{len(dataset)} training images is fewer than --batch_size {cfg.batch_size}")
-        self.total_its = cfg.epochs * self.batches_per_epoch
-        self.warmup_its = int(cfg.lr_warmup_epochs * self.batches_per_epoch)
+        # The schedule's length and warm-up on its clock (batches or optimiser steps); the
+        # warm-up ends at a whole batch either way.
+        self.total = self._position(cfg.epochs, 0)
+        self.warmup = self._position(*divmod(int(cfg.lr_warmup_epochs * self.batches_per_epoch),
+                                             self.batches_per_epoch))
         self.epoch, self.batch, self.history = 0, 0, []
+        self.steps = 0                # optimiser steps taken (the step clock's position)
+        self.done_here = 0            # batches this invocation ran (what --stop_after counts)
         self.resumed = None           # the checkpoint a resumed run started from
 
     def resume(self, ckpt: dict) -> None:
+        """Continue a saved run exactly: its weights, optimiser, loss scale, random state,
+        position and the optimiser steps taken."""
         self.resumed = ckpt
         self.net.load_state_dict(ckpt["model"])
         load_optimizer_state(self.optimizer, ckpt["optimizer"])
@@ -294,6 +328,8 @@ class Loop:
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng_state"], self.generator)
         self.epoch, self.batch, self.history = ckpt["epoch"], ckpt["batch"], ckpt["history"]
+        # Saved by runs on the step clock; a batch-clock checkpoint made every planned step.
+        self.steps = ckpt["scheduler"].get("optimizer_steps", self._position(self.epoch, self.batch))
 
     def checkpoint(self) -> None:
         """Rank 0 writes; under DDP the processes first check that they hold the same weights
@@ -301,11 +337,12 @@ class Loop:
         if self.world > 1:
             self._check_processes_agree()
         if self.rank == 0:
-            it = self.epoch * self.batches_per_epoch + self.batch
+            clock = {} if self.steps_per_batch is None else {"optimizer_steps": self.steps}
             scaler = {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
             save_checkpoint({"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                             "scheduler": {"it": it, "total": self.total_its, "warmup": self.warmup_its},
-                             "epoch": self.epoch, "batch": self.batch, "step": it,
+                             "scheduler": {"it": self._now(), "total": self.total, "warmup": self.warmup, **clock},
+                             "epoch": self.epoch, "batch": self.batch,
+                             "step": self.epoch * self.batches_per_epoch + self.batch,
                              "config": dataclasses.asdict(self.cfg), "rng_state": rng_state(self.generator),
                              "history": self.history, "version": VERSION, **scaler, **self.extra}, self.path)
         if self.world > 1:
@@ -316,72 +353,145 @@ class Loop:
         of numbers, "loss" among them; phase(epoch) names the epoch's stage for the logs;
         after_epoch(epochs done) runs on rank 0 after each epoch's checkpoint (pictures)."""
         cfg = self.cfg
-        main = self.rank == 0
-        if main:
-            prepare_out_dir(cfg, self.resumed)
-        if self.world > 1:
-            print(f"{self.world} processes: batches of {cfg.batch_size} images in all, "
-                  f"{cfg.batch_size // self.world} per process; lr {cfg.lr:g} as given, not rescaled: "
-                  f"the global batch does not change with the number of processes")
-        done_here = 0
-        with GracefulStop() as stop:
+        with self._lr_per_optimizer_step(), GracefulStop() as stop:
+            self._begin()
             while self.epoch < cfg.epochs:
-                epoch, name = self.epoch, phase(self.epoch)
-                self.dataset.set_epoch(epoch)
-                batches = epoch_batches(len(self.dataset), cfg.batch_size, cfg.seed, epoch)
-                if self.world > 1:                           # this process's slice of each batch
-                    per = cfg.batch_size // self.world
-                    batches = [b[self.rank * per:(self.rank + 1) * per] for b in batches]
-                loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[self.batch:],
-                                                     num_workers=cfg.workers, collate_fn=data.collate)
-                resumed = self.history and self.history[-1]["epoch"] == epoch + 1 and self.batch > 0
-                sums = dict(self.history[-1]["_sums"]) if resumed else {}
-                t0 = time.time()
-                bar = tqdm(fetch(loader, self.device), desc=f"epoch {epoch + 1}/{cfg.epochs} {name}".rstrip(),
-                           initial=self.batch, total=self.batches_per_epoch, leave=False, dynamic_ncols=True,
-                           disable=None if main else True)
+                name, sums = phase(self.epoch), self._running_sums()
+                bar, t0 = self._batches(name), time.time()
                 for batch in bar:
-                    it = epoch * self.batches_per_epoch + self.batch
-                    set_lr(self.optimizer, lr_at(it, self.total_its, self.warmup_its, cfg.lr, cfg.min_lr))
-                    logs, requested = self._agree(step(batch, epoch), stop.requested)
-                    if not math.isfinite(logs["loss"]):
-                        raise UserError(f"the loss became {logs['loss']} at epoch {epoch + 1}, "
-                                             f"batch {self.batch}; try a lower --lr")
-                    for k, v in logs.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    sums["_n"] = sums.get("_n", 0) + 1
-                    bar.set_postfix(loss=f"{logs['loss']:.3f}")
-                    self.batch += 1
-                    done_here += 1
-                    halt = requested or (cfg.stop_after and done_here >= cfg.stop_after)
+                    loss, requested = self._train_batch(step, batch, sums, stop)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    halt = self._halt(requested)
                     if self.batch < self.batches_per_epoch and (
                             halt or (cfg.ckpt_every and self.batch % cfg.ckpt_every == 0)):
                         self._record(name, sums, partial=True)
                         self.checkpoint()
                         if halt:
                             bar.close()
-                            print(f"stopped at epoch {epoch + 1}, batch {self.batch}; "
-                                  f"--resume continues from {self.path}")
+                            self._stopped(f"at epoch {self.epoch + 1}, batch {self.batch}")
                             return
-                bar.close()
-                h = self._record(name, sums, partial=False)
-                print(f"epoch {epoch + 1}/{cfg.epochs} {name} ".replace("  ", " ") +
-                      " ".join(f"{k}={v:.4f}" for k, v in h.items() if k not in ("epoch", "mode")) +
-                      f" ({time.time() - t0:.0f}s)")
-                if main:
-                    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-                        f.write(json.dumps(h) + "\n")
-                self.epoch, self.batch = epoch + 1, 0
-                self.checkpoint()
-                if main:
-                    save_curve(self.history, os.path.join(cfg.out_dir, "loss_curve.png"))
-                    after_epoch(self.epoch)
-                requested = self._agree({}, stop.requested)[1]
-                if (requested or (cfg.stop_after and done_here >= cfg.stop_after)) and self.epoch < cfg.epochs:
-                    print(f"stopped at the end of epoch {self.epoch}; --resume continues from {self.path}")
+                bar.close()             # the epoch's last batch: a stop waits for its checkpoint
+                self._end_epoch(name, sums, t0, after_epoch)
+                if self.epoch < cfg.epochs and self._halt(self._agree({}, stop.requested)[1]):
+                    self._stopped(f"at the end of epoch {self.epoch}")
                     return
         agree = f" (the {self.world} processes' weights were equal at every checkpoint)" if self.world > 1 else ""
         print(f"done: {self.path}{agree}")
+
+    # -- the steps of run(), in order
+
+    def _begin(self) -> None:
+        """Rank 0 prepares the folder (prepare_out_dir); under torchrun, say how the batch
+        is shared."""
+        if self.rank == 0:
+            prepare_out_dir(self.cfg, self.resumed)
+        if self.world > 1:
+            cfg = self.cfg
+            print(f"{self.world} processes: batches of {cfg.batch_size} images in all, "
+                  f"{cfg.batch_size // self.world} per process; lr {cfg.lr:g} as given, not rescaled: "
+                  f"the global batch does not change with the number of processes")
+
+    def _running_sums(self) -> dict:
+        """The epoch's sums of the logged numbers so far: a resumed partial epoch's, else none."""
+        last = self.history[-1] if self.history else None
+        if last and last["epoch"] == self.epoch + 1 and self.batch > 0:
+            return dict(last["_sums"])
+        return {}
+
+    def _batches(self, name: str):
+        """This epoch's remaining batches, on the device, behind a progress bar: the global
+        batches of epoch_batches, under torchrun each cut to this process's slice."""
+        cfg = self.cfg
+        self.dataset.set_epoch(self.epoch)
+        batches = epoch_batches(len(self.dataset), cfg.batch_size, cfg.seed, self.epoch)
+        if self.world > 1:
+            per = cfg.batch_size // self.world
+            batches = [b[self.rank * per:(self.rank + 1) * per] for b in batches]
+        # Iterating a DataLoader draws its workers' base seed from the global RNG. A resumed
+        # partial epoch must not draw it again: the uninterrupted run drew it at the epoch's
+        # start, before the checkpoint saved that RNG, and a second draw would shift every
+        # later one (stochastic depth). Augmentation does not depend on it (data.aug_rng).
+        spare = torch.Generator() if self.batch else None
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches[self.batch:],
+                                             num_workers=cfg.workers, collate_fn=data.collate, generator=spare)
+        return tqdm(fetch(loader, self.device), desc=f"epoch {self.epoch + 1}/{cfg.epochs} {name}".rstrip(),
+                    initial=self.batch, total=self.batches_per_epoch, leave=False, dynamic_ncols=True,
+                    disable=None if self.rank == 0 else True)
+
+    def _train_batch(self, step, batch: dict, sums: dict, stop) -> tuple[float, bool]:
+        """One batch: its lr (on the batch clock; the step clock sets it per step), the step,
+        the logged numbers averaged over the processes with whether any was asked to stop
+        (read after the step), the NaN guard, the running sums. Returns (loss, stop asked)."""
+        if self.steps_per_batch is None:
+            set_lr(self.optimizer, self._lr(self._now()))
+        logs, requested = self._agree(step(batch, self.epoch), stop.requested)
+        if not math.isfinite(logs["loss"]):
+            raise UserError(f"the loss became {logs['loss']} at epoch {self.epoch + 1}, "
+                            f"batch {self.batch}; try a lower --lr")
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+        sums["_n"] = sums.get("_n", 0) + 1
+        self.batch += 1
+        self.done_here += 1
+        return logs["loss"], requested
+
+    def _halt(self, requested: bool) -> bool:
+        """The stop rule: Ctrl-C in some process (agreed by all), or --stop_after batches run."""
+        return requested or bool(self.cfg.stop_after and self.done_here >= self.cfg.stop_after)
+
+    def _stopped(self, where: str) -> None:
+        print(f"stopped {where}; --resume continues from {self.path}")
+
+    def _end_epoch(self, name: str, sums: dict, t0: float, after_epoch) -> None:
+        """The epoch's means recorded and printed, its log line, the checkpoint, then (rank 0)
+        the loss curve and after_epoch."""
+        cfg, main = self.cfg, self.rank == 0
+        h = self._record(name, sums, partial=False)
+        print(f"epoch {self.epoch + 1}/{cfg.epochs} {name} ".replace("  ", " ") +
+              " ".join(f"{k}={v:.4f}" for k, v in h.items() if k not in ("epoch", "mode")) +
+              f" ({time.time() - t0:.0f}s)")
+        if main:
+            with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(h) + "\n")
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.checkpoint()
+        if main:
+            save_curve(self.history, os.path.join(cfg.out_dir, "loss_curve.png"))
+            after_epoch(self.epoch)
+
+    # -- the schedule
+
+    def _position(self, epoch: int, batch: int) -> int:
+        """Where batch `batch` of `epoch` begins on the schedule's clock: the batches before
+        it, or with steps_per_batch the optimiser steps they make."""
+        per = self.steps_per_batch or (lambda e: 1)
+        before = sum(per(e) for e in range(epoch)) * self.batches_per_epoch
+        return before + batch * per(epoch) if batch else before
+
+    def _now(self) -> int:
+        """The schedule's position now: batches done, or optimiser steps taken."""
+        return self._position(self.epoch, self.batch) if self.steps_per_batch is None else self.steps
+
+    def _lr(self, position: int) -> float:
+        return lr_at(position, self.total, self.warmup, self.cfg.lr, self.cfg.min_lr)
+
+    @contextlib.contextmanager
+    def _lr_per_optimizer_step(self):
+        """On the step clock: the lr set before every optimizer.step(), which is then counted."""
+        if self.steps_per_batch is None:
+            yield
+            return
+
+        def before_step(optimizer, args, kwargs):
+            set_lr(optimizer, self._lr(self.steps))
+            self.steps += 1
+        hook = self.optimizer.register_step_pre_hook(before_step)
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    # -- processes and records
 
     def _agree(self, logs: dict, requested: bool) -> tuple[dict, bool]:
         """Under DDP, one all-reduce: the logged numbers averaged over the processes (each
