@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -41,8 +42,10 @@ VERSION = 1
 # too: a run folder that was moved or copied resumes where it is now.)
 RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "compile", "overwrite", "out_dir",
                "grad_ckpt", "accum_steps"}
-# What a run writes into its folder; --overwrite removes these before a new run starts.
+# What a run writes into its folder (and recon_epoch*.png); --overwrite sets these aside
+# in PREVIOUS_RUN inside it until the new run's first checkpoint (check_out_dir).
 RUN_FILES = ("ckpt.pt", "log.jsonl", "loss_curve.png")
+PREVIOUS_RUN = ".previous_run"
 
 
 # -----------------------------------------------------------------------------
@@ -261,7 +264,7 @@ class Loop:
     logs and a loss curve, atomic checkpoints, exact resume and a graceful stop.
 
     `cfg` needs the fields epochs, batch_size, lr, min_lr, lr_warmup_epochs, seed,
-    out_dir, stop_after, ckpt_every, workers and accum_steps (TrainConfig and
+    out_dir, stop_after, ckpt_every, workers, accum_steps and overwrite (TrainConfig and
     FinetuneConfig have them). `net` is the bare network, the one checkpoints save (the
     step function may run it wrapped in DDP). `extra` goes into every checkpoint beside
     the standard keys; so does the state of `scaler` (float16's GradScaler), for an exact
@@ -317,11 +320,13 @@ class Loop:
         self.steps = 0                # optimiser steps taken (the step clock's position)
         self.done_here = 0            # batches this invocation ran (what --stop_after counts)
         self.resumed = None           # the checkpoint a resumed run started from
+        self.previous_run = False     # --overwrite: the old run waits aside until our first checkpoint
 
     def resume(self, ckpt: dict) -> None:
-        """Continue a saved run exactly: its weights, optimiser, loss scale, random state,
-        position and the optimiser steps taken."""
+        """Continue a saved run exactly: its weights (one line if they don't fit the network),
+        optimiser, loss scale, random state, position and the optimiser steps taken."""
         self.resumed = ckpt
+        check_fits(self.net, ckpt["model"], self.path)
         self.net.load_state_dict(ckpt["model"])
         load_optimizer_state(self.optimizer, ckpt["optimizer"])
         if self.scaler is not None:
@@ -333,7 +338,8 @@ class Loop:
 
     def checkpoint(self) -> None:
         """Rank 0 writes; under DDP the processes first check that they hold the same weights
-        and afterwards wait for the write, so that none moves on without it on disk."""
+        and afterwards wait for the write, so that none moves on without it on disk. The
+        first checkpoint of an --overwrite run lets the old run's files go."""
         if self.world > 1:
             self._check_processes_agree()
         if self.rank == 0:
@@ -345,6 +351,9 @@ class Loop:
                              "step": self.epoch * self.batches_per_epoch + self.batch,
                              "config": dataclasses.asdict(self.cfg), "rng_state": rng_state(self.generator),
                              "history": self.history, "version": VERSION, **scaler, **self.extra}, self.path)
+            if self.previous_run:
+                discard_previous_run(self.cfg.out_dir)
+                self.previous_run = False
         if self.world > 1:
             dist.barrier()
 
@@ -353,7 +362,7 @@ class Loop:
         of numbers, "loss" among them; phase(epoch) names the epoch's stage for the logs;
         after_epoch(epochs done) runs on rank 0 after each epoch's checkpoint (pictures)."""
         cfg = self.cfg
-        with self._lr_per_optimizer_step(), GracefulStop() as stop:
+        with self._previous_run_kept(), self._lr_per_optimizer_step(), GracefulStop() as stop:
             self._begin()
             while self.epoch < cfg.epochs:
                 name, sums = phase(self.epoch), self._running_sums()
@@ -381,9 +390,10 @@ class Loop:
     # -- the steps of run(), in order
 
     def _begin(self) -> None:
-        """Rank 0 prepares the folder (prepare_out_dir); under torchrun, say how the batch
-        is shared."""
+        """Rank 0 prepares the folder (prepare_out_dir: --overwrite sets the old run aside);
+        under torchrun, say how the batch is shared."""
         if self.rank == 0:
+            self.previous_run = self.cfg.overwrite
             prepare_out_dir(self.cfg, self.resumed)
         if self.world > 1:
             cfg = self.cfg
@@ -491,6 +501,18 @@ class Loop:
         finally:
             hook.remove()
 
+    @contextlib.contextmanager
+    def _previous_run_kept(self):
+        """--overwrite: if this run ends by an exception (a UserError, Ctrl-C twice, any)
+        before its first checkpoint, the old run's files come back (restore_previous_run)."""
+        try:
+            yield
+        except BaseException:
+            if self.previous_run:
+                restore_previous_run(self.cfg.out_dir)
+                self.previous_run = False
+            raise
+
     # -- processes and records
 
     def _agree(self, logs: dict, requested: bool) -> tuple[dict, bool]:
@@ -521,6 +543,20 @@ class Loop:
             entry["_sums"] = dict(sums)
         self.history = [h for h in self.history if h["epoch"] != self.epoch + 1] + [entry]
         return entry
+
+
+def check_fits(net: torch.nn.Module, state: dict, path: str) -> None:
+    """A saved model state that doesn't fit `net` (another preset, other modalities) is one
+    line naming the file and the first mismatching keys, not torch's multi-line error."""
+    own = net.state_dict()
+    mismatch = {"missing": [k for k in own if k not in state],
+                "unexpected": [k for k in state if k not in own],
+                "of another shape": [k for k in own if k in state and own[k].shape != state[k].shape]}
+    found = [f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+             for what, keys in mismatch.items() if keys]
+    if found:
+        raise UserError(f"{path}: its weights do not fit the network its settings build "
+                        f"({'; '.join(found)}); was the file replaced by another run's?")
 
 
 def save_curve(history: list, path: str) -> None:
@@ -579,9 +615,17 @@ class GracefulStop:
         print("\nstopping after this batch (Ctrl-C again to abort)", file=sys.stderr)
 
 
-def check_resume(saved: dict, cfg, given: set, run_control: set) -> None:
-    """--resume continues the saved run; refuse flags that would silently change it."""
-    for name in sorted(given - run_control - {"resume"}):
+def check_resume(saved: dict, cfg, given: set, run_control: set, ckpt: dict) -> None:
+    """--resume continues the saved run; refuse flags that would silently change it.
+    --epochs may extend it (Loop: the cosine is recomputed over the new total), not cut
+    it below the epochs it has done or begun."""
+    if "epochs" in given:
+        begun = ckpt["epoch"] + (ckpt["batch"] > 0)
+        if cfg.epochs < begun:
+            so_far = f"begun epoch {begun}" if ckpt["batch"] else f"done {begun} epoch(s)"
+            raise UserError(f"--epochs {cfg.epochs}: the run being resumed has {so_far} already; "
+                            f"give --epochs {begun} or more to continue it")
+    for name in sorted(given - run_control - {"resume", "epochs"}):
         if saved.get(name) != getattr(cfg, name):
             raise UserError(f"--{name} {getattr(cfg, name)} differs from the run being resumed "
                                  f"({name}={saved.get(name)}); use a new --out_dir to change it")
@@ -591,23 +635,71 @@ def check_out_dir(cfg) -> None:
     """Never lose a run: before any work, --out_dir must be a writable folder, and one that
     holds a run (a checkpoint or a log) is refused unless this invocation --resume's it
     or --overwrite's it. Called after the flags and the inputs have been checked, so that
-    a bad flag is named as such even when --out_dir holds a run."""
+    a bad flag is named as such even when --out_dir holds a run.
+
+    A folder with a log but no ckpt.pt (a run stopped before or while writing its first
+    checkpoint) has nothing to resume: the refusal offers --overwrite. --overwrite sets
+    the old run's files aside in <out_dir>/.previous_run/ and deletes them only once the
+    new run has written its first checkpoint; if the new run ends by an exception before
+    that, they are put back (Loop.run). A hard kill in between leaves .previous_run/
+    without a new ckpt.pt: the old run is still in it, and every invocation but
+    --overwrite is refused in one line saying so (move its files back to keep that run);
+    --overwrite goes on, keeping it aside until its own first checkpoint. Beside a new
+    ckpt.pt the folder is a leftover of a replaced run, removed by prepare_out_dir."""
     check_output(cfg.out_dir, "--out_dir")
+    if cfg.overwrite:
+        return
+    unresumable = without_checkpoint(cfg.out_dir)
+    if unresumable:
+        raise UserError(unresumable)
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
-    if held and not cfg.resume and not cfg.overwrite:
+    if held and not cfg.resume:
         raise UserError(f"--out_dir {cfg.out_dir} holds a run ({', '.join(held)}); pass --resume to continue it, "
                         f"--overwrite to replace it, or another --out_dir")
 
 
+def without_checkpoint(out_dir: str) -> Optional[str]:
+    """Why a run in out_dir cannot be resumed although the folder holds one (an old run set
+    aside by an interrupted --overwrite, or a run stopped before its first checkpoint);
+    None when it holds a ckpt.pt or no run."""
+    if os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        return None
+    aside = os.path.join(out_dir, PREVIOUS_RUN)
+    if os.path.isdir(aside):
+        return (f"--out_dir {out_dir}: an --overwrite was stopped before its first checkpoint and the run it "
+                f"replaces waits in {aside}; move those files back to keep that run, or pass --overwrite")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if held:
+        return (f"--out_dir {out_dir} holds a run stopped before its first checkpoint ({', '.join(held)}, "
+                f"no ckpt.pt): nothing to resume; pass --overwrite to start it anew, or another --out_dir")
+    return None
+
+
+def written_by_a_run(name: str) -> bool:
+    """Whether a file in a run folder is the run's (what --overwrite replaces)."""
+    return name in RUN_FILES or name.startswith("recon_epoch")
+
+
 def prepare_out_dir(cfg, ckpt) -> None:
     """Once the checks have passed, just before the work: remove what a crash left behind
-    (ckpt.pt.tmp* files), the old run with --overwrite (its files, not the folder), and on
-    --resume rewrite log.jsonl from the checkpoint's history, so that epochs finished
-    after the last checkpoint (they are run again) don't appear twice. Rank 0 only."""
+    (ckpt.pt.tmp* files; a .previous_run/ beside a ckpt.pt, see check_out_dir), set the
+    old run aside with --overwrite (its files move into .previous_run/; if one is there
+    already, without a ckpt.pt, it holds the older run and the files beside it are those
+    of the interrupted --overwrite: they go), and on --resume rewrite log.jsonl from the
+    checkpoint's history, so that epochs finished after the last checkpoint (they are run
+    again) don't appear twice. Rank 0 only."""
     os.makedirs(cfg.out_dir, exist_ok=True)
+    aside = os.path.join(cfg.out_dir, PREVIOUS_RUN)
+    if os.path.isdir(aside) and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
+        shutil.rmtree(aside)
+    set_aside = cfg.overwrite and not os.path.isdir(aside)
     for f in os.listdir(cfg.out_dir):
-        if f.startswith("ckpt.pt.tmp") or (cfg.overwrite and (f in RUN_FILES or f.startswith("recon_epoch"))):
-            os.remove(os.path.join(cfg.out_dir, f))
+        path = os.path.join(cfg.out_dir, f)
+        if set_aside and written_by_a_run(f):
+            os.makedirs(aside, exist_ok=True)
+            os.replace(path, os.path.join(aside, f))
+        elif f.startswith("ckpt.pt.tmp") or (cfg.overwrite and written_by_a_run(f)):
+            os.remove(path)
     if ckpt is not None:
         with open(os.path.join(cfg.out_dir, "log.jsonl"), "w") as f:
             for h in ckpt["history"]:
@@ -615,20 +707,45 @@ def prepare_out_dir(cfg, ckpt) -> None:
                     f.write(json.dumps(h) + "\n")
 
 
+def restore_previous_run(out_dir: str) -> None:
+    """An --overwrite run failed before its first checkpoint: its files go, and the old
+    run's come back from .previous_run/ (check_out_dir)."""
+    aside = os.path.join(out_dir, PREVIOUS_RUN)
+    if not os.path.isdir(aside):
+        return
+    for f in os.listdir(out_dir):
+        if written_by_a_run(f) or f.startswith("ckpt.pt.tmp"):
+            os.remove(os.path.join(out_dir, f))
+    for f in os.listdir(aside):
+        os.replace(os.path.join(aside, f), os.path.join(out_dir, f))
+    os.rmdir(aside)
+
+
+def discard_previous_run(out_dir: str) -> None:
+    """The --overwrite run has its first checkpoint: the old run's files can go."""
+    shutil.rmtree(os.path.join(out_dir, PREVIOUS_RUN), ignore_errors=True)
+
+
 def start_run(cls, argv, presets, run_control: set, kind: str):
     """Parse flags; with --resume, load the checkpoint and take its config, except the
     run-control flags (how long to run now, workers, device, where the folder is now),
-    which belong to this invocation. Returns (cfg, checkpoint or None). The caller then
-    checks its flags and inputs, and --out_dir (check_out_dir) last, before any work."""
+    which belong to this invocation, and a larger --epochs (check_resume). Returns (cfg,
+    checkpoint or None). The caller then checks its flags and inputs, and --out_dir
+    (check_out_dir) last, before any work."""
     cfg, given = parse_config(cls, argv, presets)
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in --out_dir, --overwrite replaces it: pass one of them")
     if not cfg.resume:
         return cfg, None
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), kind)
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(without_checkpoint(cfg.out_dir)
+                        or f"--resume: {path}: no checkpoint there, nothing to resume; start the run without --resume")
+    ckpt = load_checkpoint(path, kind)
     saved = dict(ckpt["config"])
     if "amp" in saved:                  # a checkpoint from before --dtype: --amp was bfloat16
         saved["dtype"] = "bfloat16" if saved.pop("amp") else "float32"
     saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}}
-    check_resume(saved, cfg, given, run_control)
-    return dataclasses.replace(cls(**saved), **{k: getattr(cfg, k) for k in run_control}), ckpt
+    check_resume(saved, cfg, given, run_control, ckpt)
+    kept = run_control | ({"epochs"} & given)
+    return dataclasses.replace(cls(**saved), **{k: getattr(cfg, k) for k in kept}), ckpt

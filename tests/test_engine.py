@@ -119,3 +119,14 @@ def test_more_epochs_recompute_the_cosine_from_the_current_step(tmp_path):
     _, more, loop = toy_run(tmp_path, epochs=3, resume_from=tmp_path / "ckpt.pt")
     assert loop.total == 36 and more == [engine.lr_at(k, 36, 8, 0.1, 0.01) for k in range(20, 36)]
 
+
+def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path):
+    toy_run(tmp_path, epochs=1)
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    saved["model"]["extra.weight"] = saved["model"].pop("bias")
+    torch.save(saved, tmp_path / "ckpt.pt")
+    with pytest.raises(engine.UserError) as e:
+        toy_run(tmp_path, resume_from=tmp_path / "ckpt.pt")
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "ckpt.pt") in msg, msg
+    assert "1 missing: bias" in msg and "1 unexpected: extra.weight" in msg, msg
