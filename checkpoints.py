@@ -175,12 +175,18 @@ def load_checkpoint(path: str, kind: str | None = None, resume: bool = False) ->
 
 
 def load_weights(net: torch.nn.Module, ckpt: dict, path: str) -> None:
-    """net.load_state_dict(ckpt["model"]) (strict), a mismatch one line naming the file."""
-    try:
-        net.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise UserError(f"{path}: its weights do not fit its model_config ({lines[-1]})") from None
+    """net.load_state_dict(ckpt["model"]) (strict). Weights that don't fit the network its
+    settings build (another preset, other modalities, a replaced file) are one line naming
+    the file and the first mismatching keys, not torch's multi-line error."""
+    own, state = net.state_dict(), ckpt["model"]
+    mismatch = {"missing": [k for k in own if k not in state],
+                "unexpected": [k for k in state if k not in own],
+                "of another shape": [k for k in own if k in state and own[k].shape != state[k].shape]}
+    found = [f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+             for what, keys in mismatch.items() if keys]
+    if found:
+        raise UserError(f"{path}: its weights do not fit the network its settings build ({'; '.join(found)})")
+    net.load_state_dict(state)
 
 
 def _check_plain(obj, where: str = "checkpoint") -> None:

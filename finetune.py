@@ -50,7 +50,8 @@ class FinetuneConfig:
                           "with its .json), or 'none' for the baseline")
     init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
     config: str = arg("tiny", "model preset (default: the pre-training checkpoint's)", tuple(M.PRESETS))
-    epochs: int = arg(6, "epochs (paper: 500)")
+    epochs: int = arg(6, "epochs (paper: 500); more on --resume extends the run, its cosine recomputed over the "
+                       "new total from the current step")
     batch_size: int = arg(32, "images per batch, over all processes under torchrun (paper: 2)")
     lr: float = arg(1e-3, "peak learning rate (paper: 3e-5)")
     min_lr: float = arg(0.0, "final learning rate of the cosine schedule")

@@ -58,7 +58,8 @@ class TrainConfig:
     modalities: str = arg(",".join(modalities.DEFAULT), "comma-separated pre-training inputs, rows of "
                           "modalities.MODALITIES (e.g. rgb,depth: no semantic maps)")
     warmup_epochs: int = arg(1, "epochs of plain MIM on complete modalities first (paper: ~100)")
-    epochs: int = arg(4, "total epochs, warm-up included (paper: 100 + 400)")
+    epochs: int = arg(4, "total epochs, warm-up included (paper: 100 + 400); more on --resume extends the run, "
+                       "its cosine recomputed over the new total from the current step")
     batch_size: int = arg(32, "images per batch, over all processes under torchrun (paper: 12)")
     lr: float = arg(1e-3, "peak learning rate (paper: 1e-5)")
     min_lr: float = arg(0.0, "final learning rate of the cosine schedule")

@@ -235,7 +235,7 @@ def test_a_checkpoint_lacking_what_a_script_reads_is_one_line(tmp_path):
     one_line_error(e, "f.pt: its model_config does not fit this version", "colour")
     with pytest.raises(UserError) as e:
         ev(_saved(tmp_path / "g.pt", model_config=dataclasses.asdict(tiny(width=64))))
-    one_line_error(e, "g.pt: its weights do not fit its model_config")
+    one_line_error(e, "g.pt: its weights do not fit the network its settings build")
     with pytest.raises(UserError) as e:                          # an export cannot be resumed
         checkpoints.load_checkpoint(_saved(tmp_path / "h.pt"), "finetune", resume=True)
     one_line_error(e, "h.pt", "it lacks optimizer, rng_state, epoch, batch, history")

@@ -4,6 +4,7 @@ stay one line, a resumed or restarted run leaves a clean log."""
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import finetune
 import masking
 import train
 from cli import UserError
-from conftest import ROOT, make_esanet, real_sample
+from conftest import ROOT, make_esanet, one_line_error, real_sample
 
 PRE = ["--subset", "32", "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--vis_every", "0"]
 
@@ -38,7 +39,7 @@ def test_a_folder_that_holds_a_run_is_refused_then_overwritten_on_request(tmp_pa
     open(os.path.join(out, "ckpt.pt.tmp999"), "wb").close()        # what a crash mid-write leaves
     train.main(PRE + ["--out_dir", out, "--overwrite", "--epochs", "1"])
     assert log_epochs(out) == [1]                                     # no second epoch-1 line
-    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert not [f for f in os.listdir(out) if ".tmp" in f or f == engine.PREVIOUS_RUN]   # the old run gone
     with pytest.raises(UserError, match="pass one of them"):
         train.main(PRE + ["--out_dir", out, "--overwrite", "--resume"])
 
@@ -146,3 +147,106 @@ def test_a_data_error_in_a_worker_process_is_one_line(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "outside the class set" in lines[0], \
         p.stderr[-2000:]
+
+
+def run_files(folder) -> dict:
+    """The folder's files (its .previous_run/ too) and their bytes."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run of PRE (2 epochs of 2 batches; m2im, one step a batch, is quick),
+    made once; copy(dest) gives a copy."""
+    folder = str(tmp_path_factory.mktemp("finished") / "run")
+    train.main(PRE + ["--mode", "m2im", "--out_dir", folder])
+    return lambda dest: str(shutil.copytree(folder, dest))
+
+
+NAN = ["--overwrite", "--lr", "1e6", "--lr_warmup_epochs", "0"]      # the NaN guard at batch 2 (issue 20)
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, finished, monkeypatch):
+    out = finished(tmp_path / "run")
+    old = run_files(out)
+    with pytest.raises(UserError, match="the loss became nan"):
+        train.main(PRE + ["--out_dir", out] + NAN)
+    assert run_files(out) == old
+
+    def interrupted(obj, path):                   # Ctrl-C twice while the first checkpoint is written
+        open(f"{path}.tmp1", "wb").close()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(PRE + ["--out_dir", out, "--overwrite", "--epochs", "1"])
+    assert run_files(out) == old
+
+
+def test_an_overwrite_killed_before_its_first_checkpoint_is_named(tmp_path, finished):
+    out = tmp_path / "run"
+    finished(out)
+    old = run_files(out)
+    aside = out / engine.PREVIOUS_RUN          # what kill -9 leaves: the old run aside, a new log
+    aside.mkdir()
+    for f in os.listdir(out):
+        if f != engine.PREVIOUS_RUN:
+            os.rename(out / f, aside / f)
+    (out / "log.jsonl").write_text(json.dumps({"epoch": 1, "mode": "mim", "loss": 1.0}) + "\n")
+    for flags in ([], ["--resume"]):
+        with pytest.raises(UserError) as e:
+            train.main(PRE + ["--out_dir", str(out)] + flags)
+        one_line_error(e, str(aside), "move those files back", "--overwrite")
+    # --overwrite goes on; failing before its first checkpoint, it puts the older run back.
+    with pytest.raises(UserError, match="the loss became nan"):
+        train.main(PRE + ["--out_dir", str(out)] + NAN)
+    assert run_files(out) == old
+    # Killed after the new run's first checkpoint: .previous_run beside a ckpt.pt is a leftover.
+    aside.mkdir()
+    (aside / "log.jsonl").write_text("")
+    train.main(["--out_dir", str(out), "--resume"])           # a finished run: nothing to do
+    assert not aside.exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_offers_overwrite(tmp_path, finished):
+    out = tmp_path / "run"
+    finished(out)
+    os.remove(out / "ckpt.pt")                     # killed while writing it: a log, a temporary file
+    open(out / "ckpt.pt.tmp123", "wb").close()
+    for flags in ([], ["--resume"]):
+        with pytest.raises(UserError) as e:
+            train.main(PRE + ["--out_dir", str(out)] + flags)
+        msg = one_line_error(e, "no ckpt.pt", "nothing to resume", "--overwrite")
+        assert "pass --resume" not in msg
+    with pytest.raises(UserError) as e:
+        train.main(["--resume", "--out_dir", str(tmp_path / "empty")])
+    one_line_error(e, "ckpt.pt", "nothing to resume", "without --resume")
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(tmp_path, finished, monkeypatch):
+    out = finished(tmp_path / "run")                # 2 epochs of 2 batches
+    with pytest.raises(UserError) as e:
+        train.main(["--resume", "--out_dir", out, "--epochs", "1"])
+    one_line_error(e, "--epochs 1", "has done 2 epoch(s)", "--epochs 2 or more")
+    with pytest.raises(UserError, match="--lr 0.5 differs"):             # the other settings still may not change
+        train.main(["--resume", "--out_dir", out, "--epochs", "3", "--lr", "0.5"])
+    lrs = []
+    monkeypatch.setattr(engine, "set_lr", lambda optimizer, lr: lrs.append(lr))
+    train.main(["--resume", "--out_dir", out, "--epochs", "3"])
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert log_epochs(out) == [1, 2, 3] and ckpt["epoch"] == 3 and ckpt["config"]["epochs"] == 3
+    cfg = train.TrainConfig()
+    assert lrs == [engine.lr_at(4 + b, 6, 1, cfg.lr, cfg.min_lr) for b in range(2)]    # over the new total
+
+
+def test_a_checkpoint_with_other_weights_is_one_line(tmp_path, finished):
+    out = tmp_path / "run"
+    finished(out)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt["model"]["output_adapters.lidar.weight"] = torch.zeros(1)
+    missing = sorted(ckpt["model"])[0]
+    del ckpt["model"][missing]
+    torch.save(ckpt, out / "ckpt.pt")
+    with pytest.raises(UserError) as e:
+        train.main(["--resume", "--out_dir", str(out), "--epochs", "3"])
+    one_line_error(e, str(out / "ckpt.pt"), f"1 missing: {missing}", "1 unexpected: output_adapters.lidar.weight")
