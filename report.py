@@ -607,21 +607,24 @@ def runs_of(results: list, **match) -> dict:
     return {r["seed"]: r for r in results if all(r.get(k) == v for k, v in match.items())}
 
 
-def paired(a: dict, b: dict, setting: str, b_setting: str = None) -> dict:
-    """Per-seed differences a − b of test mIoU (the seeds both have), their mean ± sd, and
-    whether the mean is clear of zero by two standard errors (the protocol's rule)."""
+def paired(a: dict, b: dict, setting: str) -> dict:
+    """Per-seed differences a − b of test mIoU (the seeds both have), their mean ± sd, the
+    half-width of the mean's 95 % confidence interval (Student t, n − 1 degrees of freedom)
+    and whether that interval excludes 0 (the protocol's "clear")."""
+    from scipy.stats import t
     seeds = sorted(set(a) & set(b))
-    diffs = [a[s]["clean"][setting]["miou"] - b[s]["clean"][b_setting or setting]["miou"] for s in seeds]
+    diffs = [a[s]["clean"][setting]["miou"] - b[s]["clean"][setting]["miou"] for s in seeds]
     m, sd = mean_std(diffs) if diffs else (math.nan, math.nan)
-    clear = len(diffs) > 1 and abs(m) > 2 * sd / math.sqrt(len(diffs))
-    return {"seeds": seeds, "diffs": diffs, "mean": m, "sd": sd, "clear": clear}
+    half = float(t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
+    return {"seeds": seeds, "diffs": diffs, "mean": m, "sd": sd, "ci95": half, "clear": abs(m) > half}
 
 
 def _diff_cell(d: dict) -> str:
     if not d["diffs"]:
         return "—"
     text = f"{d['mean']:+.2f} ± {d['sd']:.2f}"
-    return f"**{text}** (clear)" if d["clear"] else f"{text}"
+    ci = f" (95 % CI ±{d['ci95']:.2f})" if math.isfinite(d["ci95"]) else ""
+    return f"**{text}**{ci} clear" if d["clear"] else f"{text}{ci}"
 
 
 def _miou_cell(runs: dict, setting: str) -> str:
@@ -644,7 +647,7 @@ def write_regime(study: dict, path: str, png: str) -> None:
          f"{cfg['test_images']} test images, validation = the first {cfg['val_images']} val images. The foundation "
          f"(one per seed): MIM on {cfg['foundation_images']} pool scenes, batch {cfg['foundation_batch']}, "
          f"{cfg['foundation_epochs']} epochs. Differences are paired by seed: mean ± sd over seeds; **clear** = the "
-         f"mean is more than two standard errors from 0.", "",
+         f"95 % confidence interval of the mean (Student t, n − 1 degrees of freedom) excludes 0.", "",
          "## Step 0: the adapt regime's pre-training lr, chosen on validation", "",
          "| lr | mim: val mIoU (mean of the 3 conditions) | m2im | score |", "|---|---|---|---|"]
     scores = pilot_scores(R, study["pilot_lrs"])
@@ -715,16 +718,15 @@ def write_regime(study: dict, path: str, png: str) -> None:
 
 
 def regime_chart(series: dict, path: str) -> None:
-    """Paired differences (mean, whiskers ± 2 standard errors) per contrast and input
+    """Paired differences (mean, whiskers: the 95 % confidence interval) per contrast and input
     condition, one panel per regime (PIL only)."""
     panels = [("adapt", "adapting the foundation"), ("scratch", "from scratch"), ("frozen", "near-frozen fine-tuning")]
     colours = {"rgb": "#1f77b4", "depth": "#2ca02c", "rgbd": "#7f7f7f"}
     W, H, pad, top = 1100, 380, 40, 40
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    ends = [x for ds in series.values() for dd in ds if dd["diffs"]
-            for x in (dd["mean"] - 2 * dd["sd"] / math.sqrt(len(dd["diffs"])),
-                      dd["mean"] + 2 * dd["sd"] / math.sqrt(len(dd["diffs"])))]
+    ends = [x for ds in series.values() for dd in ds if len(dd["diffs"]) > 1
+            for x in (dd["mean"] - dd["ci95"], dd["mean"] + dd["ci95"])]
     lo, hi = min(ends + [-1.0]), max(ends + [1.0])
     pw = (W - (len(panels) + 1) * pad) / len(panels)
     py = lambda y: H - pad - (y - lo) / (hi - lo) * (H - pad - top)
@@ -740,10 +742,10 @@ def regime_chart(series: dict, path: str) -> None:
             gx = x0 + (ri + 0.5) * pw / max(1, len(rows))
             d.text((gx - 40, H - pad + 6), text.replace("²", "2").replace("−", "-"), fill="black")
             for si, (s, dd) in enumerate(zip(("rgb", "depth", "rgbd"), ds)):
-                if not dd["diffs"]:
+                if len(dd["diffs"]) < 2:
                     continue
                 x = gx + (si - 1) * 14
-                e = 2 * dd["sd"] / math.sqrt(len(dd["diffs"]))
+                e = dd["ci95"]
                 d.line([(x, py(dd["mean"] - e)), (x, py(dd["mean"] + e))], fill=colours[s], width=2)
                 d.ellipse([x - 3, py(dd["mean"]) - 3, x + 3, py(dd["mean"]) + 3], fill=colours[s])
     for i, (s, c) in enumerate(colours.items()):

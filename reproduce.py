@@ -629,20 +629,20 @@ def each_seed(cfg: ReproConfig, todo_specs: list, seeds=None) -> list:
 
 def tasks(runs: list) -> list:
     """The (spec, seed, stage) runs that fine-tune each (configuration, seed) of `runs` and
-    the runs they wait for (`needs`), each once: pre-trainings before fine-tunings, the runs
-    others wait for first, else in the order given."""
+    the runs they wait for (`needs`), each once: pre-trainings before fine-tunings, those
+    other pre-trainings wait for (foundations, teachers) first, else in the order given."""
     todo = []
 
-    def add(task):
+    def add(task):                        # what it waits for first
         if task not in todo:
-            todo.append(task)
             for dep in needs(*task):
                 add(dep)
+            todo.append(task)
 
     for sp, s in runs:
         add((sp, s, "finetune"))
-    waited_for = {dep for task in todo for dep in needs(*task)}
-    return sorted(todo, key=lambda t: (t[2] != "pretrain", t not in waited_for))       # stable: else as given
+    first = {dep for task in todo if task[2] == "pretrain" for dep in needs(*task)}    # foundations, teachers
+    return sorted(todo, key=lambda t: (t[2] != "pretrain", t not in first))       # stable: else as given
 
 
 def run_all(cfg: ReproConfig, runs: list) -> list:

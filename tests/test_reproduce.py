@@ -279,3 +279,83 @@ def test_the_token_study_chooses_on_validation_and_runs_the_combination(tmp_path
     assert out["chosen"] == "maskmentor+missing+standardize"
     md = (tmp_path / "res" / "token_study.md").read_text()
     assert "**Chosen (the rule over every configuration above): `maskmentor+missing+standardize`.**" in md
+
+
+@pytest.mark.parametrize("mode,schedule", [("sttp", "steps"), ("m2im", "batches"), ("sttp", "batches")])
+def test_the_counted_lr_is_the_schedules(tmp_path, mode, schedule):
+    """The integrated lr and the missing-modality steps BudgetCounter counts in a run are
+    what report.integrated_lr computes from the schedule and the objectives' declared steps;
+    on the step schedule a self-teaching run and a one-step run get the same total."""
+    argv = ["--mode", mode, "--subset", "32", "--batch_size", "16", "--epochs", "3", "--warmup_epochs", "1",
+            "--vis_every", "0", "--lr_schedule", schedule, "--out_dir", str(tmp_path)]
+    with R.BudgetCounter() as count:
+        train.main(argv)
+    got = count.summary()
+    want = report.integrated_lr(mode, 1, 3, 2, 1e-3, 0.0, train.TRAIN_PRESETS["tiny"]["lr_warmup_epochs"], schedule)
+    assert (got["steps"], got["missing_modality_steps"]) == (want["steps"], want["missing_steps"])
+    assert got["integrated_lr"] == pytest.approx(want["lr"], rel=1e-9)
+    assert got["missing_modality_lr"] == pytest.approx(want["missing_lr"], rel=1e-9)
+    one_step = report.integrated_lr("m2im", 1, 1 + 2 * report.steps_per_batch(mode), 2, 1e-3, 0.0, 0.5, schedule)
+    if schedule == "steps":
+        assert want["lr"] == pytest.approx(one_step["lr"])
+
+
+def test_the_regime_specs_name_their_runs_and_pass_their_flags():
+    cfg = R.parse(["--study", "regime", "--quick"])
+    assert cfg.seeds == 2 and cfg.foundation_images == 64                    # --quick's, over the study's 5
+    assert R.parse(["--study", "regime"]).seeds == 5 and R.parse(["--study", "regime"]).out_dir == "results/regime"
+    adapt = R.Spec("m2im", regime="adapt", lr=3e-4, schedule="steps", inputs="rgb", layer_decay=0.001)
+    assert adapt.name == "m2im+lr0.0003+steps+adapt" and adapt.finetune_dir == "finetune-rgb-ld0.001"
+    pre, ft = R.pretrain_argv(cfg, adapt, 1), R.finetune_argv(cfg, adapt, 1)
+    assert pre[pre.index("--init") + 1] == R.foundation_ckpt(cfg, 1) and pre[pre.index("--lr") + 1] == "0.0003"
+    assert ft[ft.index("--inputs") + 1] == "rgb" and ft[ft.index("--layer_decay") + 1] == "0.001"
+    # the foundation fine-tuned directly; no pre-training lr or schedule for it
+    none = R.Spec("baseline", regime="adapt", lr=3e-4, schedule="steps")
+    assert none == R.Spec("baseline", regime="adapt") and none.name == "baseline+adapt"
+    ft = R.finetune_argv(cfg, none, 0)
+    assert ft[ft.index("--pretrained") + 1] == R.foundation_ckpt(cfg, 0)
+    f = R.pretrain_argv(cfg, R.FOUNDATION, 0)
+    assert f[f.index("--split") + 1] == "pool" and f[f.index("--mode") + 1] == "mim"
+    # what waits for what: an adapt run's pre-training waits for the foundation, tw0 adds its flag
+    order = [(sp.name, s, st) for sp, s, st in R.tasks([(adapt, 0), (R.Spec("tw0"), 0)])]
+    assert order.index(("foundation", 0, "pretrain")) < order.index((adapt.name, 0, "pretrain"))
+    assert "--token_weight" in R.pretrain_argv(cfg, R.Spec("tw0"), 0)
+
+
+def test_the_regime_study_chooses_its_lr_on_validation_then_runs_every_row(tmp_path, monkeypatch):
+    """The study's flow with the training replaced by fixed scores: the pilot's lr with the
+    best validation score is chosen (3e-4 here), every later adapt run uses it, each row has
+    the protocol's seeds, and the report pairs the variants by seed."""
+    asked = []
+
+    def run_all(cfg, runs):
+        asked.append(runs)
+        out = []
+        for sp, s in runs:
+            bump = {"m2im": 1.0, "maskmentor": 2.0}.get(sp.variant, 0.0) + (5.0 if sp.lr == 3e-4 else 0.0)
+            r = fake_result(sp, s, 40 + bump, 50 + bump)
+            r["clean"] = {c: {"miou": 60.0 + bump + s} for c in R.evaluate.SETTINGS}
+            r.update({f: getattr(sp, f) for f in ("regime", "lr", "schedule", "inputs", "layer_decay")})
+            r["pretrain"] = {"integrated_lr": 0.5, "missing_modality_lr": 0.1, "missing_modality_steps": 3}
+            out.append(r)
+        return out
+
+    monkeypatch.setattr(R, "run_all", run_all)
+    monkeypatch.setattr(R, "loss_log", lambda path, batches: {"first": 2.0, "last": 1.0, "last_epoch_drop": 0.01})
+    out = R.main(["--study", "regime", "--work_dir", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "res")])
+    assert out["chosen_lr"] == 3e-4
+    pilot, rows = asked
+    assert {(sp.variant, sp.lr) for sp, _ in pilot if sp.variant != "baseline"} == \
+        {(v, lr) for v in ("mim", "m2im") for lr in R.PILOT_LRS}
+    assert {s for sp, s in pilot if sp.variant == "mim"} == {0, 1}
+    adapt = [sp for sp, _ in rows if sp.regime == "adapt"]
+    assert adapt and all(sp.lr == 3e-4 and sp.schedule == "steps" for sp in adapt)
+    seeds = lambda **kw: sorted(s for sp, s in pilot + rows
+                                if all(getattr(sp, k) == v for k, v in kw.items()))
+    assert seeds(variant="maskmentor", regime="adapt") == [0, 1, 2, 3, 4]
+    assert seeds(variant="mim", regime="adapt", inputs="rgb") == [0, 1, 2, 3, 4]
+    assert seeds(variant="m2im", regime="adapt", layer_decay=R.NEAR_FROZEN) == [0, 1, 2]
+    assert seeds(variant="m2im", regime="scratch") == [0, 1, 2]
+    md = (tmp_path / "res" / "regime.md").read_text()
+    assert "| 0.0003 (chosen) |" in md and "| M²IM − MIM | **+1.00 ± 0.00**" in md
+    assert (tmp_path / "res" / "regime.png").is_file() and (tmp_path / "res" / "regime.json").is_file()
