@@ -179,8 +179,12 @@ def load_weights(net: torch.nn.Module, ckpt: dict, path: str) -> None:
     settings build (another preset, other modalities, a replaced file) are one line naming
     the file and the first mismatching keys, not torch's multi-line error."""
     own, state = net.state_dict(), ckpt["model"]
+    # A buffer registered as None is not in state_dict(), but its module creates it when a
+    # file has it: an input adapter's position table loaded with --init (model._InputAdapter).
+    created = {f"{name}.{b}".lstrip(".") for name, module in net.named_modules()
+               for b, v in module._buffers.items() if v is None}
     mismatch = {"missing": [k for k in own if k not in state],
-                "unexpected": [k for k in state if k not in own],
+                "unexpected": [k for k in state if k not in own and k not in created],
                 "of another shape": [k for k in own if k in state and own[k].shape != state[k].shape]}
     found = [f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
              for what, keys in mismatch.items() if keys]
