@@ -563,7 +563,8 @@ def check_request(cfg) -> str:
         if cfg.rgb or cfg.depth:
             raise UserError("--export_onnx exports the model; segment images (--rgb, --depth) in another run")
         if importlib.util.find_spec("onnx") is None:
-            raise UserError("--export_onnx needs the onnx package (and onnxscript): pip install onnx onnxscript")
+            raise UserError("--export_onnx needs the onnx package: pip install -r requirements.txt "
+                            "(onnx, onnxscript, onnxruntime)")
         check_output(cfg.export_onnx, "--export_onnx")
         return "export"
     if cfg.rgb or cfg.depth:
