@@ -1,10 +1,12 @@
-"""Helpers several test files share: paths, the real NYU fixture, small models and batches;
-and the suite's one rule for skipping: a test may skip for a missing GPU only (the hooks at
-the end; tests/test_suite.py shows them at work).
+"""Helpers several test files share: paths, the real NYU fixture, small models and batches,
+a full disk; and the suite's one rule for skipping: a test may skip for a missing GPU only
+(the hooks at the end; tests/test_suite.py shows them at work).
 
 pytest puts tests/ on sys.path, so test files import these with `from conftest import ...`.
 """
 import dataclasses
+import errno
+import io
 import os
 import re
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cli
 import data
 import model as M
 
@@ -69,6 +72,41 @@ def make_esanet(root, rgb, label40, depth):
         save(f"{root}/{split}/depth_raw/0001.png", (depth * 1e3).astype(np.uint16))
         save(f"{root}/{split}/labels_40/0001.png", label40.astype(np.uint8))
         save(f"{root}/{split}/labels_894/0001.png", label40.astype(np.uint8))
+
+
+def finetuned(path, dataset="synthetic", conventions=None, table=None, **cfg):
+    """An untrained tiny Segmenter saved the way finetune.py saves one; `conventions`
+    becomes ckpt["data"], `table` (h, w) gives every adapter a loaded position table, `cfg`
+    replaces fields of the model config (modalities=("depth",): a dedicated depth model,
+    as finetune.py --inputs depth makes one)."""
+    torch.manual_seed(0)
+    mcfg = dataclasses.replace(M.PRESETS["tiny"], num_classes=data.num_classes(dataset), **cfg)
+    net = M.Segmenter(mcfg)
+    if table is not None:
+        for adapter in net.input_adapters.values():
+            adapter.pos_emb = torch.randn(1, mcfg.width, *table)
+    ckpt = {"kind": "finetune", "model_config": dataclasses.asdict(mcfg), "model": net.state_dict(),
+            "dataset": dataset, "config": {}}
+    if conventions is not None:
+        ckpt["data"] = conventions
+    torch.save(ckpt, path)
+    return net.eval()
+
+
+def fill_the_disk(monkeypatch, room=4096):
+    """From here on, the files cli.write_atomic opens (checkpoints, every output of
+    evaluate.py and prepare_nyu.py) share a disk with `room` bytes left: the write that
+    would pass it fails with ENOSPC, as on a full disk."""
+    left = [room]
+
+    class Disk(io.FileIO):
+        def write(self, b):
+            if len(b) > left[0]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            left[0] -= len(b)
+            return super().write(b)
+
+    monkeypatch.setattr(cli, "open", lambda p, mode: Disk(p, mode.replace("b", "")), raising=False)
 
 
 def gen(seed=0):

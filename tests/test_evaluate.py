@@ -15,24 +15,7 @@ import evaluate
 import modalities
 import model as M
 from cli import UserError
-from conftest import fixture_path, make_esanet, one_line_error, real_sample
-
-
-def finetuned(path, dataset="synthetic", conventions=None, table=None, **cfg):
-    """An untrained tiny Segmenter saved the way finetune.py saves one; `conventions`
-    becomes ckpt["data"], `table` (h, w) gives every adapter a loaded position table."""
-    torch.manual_seed(0)
-    mcfg = dataclasses.replace(M.PRESETS["tiny"], num_classes=data.num_classes(dataset), **cfg)
-    net = M.Segmenter(mcfg)
-    if table is not None:
-        for adapter in net.input_adapters.values():
-            adapter.pos_emb = torch.randn(1, mcfg.width, *table)
-    ckpt = {"kind": "finetune", "model_config": dataclasses.asdict(mcfg), "model": net.state_dict(),
-            "dataset": dataset, "config": {}}
-    if conventions is not None:
-        ckpt["data"] = conventions
-    torch.save(ckpt, path)
-    return net.eval()
+from conftest import finetuned, fixture_path, make_esanet, one_line_error, real_sample
 
 
 def fixture_batch(h=None, w=None):
@@ -330,3 +313,4 @@ def test_onnx_export_falls_back_to_the_torchscript_exporter(tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert "cannot handle this); using dynamo=False" in out and "long report" not in out
     assert "synthetic room 1 with depth holes" in out                  # the default check images
+
