@@ -28,7 +28,8 @@ graphs are the same forward at a fixed crop-sized input. Every output path is ch
 before the model is loaded, so a typo costs a second, not an evaluation, and an output
 that is an input (--rgb, --depth, --ckpt) is refused then: nothing the user gave is ever
 replaced. Every file is written whole or not at all (cli.write_atomic): a full disk is one
-line naming the file.
+line naming the file. A dedicated model (finetune.py --inputs rgb or depth) is run on its
+own input condition only, in every mode.
 """
 from __future__ import annotations
 
@@ -234,13 +235,14 @@ def evaluate(net: M.Segmenter, loader, num_classes: int, settings, device) -> di
 
 def save_pictures(net: M.Segmenter, dataset, n: int, folder: str, dataset_name: str, device) -> list:
     """The paper's Figure 3 for the first n images: rgb | depth | ground truth | the
-    prediction with rgb+depth, rgb only and depth only (always all three), one PNG each."""
+    prediction with rgb+depth, rgb only and depth only (all three, whatever --only says; a
+    dedicated model's own condition only), one PNG each."""
     names, palette = data.CLASS_NAMES[dataset_name], data.palette(dataset_name)
     paths = []
     for i in range(min(n, len(dataset))):
         sample = dataset[i]
         batch = to_device(data.collate([sample]), device)
-        preds = {s: p[0].cpu() for s, p in predict(net, batch, SETTINGS).items()}
+        preds = {s: p[0].cpu() for s, p in predict(net, batch, conditions_of(net)).items()}
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(str(sample["id"])))[0])
         paths.append(os.path.join(folder, f"{i:03d}_{name}.png"))
         figure = vis.segmentation_figure(sample, preds, names, palette)
@@ -326,11 +328,16 @@ def write_class_map(pred: torch.Tensor, path: str, palette: np.ndarray) -> None:
     write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
+def input_setting(cfg) -> str:
+    """The input condition of --rgb and/or --depth."""
+    return "rgbd" if cfg.rgb and cfg.depth else ("rgb" if cfg.rgb else "depth")
+
+
 def segment_one_image(cfg, net: M.Segmenter, conv: Conventions, device) -> dict:
     """--rgb and/or --depth files in, a palette PNG of class ids out."""
     out = cfg.out or "seg.png"
     batch = read_inputs(cfg.rgb, cfg.depth, cfg.depth_scale, conv)
-    setting = "rgbd" if cfg.rgb and cfg.depth else ("rgb" if cfg.rgb else "depth")
+    setting = input_setting(cfg)
     H, W = next(iter(batch.values())).shape[-2:]
     print(f"segmenting {cfg.rgb or cfg.depth} ({setting} input, {size_note(H, W, conv.image_size)}) on {device}")
     pred = segment(net, batch, setting, conv.image_size, device)
@@ -378,7 +385,7 @@ def segment_folder(cfg, net: M.Segmenter, conv: Conventions, device) -> dict:
     """Every image of --rgb and/or --depth folders -> <--out>/<name>.png."""
     out = cfg.out or "seg"
     pairs = folder_pairs(cfg.rgb, cfg.depth)
-    setting = "rgbd" if cfg.rgb and cfg.depth else ("rgb" if cfg.rgb else "depth")
+    setting = input_setting(cfg)
     print(f"segmenting {len(pairs)} image(s) of {cfg.rgb or cfg.depth} ({setting} input) into {out}/ on "
           f"{device}; a long side over {MAX_SIDE * conv.image_size} px is segmented at that size")
     palette, written = conv.palette(), []
@@ -553,8 +560,8 @@ def check_request(cfg) -> str:
     """Flags and output paths, before the model is loaded. Returns the mode: "safetensors",
     "export", "folder", "image" or "dataset"."""
     check_numbers(cfg, positive=("batch_size", "depth_scale"), non_negative=("num_vis", "workers"), finite=("cues",))
-    if cfg.cues > 1:
-        raise UserError(f"--cues must be in [0, 1] (or -1: the checkpoint's), got {cfg.cues}")
+    if cfg.cues != -1 and not 0 <= cfg.cues <= 1:
+        raise UserError(f"--cues must be in [0, 1], or -1 for the checkpoint's level, got {cfg.cues}")
     inputs = [("--ckpt", cfg.ckpt)]
     if cfg.ckpt.endswith(".safetensors"):
         inputs.append(("--ckpt's .json", json_path(cfg.ckpt)))
@@ -630,19 +637,21 @@ def main(argv=None):
     device = pick_device("cpu" if mode == "export" else cfg.device)
     net, ckpt = load_segmenter(cfg.ckpt, device)
     conv = conventions(ckpt, net, cfg.ckpt, cfg.dataset)
-    possible = conditions_of(net)
+    possible, takes = conditions_of(net), f"{cfg.ckpt} takes {' and '.join(net.inputs)} only"
+    if mode in ("folder", "image"):
+        if input_setting(cfg) not in possible:            # a dedicated model given another input
+            given = SETTINGS[input_setting(cfg)]
+            raise UserError(f"{' and '.join(f'--{m}' for m in given)}: {takes}: give "
+                            f"{' and '.join(f'--{m}' for m in net.inputs)}{' alone' if len(given) > 1 else ''}")
+        return segment_folder(cfg, net, conv, device) if mode == "folder" else \
+            segment_one_image(cfg, net, conv, device)
     if cfg.only and cfg.only not in possible:
-        raise UserError(f"--only {cfg.only}: {cfg.ckpt} takes {' and '.join(net.inputs)} only")
+        raise UserError(f"--only {cfg.only}: {takes}")
     settings = [cfg.only] if cfg.only else possible
     if len(possible) < len(SETTINGS) and not cfg.only:
-        print(f"{cfg.ckpt} takes {' and '.join(net.inputs)} only: skipping "
-              f"{', '.join(s for s in SETTINGS if s not in possible)}")
+        print(f"{takes}: skipping {', '.join(s for s in SETTINGS if s not in possible)}")
     if mode == "export":
         return export_onnx(net, conv, cfg.export_onnx, settings)
-    if mode == "folder":
-        return segment_folder(cfg, net, conv, device)
-    if mode == "image":
-        return segment_one_image(cfg, net, conv, device)
     dataset_name, names = conv.dataset, conv.classes
     cues = cfg.cues if cfg.cues >= 0 else ckpt.get("data", {}).get("cues", 0.0) if dataset_name == "synthetic" else 0.0
     dataset = data.build_dataset(dataset_name, cfg.data_root or None, cfg.split, train=False,

@@ -110,6 +110,9 @@ def test_resume_may_switch_the_optimizer_implementation(saved_fused, resumed_fus
     (["--device", "gpu"], "--device gpu: choose"),
     (["--data_root", "data/nyu"], "the synthetic rooms are generated"),
     (["--teacher", "t.pt"], "--teacher is the frozen teacher of --mode kd"),
+    # nothing finetune.py could segment from (it failed there with an IndexError)
+    (["--modalities", "semseg", "--mode", "mim"], "--modalities semseg: none of them is an input a segmenter takes "
+                                                  "(rgb, depth), so finetune.py could not use this pre-training"),
     (["--epoch", "1"], "unrecognized arguments: --epoch"),          # no abbreviations
 ])
 def test_bad_flags_are_one_line_before_any_work(tmp_path, flags, words):
