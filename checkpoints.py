@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import errno
 import json
 import os
 import pickle
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 import model as M
-from cli import UserError
+from cli import UserError, write_atomic
 
 # What each script writes: kind -> (how messages name it, the script that writes it).
 KINDS = {"pretrain": ("pre-training", "train.py"), "finetune": ("fine-tuned", "finetune.py")}
@@ -179,8 +178,12 @@ def load_weights(net: torch.nn.Module, ckpt: dict, path: str) -> None:
     settings build (another preset, other modalities, a replaced file) are one line naming
     the file and the first mismatching keys, not torch's multi-line error."""
     own, state = net.state_dict(), ckpt["model"]
+    # A buffer registered as None is not in state_dict(), but its module creates it when a
+    # file has it: an input adapter's position table loaded with --init (model._InputAdapter).
+    created = {f"{name}.{b}".lstrip(".") for name, module in net.named_modules()
+               for b, v in module._buffers.items() if v is None}
     mismatch = {"missing": [k for k in own if k not in state],
-                "unexpected": [k for k in state if k not in own],
+                "unexpected": [k for k in state if k not in own and k not in created],
                 "of another shape": [k for k in own if k in state and own[k].shape != state[k].shape]}
     found = [f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
              for what, keys in mismatch.items() if keys]
@@ -205,42 +208,14 @@ def _check_plain(obj, where: str = "checkpoint") -> None:
                         f"str, number, list or dict before saving (checkpoints load with weights_only=True)")
 
 
-def _write_atomic(path: str, write) -> None:
-    """write(file) into a temporary file beside `path`, then rename it to `path`: a crash or a
-    full disk never leaves half a file, and what was at `path` before stays as it was. The
-    temporary file is removed on any failure; a write error is one line naming `path`."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        # A file object, not a name: a full disk is then an OSError(ENOSPC) from f.write,
-        # which torch.save's "[enforce fail at inline_container.cc] unexpected pos" keeps
-        # as its context; given a name, torch.save loses it.
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())          # on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        kept = " (nothing there was changed)"
-        cause = e
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(e, (OSError, RuntimeError)) and cause is not None:
-            why = "no space left on device" if cause.errno == errno.ENOSPC else \
-                f"cannot be written ({cause.strerror or cause})"
-            raise UserError(f"{path}: {why}{kept}") from None
-        if isinstance(e, RuntimeError):
-            raise UserError(f"{path}: cannot be written ({str(e).splitlines()[0]}){kept}") from None
-        raise
-
-
 def save_checkpoint(obj: dict, path: str) -> None:
-    """Write a checkpoint atomically (_write_atomic); it must hold plain data only, so that
+    """Write a checkpoint atomically (cli.write_atomic); it must hold plain data only, so that
     load_checkpoint reads it back without an allow-list."""
     _check_plain(obj)
-    _write_atomic(path, lambda f: torch.save(obj, f))
+    # A file object, not a name: a full disk is then an OSError(ENOSPC) from f.write, which
+    # torch.save's "[enforce fail at inline_container.cc] unexpected pos" keeps as its
+    # context (write_atomic finds it there); given a name, torch.save loses it.
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def export_safetensors(ckpt: dict, path: str) -> list:
@@ -250,9 +225,9 @@ def export_safetensors(ckpt: dict, path: str) -> list:
     from safetensors.torch import save
     tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt["model"].items()}
     meta = {k: ckpt[k] for k in SHARED if k in ckpt}
-    _write_atomic(path, lambda f: f.write(save(tensors)))
+    write_atomic(path, lambda f: f.write(save(tensors)))
     text = "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in meta.items()) + "\n}\n"  # a key a line
-    _write_atomic(json_path(path), lambda f: f.write(text.encode()))
+    write_atomic(json_path(path), lambda f: f.write(text.encode()))
     return [path, json_path(path)]
 
 

@@ -5,14 +5,19 @@
         lr: float = arg(1e-3, "peak learning rate")       # becomes --lr, with its help
     cfg, given = parse_config(TrainConfig, argv, presets)  # --config picks a preset of defaults
     run_cli(main)                                           # UserError -> "error: ..." , exit 2
+    check_not_input([("--out", out)], [("--rgb", rgb)])    # an output never replaces an input
+    write_atomic(path, lambda f: f.write(data))            # whole or not at all; a full disk: one line
 
 The scripts (train.py, finetune.py, evaluate.py, reproduce.py, prepare_nyu.py) build their
 command lines with this; docs/cli.md lists every flag (a test keeps it in step with the
-dataclasses). Nothing here knows about models or data.
+dataclasses). write_atomic writes the checkpoints and every output of evaluate.py and
+prepare_nyu.py. Nothing here knows about models or data.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
 import os
 import re
@@ -146,3 +151,70 @@ def check_output(path: str, flag: str, kind: str = "dir") -> None:
     if not os.access(parent, os.W_OK):
         raise UserError(f"{flag} {path}: {parent} is not writable")
 
+
+def _identity(path: str):
+    """(device, inode) of what `path` names, following links; None if nothing is there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_not_input(outputs, inputs) -> None:
+    """Before any work: no output is an input. `outputs` and `inputs` are (flag, path) pairs,
+    files or folders. They are compared as the file system sees them (device and inode), so
+    another spelling of an input, a link to it or a link it is, is still that input. An
+    output folder that is an input folder is refused too: what is written there would land
+    among the inputs, or on them."""
+    seen = {}
+    for flag, path in inputs:
+        key = _identity(path) if path else None
+        if key is not None:
+            seen.setdefault(key, (flag, path))
+    for flag, path in outputs:
+        key = _identity(path) if path else None
+        if key in seen:
+            in_flag, in_path = seen[key]
+            what = "folder" if os.path.isdir(path) else "file"
+            raise UserError(f"{flag} {path}: that is the {in_flag} {what} {in_path}, an input; outputs never "
+                            f"replace inputs: give another {'folder' if what == 'folder' else 'name'}")
+
+
+def write_atomic(path: str, write) -> None:
+    """write(file) into a temporary file beside `path`, then rename it to `path`: a crash or a
+    full disk never leaves half a file, and what was at `path` before stays as it was. The
+    temporary file is removed on any failure; a write error (a full disk: OSError ENOSPC,
+    also when a library re-raises it as a RuntimeError) is one line naming `path`.
+
+    `write` gets the open temporary file; a writer that only takes a name (the ONNX
+    exporters) writes to `file.name`. A device or a pipe at `path` (/dev/stdout,
+    /dev/null) is written in place: it holds no file to keep whole, and renaming onto it
+    would replace the device itself."""
+    special = os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
+    tmp = None if special else f"{path}.tmp{os.getpid()}"
+    try:
+        if tmp is not None:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp or path, "wb") as f:
+            write(f)
+            f.flush()
+            if tmp is not None:
+                os.fsync(f.fileno())      # on disk before the rename makes it the file
+        if tmp is not None:
+            os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        kept = " (nothing there was changed)" if tmp is not None else ""
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(e, (OSError, RuntimeError)) and cause is not None:
+            why = "no space left on device" if cause.errno == errno.ENOSPC else \
+                f"cannot be written ({cause.strerror or cause})"
+            raise UserError(f"{path}: {why}{kept}") from None
+        if isinstance(e, RuntimeError):
+            raise UserError(f"{path}: cannot be written ({str(e).splitlines()[0]}){kept}") from None
+        raise

@@ -25,7 +25,11 @@ D16). Images and folders of images (`--rgb`, `--depth`) are read with the conven
 checkpoint carries (classes, rgb normalisation, crop size: `ckpt["data"]`); a very large
 image is segmented at a bounded size (MAX_SIDE) and its class map scaled back. The ONNX
 graphs are the same forward at a fixed crop-sized input. Every output path is checked
-before the model is loaded, so a typo costs a second, not an evaluation.
+before the model is loaded, so a typo costs a second, not an evaluation, and an output
+that is an input (--rgb, --depth, --ckpt) is refused then: nothing the user gave is ever
+replaced. Every file is written whole or not at all (cli.write_atomic): a full disk is one
+line naming the file. A dedicated model (finetune.py --inputs rgb or depth) is run on its
+own input condition only, in every mode.
 """
 from __future__ import annotations
 
@@ -49,7 +53,8 @@ import model as M
 import modalities
 import vis
 from checkpoints import export_safetensors, json_path, load_checkpoint, load_weights
-from cli import UserError, arg, check_numbers, check_output, one_line, parse_config, pick_device, run_cli
+from cli import (UserError, arg, check_not_input, check_numbers, check_output, one_line, parse_config, pick_device,
+                 run_cli, write_atomic)
 from engine import to_device
 
 SETTINGS = modalities.INPUT_CONDITIONS
@@ -230,17 +235,18 @@ def evaluate(net: M.Segmenter, loader, num_classes: int, settings, device) -> di
 
 def save_pictures(net: M.Segmenter, dataset, n: int, folder: str, dataset_name: str, device) -> list:
     """The paper's Figure 3 for the first n images: rgb | depth | ground truth | the
-    prediction with rgb+depth, rgb only and depth only (always all three), one PNG each."""
-    os.makedirs(folder, exist_ok=True)
+    prediction with rgb+depth, rgb only and depth only (all three, whatever --only says; a
+    dedicated model's own condition only), one PNG each."""
     names, palette = data.CLASS_NAMES[dataset_name], data.palette(dataset_name)
     paths = []
     for i in range(min(n, len(dataset))):
         sample = dataset[i]
         batch = to_device(data.collate([sample]), device)
-        preds = {s: p[0].cpu() for s, p in predict(net, batch, SETTINGS).items()}
+        preds = {s: p[0].cpu() for s, p in predict(net, batch, conditions_of(net)).items()}
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(str(sample["id"])))[0])
         paths.append(os.path.join(folder, f"{i:03d}_{name}.png"))
-        vis.segmentation_figure(sample, preds, names, palette).save(paths[-1])
+        figure = vis.segmentation_figure(sample, preds, names, palette)
+        write_atomic(paths[-1], lambda f: figure.save(f, format="PNG"))
     return paths
 
 
@@ -319,15 +325,19 @@ def write_class_map(pred: torch.Tensor, path: str, palette: np.ndarray) -> None:
     """A palette PNG: opening it shows colours, reading it gives class ids."""
     img = Image.fromarray(pred.numpy().astype(np.uint8), mode="P")
     img.putpalette(palette.reshape(-1).tolist())
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    img.save(path)
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
+
+
+def input_setting(cfg) -> str:
+    """The input condition of --rgb and/or --depth."""
+    return "rgbd" if cfg.rgb and cfg.depth else ("rgb" if cfg.rgb else "depth")
 
 
 def segment_one_image(cfg, net: M.Segmenter, conv: Conventions, device) -> dict:
     """--rgb and/or --depth files in, a palette PNG of class ids out."""
     out = cfg.out or "seg.png"
     batch = read_inputs(cfg.rgb, cfg.depth, cfg.depth_scale, conv)
-    setting = "rgbd" if cfg.rgb and cfg.depth else ("rgb" if cfg.rgb else "depth")
+    setting = input_setting(cfg)
     H, W = next(iter(batch.values())).shape[-2:]
     print(f"segmenting {cfg.rgb or cfg.depth} ({setting} input, {size_note(H, W, conv.image_size)}) on {device}")
     pred = segment(net, batch, setting, conv.image_size, device)
@@ -375,10 +385,9 @@ def segment_folder(cfg, net: M.Segmenter, conv: Conventions, device) -> dict:
     """Every image of --rgb and/or --depth folders -> <--out>/<name>.png."""
     out = cfg.out or "seg"
     pairs = folder_pairs(cfg.rgb, cfg.depth)
-    setting = "rgbd" if cfg.rgb and cfg.depth else ("rgb" if cfg.rgb else "depth")
+    setting = input_setting(cfg)
     print(f"segmenting {len(pairs)} image(s) of {cfg.rgb or cfg.depth} ({setting} input) into {out}/ on "
           f"{device}; a long side over {MAX_SIDE * conv.image_size} px is segmented at that size")
-    os.makedirs(out, exist_ok=True)
     palette, written = conv.palette(), []
     for name, rgb, depth in tqdm(pairs, desc="segmenting", unit="image", dynamic_ncols=True, disable=None):
         batch = read_inputs(rgb, depth, cfg.depth_scale, conv)
@@ -421,7 +430,9 @@ def export_graph(graph: ExportGraph, example: tuple, path: str) -> str:
     try:
         torch.onnx.export(graph, example, path, external_data=False, verbose=False, **names)
         how = "dynamo"
-    except Exception as e:          # any exporter failure: try the older exporter once
+    except OSError:                 # the file could not be written (a full disk): no exporter can
+        raise
+    except Exception as e:          # any other exporter failure: try the older exporter once
         print(f"  the dynamo exporter failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
               f"using dynamo=False")
         with warnings.catch_warnings():   # the input size is fixed: shape branches are constants
@@ -503,7 +514,6 @@ def export_onnx(net: M.Segmenter, conv: Conventions, folder: str, settings, chec
     """<folder>/<setting>.onnx for each input condition, each checked against PyTorch on
     `check_on` (see check_images; default: synthetic rooms, one with depth holes)."""
     net = net.cpu().eval()
-    os.makedirs(folder, exist_ok=True)
     S = conv.image_size
     have_ort = importlib.util.find_spec("onnxruntime") is not None
     images = check_images(conv, check_on) if have_ort else []
@@ -517,10 +527,13 @@ def export_onnx(net: M.Segmenter, conv: Conventions, folder: str, settings, chec
                         for m in graph.names)
         path = os.path.join(folder, f"{s}.onnx")
         start = time.time()
-        how = export_graph(graph, example, path)
-        r = {"path": path, "exporter": how, "opset": add_metadata(path, conv, s),
-             "seconds": time.time() - start}
-        line = f"wrote {path} ({how} exporter, opset {r['opset']}, {r['seconds']:.1f} s)"
+        r = {"path": path}
+
+        def write(f):                    # the exporters and onnx write by name: the temporary file's
+            r.update(exporter=export_graph(graph, example, f.name), opset=add_metadata(f.name, conv, s))
+        write_atomic(path, write)
+        r["seconds"] = time.time() - start
+        line = f"wrote {path} ({r['exporter']} exporter, opset {r['opset']}, {r['seconds']:.1f} s)"
         if have_ort:
             r.update(compare(path, graph, images))
             line += (f"; onnxruntime vs PyTorch: max |logit diff| {r['max_abs_diff']:.2e}, "
@@ -547,8 +560,11 @@ def check_request(cfg) -> str:
     """Flags and output paths, before the model is loaded. Returns the mode: "safetensors",
     "export", "folder", "image" or "dataset"."""
     check_numbers(cfg, positive=("batch_size", "depth_scale"), non_negative=("num_vis", "workers"), finite=("cues",))
-    if cfg.cues > 1:
-        raise UserError(f"--cues must be in [0, 1] (or -1: the checkpoint's), got {cfg.cues}")
+    if cfg.cues != -1 and not 0 <= cfg.cues <= 1:
+        raise UserError(f"--cues must be in [0, 1], or -1 for the checkpoint's level, got {cfg.cues}")
+    inputs = [("--ckpt", cfg.ckpt)]
+    if cfg.ckpt.endswith(".safetensors"):
+        inputs.append(("--ckpt's .json", json_path(cfg.ckpt)))
     if cfg.export_safetensors:
         if cfg.export_onnx or cfg.rgb or cfg.depth:
             raise UserError("--export_safetensors writes the weights and stops; export ONNX or segment images "
@@ -556,14 +572,20 @@ def check_request(cfg) -> str:
         if not cfg.export_safetensors.endswith(".safetensors"):
             raise UserError(f"--export_safetensors {cfg.export_safetensors}: the name must end in .safetensors "
                             f"(its .json goes beside it)")
-        check_output(cfg.export_safetensors, "--export_safetensors", "file")
-        check_output(json_path(cfg.export_safetensors), "--export_safetensors", "file")
+        outputs = [("--export_safetensors", cfg.export_safetensors),
+                   ("--export_safetensors's .json", json_path(cfg.export_safetensors))]
+        check_not_input(outputs, inputs)
+        for flag, p in outputs:
+            check_output(p, flag, "file")
         return "safetensors"
     if cfg.export_onnx:
         if cfg.rgb or cfg.depth:
             raise UserError("--export_onnx exports the model; segment images (--rgb, --depth) in another run")
         if importlib.util.find_spec("onnx") is None:
-            raise UserError("--export_onnx needs the onnx package (and onnxscript): pip install onnx onnxscript")
+            raise UserError("--export_onnx needs the onnx package: pip install -r requirements.txt "
+                            "(onnx, onnxscript, onnxruntime)")
+        check_not_input([("--export_onnx", cfg.export_onnx)] +
+                        [("--export_onnx", os.path.join(cfg.export_onnx, f"{s}.onnx")) for s in SETTINGS], inputs)
         check_output(cfg.export_onnx, "--export_onnx")
         return "export"
     if cfg.rgb or cfg.depth:
@@ -575,10 +597,17 @@ def check_request(cfg) -> str:
         if any(folders) and not all(folders):
             raise UserError(f"{' and '.join(f'{f} {p}' for f, p in given)}: give two files or two folders")
         if all(folders):
-            check_output(cfg.out or "seg", "--out")
+            out = cfg.out or "seg"
+            check_not_input([("--out", out)], inputs + given)
+            check_output(out, "--out")
+            pairs = folder_pairs(cfg.rgb, cfg.depth)
+            listed = [(f, p) for _, rgb, depth in pairs for f, p in (("--rgb", rgb), ("--depth", depth))]
+            check_not_input([("--out", os.path.join(out, name + ".png")) for name, _, _ in pairs], inputs + listed)
             return "folder"
+        check_not_input([("--out", cfg.out or "seg.png")], inputs + given)
         check_png(cfg.out or "seg.png", "--out")
         return "image"
+    check_not_input([("--out_json", cfg.out_json), ("--save_vis", cfg.save_vis)], inputs)
     check_output(cfg.out_json, "--out_json", "file")
     if cfg.save_vis and cfg.num_vis:
         check_output(cfg.save_vis, "--save_vis")
@@ -608,19 +637,21 @@ def main(argv=None):
     device = pick_device("cpu" if mode == "export" else cfg.device)
     net, ckpt = load_segmenter(cfg.ckpt, device)
     conv = conventions(ckpt, net, cfg.ckpt, cfg.dataset)
-    possible = conditions_of(net)
+    possible, takes = conditions_of(net), f"{cfg.ckpt} takes {' and '.join(net.inputs)} only"
+    if mode in ("folder", "image"):
+        if input_setting(cfg) not in possible:            # a dedicated model given another input
+            given = SETTINGS[input_setting(cfg)]
+            raise UserError(f"{' and '.join(f'--{m}' for m in given)}: {takes}: give "
+                            f"{' and '.join(f'--{m}' for m in net.inputs)}{' alone' if len(given) > 1 else ''}")
+        return segment_folder(cfg, net, conv, device) if mode == "folder" else \
+            segment_one_image(cfg, net, conv, device)
     if cfg.only and cfg.only not in possible:
-        raise UserError(f"--only {cfg.only}: {cfg.ckpt} takes {' and '.join(net.inputs)} only")
+        raise UserError(f"--only {cfg.only}: {takes}")
     settings = [cfg.only] if cfg.only else possible
     if len(possible) < len(SETTINGS) and not cfg.only:
-        print(f"{cfg.ckpt} takes {' and '.join(net.inputs)} only: skipping "
-              f"{', '.join(s for s in SETTINGS if s not in possible)}")
+        print(f"{takes}: skipping {', '.join(s for s in SETTINGS if s not in possible)}")
     if mode == "export":
         return export_onnx(net, conv, cfg.export_onnx, settings)
-    if mode == "folder":
-        return segment_folder(cfg, net, conv, device)
-    if mode == "image":
-        return segment_one_image(cfg, net, conv, device)
     dataset_name, names = conv.dataset, conv.classes
     cues = cfg.cues if cfg.cues >= 0 else ckpt.get("data", {}).get("cues", 0.0) if dataset_name == "synthetic" else 0.0
     dataset = data.build_dataset(dataset_name, cfg.data_root or None, cfg.split, train=False,
@@ -634,9 +665,7 @@ def main(argv=None):
                "per_class_iou": {n: (None if v != v else v) for n, v in zip(names, r["per_class_iou"])}}
            for s, r in results.items()}
     out["meta"] = {"ckpt": cfg.ckpt, "dataset": dataset_name, "split": cfg.split, "images": len(dataset)}
-    os.makedirs(os.path.dirname(cfg.out_json) or ".", exist_ok=True)
-    with open(cfg.out_json, "w") as f:
-        json.dump(out, f, indent=2)
+    write_atomic(cfg.out_json, lambda f: f.write(json.dumps(out, indent=2).encode()))
     print(f"wrote {cfg.out_json}")
     if cfg.save_vis and cfg.num_vis:
         paths = save_pictures(net, dataset, cfg.num_vis, cfg.save_vis, dataset_name, device)

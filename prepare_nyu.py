@@ -7,8 +7,9 @@ official 1-based index of the image among the 1449 (so test/rgb/0001.png is imag
 as in splits.mat); rgb 8-bit PNG; depth uint16 PNG in millimetres, rounded (0 =
 missing; the filled `depths` by default, `--depth raw` for the Kinect's `rawDepths`
 with its holes); labels uint8 0..39 (NYU-40 minus one), 255 = void. Every file is
-written under a temporary name and renamed, so an interrupted run can simply be run
-again: finished images are skipped.
+written under a temporary name and renamed (cli.write_atomic), so an interrupted run, or
+one stopped by a full disk (one line naming the file), can simply be run again: finished
+images are skipped.
 
 The official .mat is MATLAB v7.3 = HDF5, read with h5py. MATLAB stores arrays
 column-major, so h5py sees the axes reversed: images N x 3 x 640 x 480 (uint8),
@@ -30,7 +31,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from cli import UserError, arg, check_output, parse_config, run_cli
+from cli import UserError, arg, check_not_input, check_output, parse_config, run_cli, write_atomic
 from data import default_root
 from modalities import IGNORE_INDEX
 
@@ -104,10 +105,9 @@ def nyu_splits(path: Optional[str] = None) -> dict:
 
 
 def _save_png(array: np.ndarray, path: str) -> None:
-    """Write a PNG under a temporary name, then rename: never half a file at `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write a PNG (and its folder) whole or not at all."""
+    image = Image.fromarray(array)
+    write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
 def _h5_dataset(f, path: str, key: str, ndim: int):
@@ -150,8 +150,6 @@ def prepare_nyu(mat: str, out: str = "data/nyu", splits: Optional[str] = None, m
                 raise UserError(f"{splits or 'the embedded split'}: {split} index {int(idx.max())} is outside "
                                 f"the {n} images of {mat}")
             folders = {k: os.path.join(out, split, k) for k in ("rgb", "depth", "labels")}
-            for folder in folders.values():
-                os.makedirs(folder, exist_ok=True)
             for i in tqdm(idx, desc=f"prepare_nyu {split}", unit="img", disable=not progress):
                 paths = {k: os.path.join(d, f"{int(i):04d}.png") for k, d in folders.items()}
                 if all(os.path.exists(p) for p in paths.values()):
@@ -187,6 +185,7 @@ def main(argv=None) -> dict:
     cfg, _ = parse_config(PrepareConfig, argv)
     if not cfg.mat:
         raise UserError("--mat is required: the official nyu_depth_v2_labeled.mat (see README)")
+    check_not_input([("--out", cfg.out)], [(f"--{k}", getattr(cfg, k)) for k in ("mat", "splits", "mapping")])
     check_output(cfg.out, "--out")            # before reading 2.8 GB
     counts = prepare_nyu(cfg.mat, cfg.out, cfg.splits or None, cfg.mapping or None, cfg.depth)
     print(f"prepare_nyu: {counts['written']} images written, {counts['skipped']} already there, in {cfg.out}")

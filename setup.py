@@ -131,8 +131,10 @@ setup(
     description="MaskMentor: RGB-D semantic segmentation pre-training with a MultiMAE-style ViT",
     python_requires=">=3.10",
     py_modules=MODULES,
-    # The runtime part of requirements.txt; keep the two in step.
+    # The runtime part of requirements.txt; keep the two in step. evaluate.py --export_onnx's
+    # packages are an extra: pip install -e .[onnx] (requirements.txt installs them).
     install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "safetensors", "h5py", "scipy"],
+    extras_require={"onnx": ["onnx", "onnxscript", "onnxruntime"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

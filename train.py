@@ -129,6 +129,10 @@ def validate(cfg: TrainConfig) -> None:
         names = modalities.check(cfg.modalities.split(","))
     except ValueError as e:
         raise UserError(f"--modalities {cfg.modalities}: {e}")
+    if not modalities.segmenter_inputs(names):          # finetune.py would have nothing to segment from
+        takes = [m for m, row in modalities.MODALITIES.items() if row.segmenter_input]
+        raise UserError(f"--modalities {cfg.modalities}: none of them is an input a segmenter takes "
+                        f"({', '.join(takes)}), so finetune.py could not use this pre-training")
     objective = sttp.OBJECTIVES[cfg.mode]
     if len(names) < 2 and objective.drops_modalities:
         raise UserError(f"--mode {cfg.mode} drops modalities and needs at least two, got --modalities {cfg.modalities}")

@@ -4,9 +4,7 @@ appears); the project's checkpoints hold plain data and round-trip; .safetensors
 and in again give the same numbers; a full disk is one line that loses nothing; a checkpoint
 that lacks what a script reads is one line naming what it lacks."""
 import dataclasses
-import errno
 import importlib.util
-import io
 import os
 import shlex
 import subprocess
@@ -23,7 +21,7 @@ import model as M
 import reproduce
 import train
 from cli import UserError
-from conftest import ROOT, fixture_path, make_esanet, one_line_error, real_sample, tiny
+from conftest import ROOT, fill_the_disk, fixture_path, make_esanet, one_line_error, real_sample, tiny
 
 PRE = ["--subset", "16", "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--vis_every", "0",
        "--device", "cpu"]
@@ -151,21 +149,11 @@ def test_a_checkpoint_that_is_not_plain_data_is_not_written(tmp_path):
 # --- a full disk ----------------------------------------------------------------------------
 
 
-class FullDisk(io.FileIO):
-    """A file on a disk with `room` bytes left: a write past it fails with ENOSPC."""
-    room = 4096
-
-    def write(self, b):
-        if self.tell() + len(b) > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return super().write(b)
-
-
 def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     checkpoints.save_checkpoint({"model": {"w": torch.zeros(4)}, "epoch": 1}, path)
     before = open(path, "rb").read()
-    monkeypatch.setattr(checkpoints, "open", lambda p, mode: FullDisk(p, mode.replace("b", "")), raising=False)
+    fill_the_disk(monkeypatch)
     with pytest.raises(UserError) as e:
         checkpoints.save_checkpoint({"model": {"w": torch.randn(100_000)}, "epoch": 2}, path)
     one_line_error(e, path, "no space left on device", "nothing there was changed")
@@ -188,7 +176,7 @@ def test_a_failing_torch_save_is_one_line(tmp_path, monkeypatch):
 
 
 def test_training_onto_a_full_disk_stops_with_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoints, "open", lambda p, mode: FullDisk(p, mode.replace("b", "")), raising=False)
+    fill_the_disk(monkeypatch)
     out = tmp_path / "run"
     with pytest.raises(UserError) as e:
         train.main(PRE + ["--stop_after", "1", "--out_dir", str(out)])

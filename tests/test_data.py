@@ -18,7 +18,7 @@ from PIL import Image
 import data
 import prepare_nyu
 import rooms
-from conftest import ROOT, fixture_path, make_esanet, one_line_error, real_sample, save, save_palette
+from conftest import ROOT, fill_the_disk, fixture_path, make_esanet, one_line_error, real_sample, save, save_palette
 
 # --- common --------------------------------------------------------------------------
 
@@ -415,6 +415,35 @@ def test_prepare_nyu_flags_are_one_line_errors(tmp_path):
             prepare_nyu.main(argv + ["--out", str(tmp_path / "o")])
         one_line_error(e, words)
     assert not (tmp_path / "o").exists()
+
+
+def test_prepare_nyu_never_writes_over_its_inputs(nyu_mat, tmp_path):
+    d = nyu_mat[0]
+    before = {f: open(d / f, "rb").read() for f in os.listdir(d)}
+    for flag in ("--mat", "--splits"):
+        with pytest.raises(data.UserError) as e:
+            prepare_nyu.main(["--mat", str(d / "nyu.mat"), "--splits", str(d / "splits.mat"),
+                              "--out", str(d / ("nyu.mat" if flag == "--mat" else "splits.mat"))])
+        one_line_error(e, "--out", f"that is the {flag} file", "outputs never replace inputs")
+    assert {f: open(d / f, "rb").read() for f in os.listdir(d)} == before
+
+
+def test_prepare_nyu_on_a_full_disk_is_one_line_and_resumes(nyu_mat, tmp_path, monkeypatch):
+    d = nyu_mat[0]
+    args = ["--mat", str(d / "nyu.mat"), "--splits", str(d / "splits.mat")]
+    prepare_nyu.main(args + ["--out", str(tmp_path / "ok")])
+    first = {k: tmp_path / "ok" / "train" / k / "0002.png" for k in ("rgb", "depth", "labels")}
+    out = tmp_path / "nyu"
+    with monkeypatch.context() as m:       # room for the first image's rgb and depth, not its labels
+        fill_the_disk(m, room=os.path.getsize(first["rgb"]) + os.path.getsize(first["depth"]) + 10)
+        with pytest.raises(data.UserError) as e:
+            prepare_nyu.main(args + ["--out", str(out)])
+    one_line_error(e, f"{out / 'train' / 'labels' / '0002.png'}: no space left on device")
+    written = sorted(os.path.relpath(os.path.join(r, f), out) for r, _, files in os.walk(out) for f in files)
+    assert written == ["train/depth/0002.png", "train/rgb/0002.png"]      # whole files, no temporary one
+    assert prepare_nyu.main(args + ["--out", str(out)]) == {"written": 4, "skipped": 0}   # space again: run again
+    for k, p in first.items():
+        assert open(out / "train" / k / "0002.png", "rb").read() == open(p, "rb").read()
 
 
 # --- the layouts users already have ----------------------------------------------------

@@ -1,8 +1,8 @@
 """evaluate.py beyond the metrics: padding to the fine-tuning grid, images and folders,
 the checkpoint's data conventions, large images, ONNX export, output paths checked up
-front, one-line errors from DataLoader workers."""
+front, one-line errors from DataLoader workers, a dedicated (single-input) model in every
+mode."""
 import dataclasses
-import importlib.util
 import os
 import re
 
@@ -15,25 +15,9 @@ import data
 import evaluate
 import modalities
 import model as M
+import vis
 from cli import UserError
-from conftest import fixture_path, make_esanet, one_line_error, real_sample
-
-
-def finetuned(path, dataset="synthetic", conventions=None, table=None, **cfg):
-    """An untrained tiny Segmenter saved the way finetune.py saves one; `conventions`
-    becomes ckpt["data"], `table` (h, w) gives every adapter a loaded position table."""
-    torch.manual_seed(0)
-    mcfg = dataclasses.replace(M.PRESETS["tiny"], num_classes=data.num_classes(dataset), **cfg)
-    net = M.Segmenter(mcfg)
-    if table is not None:
-        for adapter in net.input_adapters.values():
-            adapter.pos_emb = torch.randn(1, mcfg.width, *table)
-    ckpt = {"kind": "finetune", "model_config": dataclasses.asdict(mcfg), "model": net.state_dict(),
-            "dataset": dataset, "config": {}}
-    if conventions is not None:
-        ckpt["data"] = conventions
-    torch.save(ckpt, path)
-    return net.eval()
+from conftest import finetuned, fixture_path, make_esanet, one_line_error, real_sample
 
 
 def fixture_batch(h=None, w=None):
@@ -223,8 +207,7 @@ def test_default_onnx_check_images_are_synthetic_rooms_one_with_depth_holes():
 
 @pytest.mark.slow
 def test_onnx_export_matches_pytorch(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
+    import onnxruntime as ort                  # requirements.txt: CI tests the export
     net = finetuned(tmp_path / "ckpt.pt", "nyu")
     conv = evaluate.conventions(evaluate.load_segmenter(str(tmp_path / "ckpt.pt"), "cpu")[1], net, "ckpt.pt")
     # checked on the real NYU image #1 (640x480 fitted into 64x48), filled and raw (holey) depth
@@ -291,8 +274,6 @@ def test_output_paths_fail_before_the_model_is_loaded(tmp_path, restore_modes):
              (["--export_onnx", str(tmp_path / "file.txt")], "--export_onnx", "a file is there"),
              (["--export_onnx", str(ro / "onnx")], "--export_onnx", ro.name)]
     for flags, *needles in cases:
-        if flags[0] == "--export_onnx" and importlib.util.find_spec("onnx") is None:
-            continue                                      # then the missing package is the error
         with pytest.raises(UserError) as e:
             evaluate.main(missing_ckpt + flags)
         one_line_error(e, *needles)
@@ -319,8 +300,6 @@ def test_a_worker_error_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_onnx_export_falls_back_to_the_torchscript_exporter(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
     finetuned(tmp_path / "ckpt.pt", "nyu")
     export = torch.onnx.export
 
@@ -336,3 +315,65 @@ def test_onnx_export_falls_back_to_the_torchscript_exporter(tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert "cannot handle this); using dynamo=False" in out and "long report" not in out
     assert "synthetic room 1 with depth holes" in out                  # the default check images
+
+
+# --- a dedicated model (finetune.py --inputs depth): its own condition, in every mode --------
+
+
+def test_a_dedicated_depth_model_in_every_mode(tmp_path, capsys):
+    rgb, label40, depth, _ = real_sample()
+    make_esanet(str(tmp_path / "nyu"), rgb[:96, :128], label40[:96, :128], depth[:96, :128])
+    net = finetuned(tmp_path / "ckpt.pt", "nyu", modalities=("depth",))
+    assert net.inputs == ("depth",)
+    ckpt = ["--ckpt", str(tmp_path / "ckpt.pt")]
+    # the dataset: depth only, said so; Figure 3 shows the depth prediction alone
+    out = evaluate.main(ckpt + ["--data_root", str(tmp_path / "nyu"), "--out_json", str(tmp_path / "r.json"),
+                                "--save_vis", str(tmp_path / "vis")])
+    assert set(out) == {"depth", "meta"} and "takes depth only: skipping rgbd, rgb" in capsys.readouterr().out
+    sample = data.build_dataset("nyu", str(tmp_path / "nyu"), "test", image_size=64)[0]
+    pred = evaluate.predict(net, data.collate([sample]), ["depth"])["depth"][0]
+    expected = vis.segmentation_figure(sample, {"depth": pred}, data.CLASS_NAMES["nyu"], data.palette("nyu"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "vis" / "000_0001.png")), np.asarray(expected))
+    # one image: --depth alone; --rgb, alone or with --depth, is one line and writes nothing
+    rgb_path, depth_path = tmp_path / "nyu" / "test" / "rgb" / "0001.png", tmp_path / "nyu" / "test" / "depth" / "0001.png"
+    r = evaluate.main(ckpt + ["--depth", str(depth_path), "--out", str(tmp_path / "seg.png")])
+    assert r["setting"] == "depth"
+    for flags, words in ((["--rgb", str(rgb_path)], "--rgb: "), (["--rgb", str(rgb_path), "--depth", str(depth_path)],
+                                                                 "--rgb and --depth: ")):
+        with pytest.raises(UserError) as e:
+            evaluate.main(ckpt + flags + ["--out", str(tmp_path / "other.png")])
+        one_line_error(e, words, "ckpt.pt takes depth only", "give --depth")
+        assert not (tmp_path / "other.png").exists()
+    # folders alike
+    with pytest.raises(UserError) as e:
+        evaluate.main(ckpt + ["--rgb", str(rgb_path.parent), "--out", str(tmp_path / "segs")])
+    one_line_error(e, "--rgb: ", "takes depth only")
+    # ONNX: --only a condition it lacks is one line (the export itself: test_onnx_export_of_a_dedicated_model)
+    with pytest.raises(UserError) as e:
+        evaluate.main(ckpt + ["--export_onnx", str(tmp_path / "onnx"), "--only", "rgbd"])
+    one_line_error(e, "--only rgbd", "takes depth only")
+    assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_dedicated_model(tmp_path, capsys):
+    finetuned(tmp_path / "ckpt.pt", modalities=("depth",))
+    r = evaluate.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--export_onnx", str(tmp_path / "onnx")])
+    assert list(r) == ["depth"] and os.listdir(tmp_path / "onnx") == ["depth.onnx"]
+    assert r["depth"]["max_abs_diff"] < 1e-3 and r["depth"]["class_differs"] == 0
+    assert "takes depth only: skipping rgbd, rgb" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cues", ["-0.5", "-2", "1.5", "-1.0001"])
+def test_cues_other_than_minus_one_or_zero_to_one_are_refused(cues):
+    with pytest.raises(UserError) as e:
+        evaluate.main(["--ckpt", "no_such_ckpt.pt", "--cues", cues])
+    one_line_error(e, "--cues must be in [0, 1], or -1 for the checkpoint's level", f"got {float(cues)}")
+
+
+@pytest.mark.parametrize("cues", ["-1", "0", "0.5", "1"])
+def test_cues_minus_one_and_zero_to_one_are_taken(cues, tmp_path):
+    with pytest.raises(UserError) as e:                     # past the flags: the checkpoint is looked for
+        evaluate.main(["--ckpt", str(tmp_path / "no_such_ckpt.pt"), "--cues", cues,
+                       "--out_json", str(tmp_path / "r.json")])
+    one_line_error(e, "no_such_ckpt.pt: no fine-tuned checkpoint there")

@@ -1,6 +1,8 @@
 """Careless use: nothing lost, nothing silent. A run folder is never overwritten without
 --resume or --overwrite, bad flags and paths are one line before any work, worker errors
-stay one line, a resumed or restarted run leaves a clean log."""
+stay one line, a resumed or restarted run leaves a clean log; evaluate.py's outputs never
+replace its inputs, and a full disk under any of them is one line that leaves no part of a
+file."""
 import copy
 import json
 import os
@@ -12,12 +14,16 @@ import numpy as np
 import pytest
 import torch
 
+from PIL import Image
+
+import checkpoints
 import engine
+import evaluate
 import finetune
 import masking
 import train
 from cli import UserError
-from conftest import ROOT, make_esanet, one_line_error, real_sample
+from conftest import ROOT, fill_the_disk, finetuned, make_esanet, one_line_error, real_sample
 
 PRE = ["--subset", "32", "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--vis_every", "0"]
 
@@ -104,6 +110,9 @@ def test_resume_may_switch_the_optimizer_implementation(saved_fused, resumed_fus
     (["--device", "gpu"], "--device gpu: choose"),
     (["--data_root", "data/nyu"], "the synthetic rooms are generated"),
     (["--teacher", "t.pt"], "--teacher is the frozen teacher of --mode kd"),
+    # nothing finetune.py could segment from (it failed there with an IndexError)
+    (["--modalities", "semseg", "--mode", "mim"], "--modalities semseg: none of them is an input a segmenter takes "
+                                                  "(rgb, depth), so finetune.py could not use this pre-training"),
     (["--epoch", "1"], "unrecognized arguments: --epoch"),          # no abbreviations
 ])
 def test_bad_flags_are_one_line_before_any_work(tmp_path, flags, words):
@@ -250,3 +259,113 @@ def test_a_checkpoint_with_other_weights_is_one_line(tmp_path, finished):
     with pytest.raises(UserError) as e:
         train.main(["--resume", "--out_dir", str(out), "--epochs", "3"])
     one_line_error(e, str(out / "ckpt.pt"), f"1 missing: {missing}", "1 unexpected: output_adapters.lidar.weight")
+
+
+# --- evaluate.py: an output never replaces an input ------------------------------------------
+
+
+def files_and_bytes(folder) -> dict:
+    """Every file under `folder` (links as where they point) and its bytes or target."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, folder)] = os.readlink(p) if os.path.islink(p) else open(p, "rb").read()
+    return out
+
+
+def test_no_output_of_evaluate_replaces_an_input(tmp_path):
+    finetuned(tmp_path / "ckpt.pt")
+    checkpoints.export_safetensors(checkpoints.load_checkpoint(str(tmp_path / "ckpt.pt")), str(tmp_path / "m.safetensors"))
+    for folder in ("imgs", "deps", "o2", "onnx"):
+        os.makedirs(tmp_path / folder)
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    depth = np.full((8, 8), 2000, np.uint16)
+    for path, array in (("in.png", rgb), ("d.png", depth), ("imgs/a.png", rgb), ("deps/a.png", depth)):
+        Image.fromarray(array).save(tmp_path / path)
+    os.symlink(tmp_path / "in.png", tmp_path / "link.png")
+    os.symlink(tmp_path / "imgs" / "a.png", tmp_path / "o2" / "a.png")     # a class map's name that is an input
+    shutil.copy(tmp_path / "ckpt.pt", tmp_path / "onnx" / "rgb.onnx")       # a checkpoint where a graph would go
+    before = files_and_bytes(tmp_path)
+    t = lambda *p: str(tmp_path.joinpath(*p))
+    ckpt, st = ["--ckpt", t("ckpt.pt")], ["--ckpt", t("m.safetensors")]
+    cases = [
+        (ckpt + ["--rgb", t("in.png"), "--out", t("in.png")], f"--out {t('in.png')}: that is the --rgb file"),
+        (ckpt + ["--depth", t("d.png"), "--out", t(".", "d.png")], "that is the --depth file", t("d.png")),
+        (ckpt + ["--rgb", t("in.png"), "--depth", t("d.png"), "--out", t("link.png")], "link.png: that is the --rgb file"),
+        (ckpt + ["--rgb", t("imgs"), "--out", t("imgs")], f"--out {t('imgs')}: that is the --rgb folder"),
+        (ckpt + ["--rgb", t("imgs"), "--depth", t("deps"), "--out", t("deps") + "/"], "that is the --depth folder"),
+        (ckpt + ["--rgb", t("imgs"), "--out", t("o2")], f"--out {t('o2', 'a.png')}: that is the --rgb file",
+         t("imgs", "a.png")),
+        (ckpt + ["--out_json", t("ckpt.pt")], f"--out_json {t('ckpt.pt')}: that is the --ckpt file"),
+        (ckpt + ["--save_vis", t("ckpt.pt")], f"--save_vis {t('ckpt.pt')}: that is the --ckpt file"),
+        (st + ["--out_json", t("m.json")], f"--out_json {t('m.json')}: that is the --ckpt's .json file"),
+        (st + ["--export_safetensors", t("m.safetensors")], "--export_safetensors", "that is the --ckpt file"),
+        (["--ckpt", t("m.json"), "--export_safetensors", t("m.safetensors")],
+         f"--export_safetensors's .json {t('m.json')}: that is the --ckpt file"),
+        (["--ckpt", t("onnx", "rgb.onnx"), "--export_onnx", t("onnx")], f"--export_onnx {t('onnx', 'rgb.onnx')}: that "
+                                                                          f"is the --ckpt file"),
+    ]
+    for flags, *needles in cases:
+        with pytest.raises(UserError) as e:
+            evaluate.main(flags)
+        one_line_error(e, *needles, "an input; outputs never replace inputs: give another")
+    assert files_and_bytes(tmp_path) == before                      # nothing written, nothing replaced
+    # A folder inside an input folder is another folder: the class maps go there.
+    evaluate.main(ckpt + ["--rgb", t("imgs"), "--out", t("imgs", "seg")])
+    assert os.listdir(tmp_path / "imgs" / "seg") == ["a.png"] and files_and_bytes(tmp_path / "imgs")["a.png"] == \
+        before["imgs/a.png"]
+
+
+# --- a full disk under evaluate.py's outputs: one line, no part of a file ----------------------
+
+
+def no_temporary_files(folder) -> bool:
+    return not [f for _, _, files in os.walk(folder) for f in files if ".tmp" in f]
+
+
+def test_a_full_disk_under_evaluate_is_one_line(tmp_path, monkeypatch):
+    rgb, label40, depth, _ = real_sample()
+    make_esanet(str(tmp_path / "nyu"), rgb[:96, :128], label40[:96, :128], depth[:96, :128])
+    finetuned(tmp_path / "ckpt.pt", "nyu")
+    for i in range(3):
+        os.makedirs(tmp_path / "imgs", exist_ok=True)
+        Image.fromarray(rgb[40 * i:40 * i + 48, 50 * i:50 * i + 64]).save(tmp_path / "imgs" / f"img{i}.png")
+    ckpt = ["--ckpt", str(tmp_path / "ckpt.pt")]
+    dataset = ckpt + ["--data_root", str(tmp_path / "nyu")]
+    # files pointed at a full device: --out_json, and --out through a link
+    with pytest.raises(UserError) as e:
+        evaluate.main(dataset + ["--out_json", "/dev/full", "--save_vis", ""])
+    one_line_error(e, "/dev/full: no space left on device")
+    os.symlink("/dev/full", tmp_path / "full.png")
+    with pytest.raises(UserError) as e:
+        evaluate.main(ckpt + ["--rgb", str(tmp_path / "imgs" / "img0.png"), "--out", str(tmp_path / "full.png")])
+    one_line_error(e, f"{tmp_path / 'full.png'}: no space left on device")
+    # folders: the disk fills while the second class map, or the first picture, is written
+    evaluate.main(ckpt + ["--rgb", str(tmp_path / "imgs"), "--out", str(tmp_path / "ok")])
+    evaluate.main(dataset + ["--out_json", str(tmp_path / "ok.json"), "--save_vis", ""])
+    with monkeypatch.context() as m:
+        fill_the_disk(m, room=os.path.getsize(tmp_path / "ok" / "img0.png") + 10)
+        with pytest.raises(UserError) as e:
+            evaluate.main(ckpt + ["--rgb", str(tmp_path / "imgs"), "--out", str(tmp_path / "segs")])
+    one_line_error(e, f"{tmp_path / 'segs' / 'img1.png'}: no space left on device (nothing there was changed)")
+    assert files_and_bytes(tmp_path / "segs") == {"img0.png": open(tmp_path / "ok" / "img0.png", "rb").read()}
+    with monkeypatch.context() as m:
+        fill_the_disk(m, room=os.path.getsize(tmp_path / "ok.json") + 10)
+        with pytest.raises(UserError) as e:
+            evaluate.main(dataset + ["--out_json", str(tmp_path / "r.json"), "--save_vis", str(tmp_path / "vis")])
+    one_line_error(e, f"{tmp_path / 'vis' / '000_0001.png'}: no space left on device")
+    assert os.listdir(tmp_path / "vis") == [] and open(tmp_path / "r.json").read() == open(tmp_path / "ok.json").read()
+    assert no_temporary_files(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_an_onnx_export_is_one_line(tmp_path, capsys):
+    finetuned(tmp_path / "ckpt.pt")
+    os.makedirs(tmp_path / "onnx")
+    os.symlink("/dev/full", tmp_path / "onnx" / "rgb.onnx")
+    with pytest.raises(UserError) as e:
+        evaluate.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--export_onnx", str(tmp_path / "onnx"), "--only", "rgb"])
+    one_line_error(e, f"{tmp_path / 'onnx' / 'rgb.onnx'}: no space left on device")
+    assert "exporter failed" not in capsys.readouterr().out           # no second exporter tried on a full disk
+    assert os.listdir(tmp_path / "onnx") == ["rgb.onnx"] and os.path.islink(tmp_path / "onnx" / "rgb.onnx")

@@ -108,7 +108,7 @@ def timm_tokens(vit, x):
 
 @pytest.mark.parametrize("preset", ["tiny", pytest.param("base", marks=pytest.mark.slow)])
 def test_timm_vit_and_our_encoder_compute_the_same_tokens(preset, tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm                 # requirements.txt: a test dependency, on CI too
     cfg = dataclasses.replace(M.PRESETS[preset], num_classes=7)
     vit = timm_vit(timm, cfg)
     path = tmp_path / "vit.pth"
@@ -142,7 +142,7 @@ def test_timm_vit_and_our_encoder_compute_the_same_tokens(preset, tmp_path):
 
 
 def test_timm_vit_with_layer_scale_is_refused():
-    timm = pytest.importorskip("timm")
+    import timm                 # requirements.txt: a test dependency, on CI too
     vit = timm_vit(timm, tiny(), init_values=1e-5)                 # blocks.N.ls1.gamma
     with pytest.raises(ValueError, match="ls1.gamma"):
         M.load_encoder_weights(M.Segmenter(tiny()), vit.state_dict())
