@@ -88,12 +88,15 @@ def one_line(e: UserError) -> str:
 
 
 def run_cli(main):
-    """Run a script's main(); a UserError is printed as one line, exit status 2."""
+    """Run a script's main(); a UserError is printed as one line, exit status 2. When main()
+    has returned, the process ends torchrun's process group (runtime.close_distributed)."""
     try:
         main()
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    from runtime import close_distributed      # here, not at the top: runtime imports cli
+    close_distributed()
 
 
 def pick_device(name: str) -> torch.device:

@@ -24,10 +24,28 @@ count is counted over the whole batch before the first micro-batch's forward (st
 counts the masked pixels and token positions from the masking plan, finetune.py the
 labelled pixels); a stochastic-depth draw is made for the whole batch in every
 micro-batch, from the same random state, and each keeps its rows.
+
+One process group per process: init_distributed joins it in the first main() under
+torchrun (reproduce.py and the tests run train.main, then finetune.main, in one process;
+the later ones find it), and cli.run_cli closes it once the script's main() has returned
+and its DDP network is gone (`close_distributed`): a barrier, so that every process has
+finished its last collective, then destroy_process_group on the main thread, while the
+interpreter is whole. It must be gone before the interpreter finalises (issue 20): Gloo
+runs each collective on a worker thread, which lets go of the collective's tensors only
+after waking the caller, and freeing a tensor made in Python takes the GIL; a worker that
+gets there once finalisation has begun is ended by Python with pthread_exit, whose
+unwinding through a C++ destructor aborts the process ("terminate called without an
+active exception", exit -6). Destroying the group joins its workers, the GIL released.
+Whatever still holds the group keeps it, and its threads, alive past destroy_process_group:
+the DDP network (hence after main()), and torch.distributed.nn.functional, whose functions
+take `group=group.WORLD` as a default argument, evaluated when it is imported: DDP's
+constructor imports it (through torch._dynamo), so init_distributed imports that before
+the group exists. (--compile's graphs hold the group too: with it, the threads live on.)
+A main() that raised leaves the group alone: a peer may be inside a collective, and
+torchrun stops the others when this process exits with an error.
 """
 from __future__ import annotations
 
-import atexit
 import builtins
 import contextlib
 import os
@@ -58,16 +76,19 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     NCCL between GPUs, Gloo between CPU processes, and each process takes the GPU
     cuda:LOCAL_RANK. Every process runs the same script; from here on only rank 0 prints
     (as MultiMAE's setup_for_distributed does), errors to stderr excepted. Returns (rank,
-    number of processes, device); without torchrun (0, 1, device), nothing touched."""
+    number of processes, device); without torchrun (0, 1, device), nothing touched.
+    close_distributed ends it (see the module's docstring)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():               # once per process (finetune.main after train.main)
+        # Before the group exists: DDP's constructor imports torch._dynamo, and with it
+        # torch.distributed.nn.functional, whose default arguments would hold the group.
+        import torch._dynamo  # noqa: F401
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-        atexit.register(dist.destroy_process_group)
         if dist.get_rank() != 0:
             builtin_print = builtins.print
 
@@ -77,6 +98,16 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
             builtins.print = print_errors_only
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def close_distributed() -> None:
+    """The end of a torchrun process, once its main() has returned (cli.run_cli): every
+    process waits until all have finished their last collective, then destroys the process
+    group here, on the main thread, before the interpreter shuts down. Nothing without
+    torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def global_mean(local_sum: torch.Tensor, local_count) -> torch.Tensor:

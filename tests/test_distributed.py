@@ -1,7 +1,8 @@
 """Several processes and mixed precision: `torchrun --nproc_per_node 2` (DDP over Gloo on
 the CPU) computes what one process computes on the same global batches, resumes on
-another number of processes, and tells DDP correctly which parameters may get no
-gradient; --dtype bfloat16 / float16 and --compile run."""
+another number of processes, tells DDP correctly which parameters may get no gradient,
+and closes its process group before the interpreter exits; --dtype bfloat16 / float16 and
+--compile run."""
 import dataclasses
 import os
 import subprocess
@@ -124,6 +125,44 @@ def test_resume_on_another_number_of_processes(tmp_path, one_process):
 def test_batch_size_must_divide_among_the_processes(tmp_path):
     rc, _, err = torchrun("train.py", *PRE, "--batch_size", "9", "--out_dir", tmp_path)
     assert rc != 0 and "error: --batch_size 9 is not divisible by the 2 processes" in err
+
+
+# A script's main() under torchrun that leaves behind what train.py's does: a DDP network (its
+# constructor imports torch._dynamo) and collectives on tensors made in Python. An atexit hook
+# (run after run_cli, before the interpreter finalises) prints the Gloo threads still alive.
+CLOSING = """
+import atexit, os, sys
+sys.path.insert(0, {root!r})
+import torch
+import cli, runtime
+
+def gloo_threads():
+    names = (open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    return sorted(n for n in names if "gloo" in n)
+
+atexit.register(lambda: sys.stderr.write(f"gloo threads at exit: {{gloo_threads()}}\\n"))
+
+def main():
+    _, _, device = runtime.init_distributed(torch.device("cpu"))
+    net = runtime.TrainingRuntime(device).wrap(torch.nn.Linear(2, 2))
+    net(torch.ones(4, 2)).sum().backward()
+    torch.distributed.all_reduce(torch.ones(3))
+
+cli.run_cli(main)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads from /proc")
+def test_the_process_group_is_closed_before_the_interpreter_exits(tmp_path):
+    # A Gloo worker thread that frees a collective's Python tensor once the interpreter is
+    # finalising aborts the process ("terminate called without an active exception", exit
+    # -6, issue 20): run_cli joins them first (runtime.close_distributed).
+    script = tmp_path / "closing.py"
+    script.write_text(CLOSING.format(root=ROOT))
+    rc, _, err = torchrun(script)
+    assert rc == 0, err[-3000:]
+    assert err.count("gloo threads at exit: []") == 2, err[-3000:]
 
 
 def params_without_grad(net) -> set:
