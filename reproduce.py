@@ -74,7 +74,6 @@ from checkpoints import load_checkpoint
 from cli import UserError, arg, check_numbers, parse_config, run_cli
 from engine import Subset
 from report import (DEFAULT_VARIANTS, DIAG_IMAGES, REFERENCE_MODE, ROBUST_VARIANTS, SETTINGS, VARIANT_FLAGS, VARIANTS,
-                    bar_chart,
                     diagnostics, ordering_checks, steps_per_batch, summarise, teacher_variant, variant_epochs,
                     write_markdown)
 
@@ -884,8 +883,8 @@ def main(argv=None) -> dict:
                  "paper_nyu": {v: VARIANTS[v][2] for v in VARIANTS}, "runs": results},
                 os.path.join(cfg.out_dir, "ablation.json"))
     write_markdown(cfg, summary, cost, meta, os.path.join(cfg.out_dir, "ablation.md"), diag)
-    bar_chart(summary, os.path.join(cfg.out_dir, "ablation.png"),
-              f"mIoU on synthetic test images, mean ± std over {cfg.seeds} seed(s)")
+    report.ablation_chart(summary, os.path.join(cfg.out_dir, "ablation.png"),
+                          f"mIoU on synthetic test images, mean ± std over {cfg.seeds} seed(s)")
     print("\n".join(ordering_checks(summary)))
     print(f"wrote {cfg.out_dir}/ablation.md, ablation.json, ablation.png in {meta['wall_minutes']:.1f} min")
     return {"summary": summary, "cost": cost, "meta": meta, "results": results, "diagnostics": diag}
