@@ -117,7 +117,7 @@ def _nanmean(values: list) -> float:
     return statistics.fmean(ok) if ok else math.nan
 
 
-def diagnostics(results: list) -> dict:
+def summarise_diagnostics(results: list) -> dict:
     """The runs' diagnostics (see "Diagnostics" above), averaged over seeds, per variant."""
     out = {"per_class_iou": {}, "pretrain": {}, "finetune_log": {}}
     for v, runs in by_variant(results).items():
@@ -427,7 +427,7 @@ def write_cues(sweep: dict, path: str, png: str) -> None:
          "at the same cue level. Protocol, written before the first run: [PROTOCOL.md](PROTOCOL.md).", "",
          "## What the knob does, before any training", "",
          "Held-out R² of a small regressor per class (1 = exact, 0 = no better than the image's mean; "
-         "rooms.cross_modal_predictability): how well one modality predicts the other.", ""]
+         "diagnostics.cross_modal_predictability): how well one modality predicts the other.", ""]
     pred = sweep["predictability"]
     for kind in ("depth_from_rgb", "orientation_from_rgb", "rgb_from_depth"):
         L += [f"**{kind.replace('_', ' ')}**", "", "| cues | " + " | ".join(classes) + " |",
