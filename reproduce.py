@@ -37,7 +37,7 @@ the checks to make before believing, or tuning, the tables.
 This file runs experiments: it builds each run's flags, runs and counts them, and hands the
 results on. What a run is measured with (the input conditions and degradations, the
 diagnostics, the cue probe) is diagnostics.py; the tables and charts are written by
-report.py (drawn by charts.py).
+report.py (drawn by charts.py); the cost table's timing is bench.median_times.
 
 Outputs in --out_dir (default results/): ablation.md (tables laid out like the paper's, its
 NYU numbers beside ours, the diagnostics), ablation.json (everything, per seed), ablation.png (grouped bars
@@ -54,7 +54,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -62,6 +61,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from tqdm import tqdm
 
+import bench
 import data
 import diagnostics
 import evaluate
@@ -489,7 +489,7 @@ def run_all(cfg: ReproConfig, runs: list) -> list:
 def measure_cost(cfg: ReproConfig, repeats: int = 7) -> dict:
     """Seconds per pre-training batch of mim, sttp (3 teacher + 1 student steps) and kd
     (a frozen teacher's forward + 1 student step) on the same batch, interleaved so that
-    load changes hit all three alike, after a round of warm-up; medians.
+    load changes hit all three alike, after a round of warm-up; medians (bench.median_times).
     From them the whole pre-training's cost under this script's equal-step budgets, kd
     including its teacher's pre-training. With --threads threads, as each run has (more
     threads than free cores make every timing meaningless: OpenMP threads spin while they
@@ -514,14 +514,9 @@ def _measure_cost(cfg: ReproConfig, repeats: int) -> dict:
     # "sttp <target>": STTP with that --token_target (the default, last_teacher_step, is "sttp")
     runs = {"mim": ocfg, "sttp": ocfg, "kd": ocfg,
             **{f"sttp {t}": dataclasses.replace(ocfg, token_target=t) for t in list(sttp.TOKEN_TARGETS)[1:]}}
-    times = {m: [] for m in runs}
-    for r in range(repeats + 1):
-        for name, c in runs.items():
-            t0 = time.perf_counter()
-            sttp.OBJECTIVES[name.split()[0]](net, opt, batch, c, g, teacher)
-            if r:                        # the first round warms up
-                times[name].append(time.perf_counter() - t0)
-    per_batch = {m: statistics.median(t) for m, t in times.items()}
+    one_batch = lambda name: lambda: sttp.OBJECTIVES[name.split()[0]](net, opt, batch, runs[name], g, teacher)
+    times = bench.median_times([one_batch(m) for m in runs], torch.device("cpu"), repeats, warmup=1)
+    per_batch = dict(zip(runs, times))
     batches = cfg.pretrain_images // cfg.batch_size
     W, E = cfg.warmup_epochs * batches, cfg.main_epochs * batches           # warm-up / STTP batches
     S = steps_per_batch(REFERENCE_MODE)
