@@ -140,8 +140,10 @@ def timer(device):
     return run
 
 
-def time_pair(fns, device, reps, warmup):
-    """Median seconds of each function, run alternately rep after rep."""
+def median_times(fns, device, reps, warmup):
+    """Median seconds of each function over `reps` rounds, after `warmup` untimed ones; in
+    each round every function runs once, in turn, so that load changes on a noisy machine
+    hit all of them alike. Every timing here and reproduce.py's cost table take it."""
     run = timer(device)
     for _ in range(warmup):
         for fn in fns:
@@ -248,7 +250,7 @@ def main():
                 return lambda: torch.autograd.grad(fn(xg, noise, num_visible)[0], xg, grad_visible)
 
             for pass_name, wrap in (("fwd", forward), ("fwd+bwd", forward_backward)):
-                t_ref, t_op = time_pair([wrap(ref), wrap(op)], device, args.reps, args.warmup)
+                t_ref, t_op = median_times([wrap(ref), wrap(op)], device, args.reps, args.warmup)
                 line = (f"{shape_name:6} {dtype_name:5} {pass_name:8} {t_ref * 1e3:13.3f} "
                         f"{t_op * 1e3:9.3f} {t_ref / t_op:6.1f}x")
                 if device.type == "cuda" and pass_name == "fwd":
@@ -260,7 +262,7 @@ def main():
                     # The same two, each timed in a loop of its own: its buffers stay cached
                     # from one call to the next, which the alternating timing above denies
                     # both (as a training step does, where the network runs in between).
-                    (a_ref,), (a_op,) = (time_pair([wrap(fn)], device, args.reps, args.warmup) for fn in (ref, op))
+                    (a_ref,), (a_op,) = (median_times([wrap(fn)], device, args.reps, args.warmup) for fn in (ref, op))
                     alone = (f"  each timed alone, warm caches: reference {a_ref * 1e3:.3f} ms, op {a_op * 1e3:.3f} ms, "
                              f"{a_ref / a_op:.1f}x")
     print(f"ViT-B fp32 forward + backward: the op is {vit_b_ratio:.2f}x the reference (goal: >= 3x)")
@@ -312,7 +314,7 @@ def bench_pretrain_steps(presets, device, args):
             return run
 
         reps = s["reps"] if args.step_reps is None else args.step_reps
-        t_ref, t_op = time_pair([step(False), step(True)], device, reps, warmup=1)
+        t_ref, t_op = median_times([step(False), step(True)], device, reps, warmup=1)
         print(f"{name + f' (B={B}, {H}x{H})':30} {t_ref:12.3f} {t_op:9.3f} {t_ref / t_op:6.2f}x")
 
 
@@ -380,10 +382,8 @@ def compile_worker(preset: str, step: str, mode: str, args) -> None:
         opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95), **rt.optimizer_options())
         fn = lambda: sttp.OBJECTIVES[step](net, opt, batch, ocfg, g)
     net.train()
-    run = timer(device)
-    first = run(fn)                          # compiles, with --compile
-    times = [run(fn) for _ in range(args.compile_reps)]
-    median = statistics.median(times)
+    first = timer(device)(fn)                # compiles, with --compile
+    (median,) = median_times([fn], device, args.compile_reps, warmup=0)
     # The peak of a steady step, above what is live when it starts (weights, optimiser state).
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
@@ -475,9 +475,8 @@ def measure(fn, device, reps):
     total = time.perf_counter() - t0
     split = time_split(prof, device)
     split["other"] = max(0.0, total - sum(split.values()))
-    run = timer(device)
-    return statistics.median(run(fn) for _ in range(reps)), {k: v / total for k, v in split.items()}, \
-        peak_memory(device)
+    (t,) = median_times([fn], device, reps, warmup=0)
+    return t, {k: v / total for k, v in split.items()}, peak_memory(device)
 
 
 def bench_paper_steps(name, device, args):

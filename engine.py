@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 from tqdm import tqdm
 
+import charts
 import data
 import model as M
 from checkpoints import load_checkpoint, load_weights, save_checkpoint
@@ -409,7 +410,7 @@ class Loop:
         self.epoch, self.batch = self.epoch + 1, 0
         self.checkpoint()
         if main:
-            save_curve(self.history, os.path.join(cfg.out_dir, "loss_curve.png"))
+            charts.loss_curve(self.history, os.path.join(cfg.out_dir, "loss_curve.png"))
             after_epoch(self.epoch)
 
     # -- the schedule
@@ -486,43 +487,6 @@ class Loop:
             entry["_sums"] = dict(sums)
         self.history = [h for h in self.history if h["epoch"] != self.epoch + 1] + [entry]
         return entry
-
-
-def save_curve(history: list, path: str) -> None:
-    """Line chart of the per-epoch means of every logged loss except the totals (those
-    ending in "loss"): the reconstruction losses per modality over the whole run. PIL only,
-    no plotting dependency."""
-    from PIL import Image, ImageDraw
-    keys = []
-    for h in history:
-        keys += [k for k in h if k not in keys and k not in ("epoch", "mode", "_sums") and not k.endswith("loss")]
-    if not keys:                          # fine-tuning logs only its loss: draw that
-        keys = [k for k in history[0] if k.endswith("loss")] if history else []
-    series = {k: [(h["epoch"], h[k]) for h in history if k in h] for k in keys}
-    if not series:
-        return
-    W, H, left, right, pad = 760, 360, 50, 170, 30
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    xs = [x for v in series.values() for x, _ in v]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y1 = max(y for v in series.values() for _, y in v) * 1.05 or 1.0
-    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
-    py = lambda y: H - pad - y / y1 * (H - 2 * pad)
-    d.rectangle([left, pad, W - right, H - pad], outline="black")
-    d.text((left, H - pad + 6), f"epoch {x0}", fill="black")
-    d.text((W - right - 50, H - pad + 6), f"epoch {x1}", fill="black")
-    d.text((4, pad - 6), f"{y1:.3g}", fill="black")
-    d.text((4, H - pad - 6), "0", fill="black")
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
-    for i, (k, pts) in enumerate(series.items()):
-        c = colours[i % len(colours)]
-        if len(pts) > 1:
-            d.line([(px(x), py(y)) for x, y in pts], fill=c, width=2)
-        for x, y in pts:
-            d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=c)
-        d.text((W - right + 10, pad + 14 * i), k, fill=c)
-    img.save(path)
 
 
 class GracefulStop:

@@ -1,18 +1,18 @@
 """report.py — the ablation's rows and how its results are written: the variants of the
 paper's Tables 3 and 4 with the paper's NYUDepthV2 numbers, and the writers of
 results/ablation.md (tables laid out like the paper's, ordering checks, cost, robustness,
-diagnostics) and ablation.png (grouped bars, ± 1 std).
+diagnostics) and ablation.png (grouped bars, ± 1 std), and of the studies' results (token
+study, cue sweep, regime study).
 
 reproduce.py runs the variants and hands its result dicts here; nothing in this file
-trains or evaluates anything.
+trains or evaluates anything, and nothing here draws: the charts' numbers go to charts.py.
 """
 from __future__ import annotations
 
 import math
 import statistics
 
-from PIL import Image, ImageDraw
-
+import charts
 import modalities
 import rooms
 import sttp
@@ -42,6 +42,7 @@ EQUAL_EPOCHS = ("maskmentor_epochs",)             # the variants outside the equ
 TABLE3 = ("baseline", "mim", "m2im", "maskmentor", "maskmentor_epochs")
 TABLE4 = ("m2im", "token", "kd", "maskmentor")
 SETTINGS = tuple(modalities.INPUT_CONDITIONS)     # the three input conditions
+CONDITION_NAMES = {"rgbd": "rgb + depth", "rgb": "rgb only", "depth": "depth only"}   # in charts and tables
 ROBUST_VARIANTS = ("mim", "maskmentor")           # the checkpoints the robustness table compares
 DIAG_IMAGES = 256          # held-out (test-split) images for the pre-training diagnostics
 # The objective whose epochs `--main_epochs` counts: every other variant gets as many optimiser
@@ -116,7 +117,7 @@ def _nanmean(values: list) -> float:
     return statistics.fmean(ok) if ok else math.nan
 
 
-def diagnostics(results: list) -> dict:
+def summarise_diagnostics(results: list) -> dict:
     """The runs' diagnostics (see "Diagnostics" above), averaged over seeds, per variant."""
     out = {"per_class_iou": {}, "pretrain": {}, "finetune_log": {}}
     for v, runs in by_variant(results).items():
@@ -297,40 +298,10 @@ def write_markdown(cfg, summary: dict, cost: dict, meta: dict, path: str, diag: 
         f.write("\n".join(L) + "\n")
 
 
-def bar_chart(summary: dict, path: str, title: str) -> None:
-    """Grouped bars: input condition x variant, mean mIoU with ± 1 std whiskers (PIL only)."""
-    variants = [v for v in VARIANTS if v in summary]
-    colours = ["#9e9e9e", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd", "#8c564b"]
-    W, H, left, top, bottom, legend = 1000, 420, 50, 40, 60, 260
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    means = [summary[v]["clean"][s]["miou"] for v in variants for s in SETTINGS]
-    ymax = max(10.0, math.ceil(max(m + e for m, e in means) / 10) * 10)
-    py = lambda y: H - bottom - y / ymax * (H - top - bottom)
-    d.text((left, 10), title, fill="black")
-    for y in range(0, int(ymax) + 1, 10):
-        d.line([(left, py(y)), (W - legend - 10, py(y))], fill="#e0e0e0")
-        d.text((8, py(y) - 6), f"{y}", fill="black")
-    group_w = (W - legend - 10 - left) / len(SETTINGS)
-    bar_w = group_w * 0.8 / len(variants)
-    for gi, s in enumerate(SETTINGS):
-        x0 = left + gi * group_w + group_w * 0.1
-        d.text((x0 + group_w * 0.3, H - bottom + 8), {"rgbd": "rgb + depth", "rgb": "rgb only", "depth": "depth only"}[s],
-               fill="black")
-        for vi, v in enumerate(variants):
-            m, e = summary[v]["clean"][s]["miou"]
-            xa = x0 + vi * bar_w
-            d.rectangle([xa, py(m), xa + bar_w - 2, py(0)], fill=colours[vi % len(colours)])
-            xc = xa + bar_w / 2 - 1
-            d.line([(xc, py(m + e)), (xc, py(max(0, m - e)))], fill="black", width=1)
-            for yy in (m + e, max(0, m - e)):
-                d.line([(xc - 3, py(yy)), (xc + 3, py(yy))], fill="black")
-    d.text((8, top - 20), "mIoU", fill="black")
-    for vi, v in enumerate(variants):
-        d.rectangle([W - legend, top + 18 * vi, W - legend + 12, top + 18 * vi + 12], fill=colours[vi % len(colours)])
-        # PIL's default font has no superscript two
-        d.text((W - legend + 18, top + 18 * vi), VARIANTS[v][1].replace("²", "2"), fill="black")
-    img.save(path)
+def ablation_chart(summary: dict, path: str, title: str) -> None:
+    """results/ablation.png: grouped bars, input condition x variant, mean mIoU ± 1 std."""
+    bars = {VARIANTS[v][1]: [summary[v]["clean"][s]["miou"] for s in SETTINGS] for v in VARIANTS if v in summary}
+    charts.bar_chart([CONDITION_NAMES[s] for s in SETTINGS], bars, path, title, "mIoU")
 
 
 # -----------------------------------------------------------------------------
@@ -456,7 +427,7 @@ def write_cues(sweep: dict, path: str, png: str) -> None:
          "at the same cue level. Protocol, written before the first run: [PROTOCOL.md](PROTOCOL.md).", "",
          "## What the knob does, before any training", "",
          "Held-out R² of a small regressor per class (1 = exact, 0 = no better than the image's mean; "
-         "rooms.cross_modal_predictability): how well one modality predicts the other.", ""]
+         "diagnostics.cross_modal_predictability): how well one modality predicts the other.", ""]
     pred = sweep["predictability"]
     for kind in ("depth_from_rgb", "orientation_from_rgb", "rgb_from_depth"):
         L += [f"**{kind.replace('_', ' ')}**", "", "| cues | " + " | ".join(classes) + " |",
@@ -473,13 +444,13 @@ def write_cues(sweep: dict, path: str, png: str) -> None:
           f"Mean difference ± its σ (sqrt((σa² + σb²)/{n})); **bold** where it exceeds its σ.", "",
           "| cues | " + " | ".join(f"{label}, {st}" for _, _, label in CUE_DIFFERENCES for st in ("rgb only", "depth only"))
           + " |", "|---|" + "---|" * 4]
-    series = {}
+    panels = {f"{st} only: mIoU difference": {} for st in ("rgb", "depth")}        # the chart's
     for x, lv in levels.items():
         cells = []
         for a, b, label in CUE_DIFFERENCES:
             for st in ("rgb", "depth"):
                 d, e = difference(lv["summary"], a, b, st, n)
-                series.setdefault((label, st), []).append((float(x), d, e))
+                panels[f"{st} only: mIoU difference"].setdefault(label, []).append((float(x), d, e))
                 cells.append(f"**{d:+.1f} ± {e:.1f}**" if abs(d) > e else f"{d:+.1f} ± {e:.1f}")
         L.append(f"| {x} | " + " | ".join(cells) + " |")
     L += ["", "![differences against cue strength](cues.png)", "",
@@ -496,40 +467,7 @@ def write_cues(sweep: dict, path: str, png: str) -> None:
     L += ["", f"Wall time {meta['wall_minutes']:.1f} min for {meta['runs']} runs ({meta['machine']}).", ""]
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
-    difference_chart(series, png)
-
-
-def difference_chart(series: dict, path: str) -> None:
-    """Two panels (rgb only, depth only): each difference against cue strength, with ± σ
-    error bars and the zero line (PIL only)."""
-    W, H, pad, top = 900, 380, 50, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    values = [v for pts in series.values() for _, m, e in pts for v in (m - e, m + e)]
-    lo, hi = min(values + [-1.0]), max(values + [1.0])
-    colours = {"M²IM − MIM": "#2ca02c", "MaskMentor − M²IM": "#d62728"}
-    panel_w = (W - 3 * pad) / 2
-    for pi, st in enumerate(("rgb", "depth")):
-        x0 = pad + pi * (panel_w + pad)
-        px = lambda x: x0 + x * panel_w
-        py = lambda y: H - pad - (y - lo) / (hi - lo) * (H - pad - top)
-        d.rectangle([x0, top, x0 + panel_w, H - pad], outline="black")
-        d.line([(x0, py(0)), (x0 + panel_w, py(0))], fill="#999999")
-        d.text((x0 + 5, top - 18), f"{st} only: mIoU difference", fill="black")
-        d.text((x0, H - pad + 6), "cues 0", fill="black")
-        d.text((x0 + panel_w - 40, H - pad + 6), "cues 1", fill="black")
-        d.text((x0 + 4, top + 2), f"{hi:+.1f}", fill="black")
-        d.text((x0 + 4, H - pad - 14), f"{lo:+.1f}", fill="black")
-        d.text((x0 + 4, py(0) - 14), "0", fill="#999999")
-        for label, colour in colours.items():
-            pts = series.get((label, st), [])
-            d.line([(px(x), py(m)) for x, m, _ in pts], fill=colour, width=2)
-            for x, m, e in pts:
-                d.line([(px(x), py(m - e)), (px(x), py(m + e))], fill=colour)
-                d.ellipse([px(x) - 3, py(m) - 3, px(x) + 3, py(m) + 3], fill=colour)
-    for i, (label, colour) in enumerate(colours.items()):
-        d.text((pad + 260 * i, H - 18), label.replace("²", "2").replace("−", "-"), fill=colour)
-    img.save(path)
+    charts.line_chart(panels, png, ("cues 0", "cues 1"))
 
 
 # -----------------------------------------------------------------------------
@@ -660,8 +598,11 @@ def write_regime(study: dict, path: str, png: str) -> None:
     for s, f in enumerate(study["foundation"]):
         L.append(f"| {s} | {f['first']:.3f} → {f['last']:.3f} | {100 * f['last_epoch_drop']:.1f} % |")
     settings = ("rgb", "depth", "rgbd")
-    label = {"rgb": "rgb only", "depth": "depth only", "rgbd": "rgb+depth"}
-    series = {}
+    label = CONDITION_NAMES
+    # regime.png: each contrast's mean with whiskers of its 95 % confidence interval (the rule
+    # that calls a difference clear), a panel per regime; a single seed has no interval
+    panels = {"adapt": {}, "scratch": {}, "frozen": {}}
+    ci95 = lambda d: (d["mean"], d["ci95"]) if len(d["diffs"]) > 1 else None
     for reg, title in (("adapt", "The paper's regime: adapting the foundation"),
                        ("scratch", "Today's regime: from scratch (step schedule)")):
         L += ["", f"## {title}", "", "Test mIoU, mean ± sd over seeds.", "",
@@ -674,7 +615,7 @@ def write_regime(study: dict, path: str, png: str) -> None:
         L += ["", "| paired difference | " + " | ".join(label[s] for s in settings) + " |", "|---|---|---|---|"]
         for a, b, text in REGIME_CONTRASTS + (("mim", "baseline", "MIM − none"),):
             ds = [paired(variant(a, reg), variant(b, reg), s) for s in settings]
-            series[(reg, text)] = ds
+            panels[reg][text] = [ci95(d) for d in ds]
             L.append(f"| {text} | " + " | ".join(_diff_cell(d) for d in ds) + " |")
         L += ["", f"Headroom: dedicated models against the joint one (mim, {reg} regime).", "",
               "| | rgb only | depth only |", "|---|---|---|"]
@@ -690,7 +631,7 @@ def write_regime(study: dict, path: str, png: str) -> None:
     for v, runs in frozen.items():
         L.append(f"| {VARIANTS[v][1]} | " + " | ".join(_miou_cell(runs, s) for s in settings) + " |")
     ds = [paired(frozen["m2im"], frozen["mim"], s) for s in settings]
-    series[("frozen", "M²IM − MIM")] = ds
+    panels["frozen"]["M²IM − MIM"] = [ci95(d) for d in ds]
     L.append("| M²IM − MIM (paired) | " + " | ".join(_diff_cell(d) for d in ds) + " |")
     L += ["", "## Integrated learning rate (Σ lr / peak lr: steps at the peak lr)", "",
           "Under both schedules, from the schedule and the objectives' declared steps; the runs' counted sums "
@@ -714,40 +655,5 @@ def write_regime(study: dict, path: str, png: str) -> None:
     L += ["", f"Wall time {meta['wall_minutes']:.1f} min for {meta['runs']} runs ({meta['machine']}).", ""]
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
-    regime_chart(series, png)
-
-
-def regime_chart(series: dict, path: str) -> None:
-    """Paired differences (mean, whiskers: the 95 % confidence interval) per contrast and input
-    condition, one panel per regime (PIL only)."""
-    panels = [("adapt", "adapting the foundation"), ("scratch", "from scratch"), ("frozen", "near-frozen fine-tuning")]
-    colours = {"rgb": "#1f77b4", "depth": "#2ca02c", "rgbd": "#7f7f7f"}
-    W, H, pad, top = 1100, 380, 40, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    ends = [x for ds in series.values() for dd in ds if len(dd["diffs"]) > 1
-            for x in (dd["mean"] - dd["ci95"], dd["mean"] + dd["ci95"])]
-    lo, hi = min(ends + [-1.0]), max(ends + [1.0])
-    pw = (W - (len(panels) + 1) * pad) / len(panels)
-    py = lambda y: H - pad - (y - lo) / (hi - lo) * (H - pad - top)
-    for pi, (key, title) in enumerate(panels):
-        x0 = pad + pi * (pw + pad)
-        d.rectangle([x0, top, x0 + pw, H - pad], outline="black")
-        d.line([(x0, py(0)), (x0 + pw, py(0))], fill="#999999")
-        d.text((x0 + 4, top - 18), title, fill="black")
-        d.text((x0 + 4, top + 2), f"{hi:+.1f}", fill="black")
-        d.text((x0 + 4, H - pad - 14), f"{lo:+.1f}", fill="black")
-        rows = [(text, ds) for (k, text), ds in series.items() if k == key]
-        for ri, (text, ds) in enumerate(rows):
-            gx = x0 + (ri + 0.5) * pw / max(1, len(rows))
-            d.text((gx - 40, H - pad + 6), text.replace("²", "2").replace("−", "-"), fill="black")
-            for si, (s, dd) in enumerate(zip(("rgb", "depth", "rgbd"), ds)):
-                if len(dd["diffs"]) < 2:
-                    continue
-                x = gx + (si - 1) * 14
-                e = dd["ci95"]
-                d.line([(x, py(dd["mean"] - e)), (x, py(dd["mean"] + e))], fill=colours[s], width=2)
-                d.ellipse([x - 3, py(dd["mean"]) - 3, x + 3, py(dd["mean"]) + 3], fill=colours[s])
-    for i, (s, c) in enumerate(colours.items()):
-        d.text((W - 300 + 90 * i, 8), {"rgb": "rgb only", "depth": "depth only", "rgbd": "rgb+depth"}[s], fill=c)
-    img.save(path)
+    charts.dot_chart({"adapting the foundation": panels["adapt"], "from scratch": panels["scratch"],
+                      "near-frozen fine-tuning": panels["frozen"]}, [label[s] for s in settings], png)

@@ -34,6 +34,11 @@ Diagnostics (ablation.md's last sections): per-class IoU from each modality alon
 logs, the token signal and the reconstruction of a missing modality on held-out images —
 the checks to make before believing, or tuning, the tables.
 
+This file runs experiments: it builds each run's flags, runs and counts them, and hands the
+results on. What a run is measured with (the input conditions and degradations, the
+diagnostics, the cue probe) is diagnostics.py; the tables and charts are written by
+report.py (drawn by charts.py); the cost table's timing is bench.median_times.
+
 Outputs in --out_dir (default results/): ablation.md (tables laid out like the paper's, its
 NYU numbers beside ours, the diagnostics), ablation.json (everything, per seed), ablation.png (grouped bars
 with ± 1 std). Every run keeps its checkpoints and logs under --work_dir; a finished run is
@@ -47,36 +52,32 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
-import statistics
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from tqdm import tqdm
 
+import bench
 import data
+import diagnostics
 import evaluate
 import finetune
 import masking
 import model as M
-import modalities
 import report
 import rooms
 import sttp
 import train
-import vis
 from checkpoints import load_checkpoint
 from cli import UserError, arg, check_numbers, parse_config, run_cli
 from engine import Subset
-from report import (DEFAULT_VARIANTS, DIAG_IMAGES, REFERENCE_MODE, ROBUST_VARIANTS, SETTINGS, VARIANT_FLAGS, VARIANTS,
-                    bar_chart,
-                    diagnostics, ordering_checks, steps_per_batch, summarise, teacher_variant, variant_epochs,
-                    write_markdown)
+from report import (DEFAULT_VARIANTS, REFERENCE_MODE, ROBUST_VARIANTS, SETTINGS, VARIANT_FLAGS, VARIANTS,
+                    ordering_checks, steps_per_batch, summarise, summarise_diagnostics, teacher_variant,
+                    variant_epochs, write_markdown)
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -331,199 +332,6 @@ class BudgetCounter:
 
 
 # -----------------------------------------------------------------------------
-# Degraded inputs (the robustness table). Each takes the batch's depth (metres, 0 = missing)
-# or rgb (in [0, 1]) and a generator, and returns the degraded map. The same generator seed
-# is used for every model, so all checkpoints see exactly the same corrupted images.
-
-
-def depth_holes(depth: torch.Tensor, ratio: float, g: torch.Generator) -> torch.Tensor:
-    """Missing depth (0) on `ratio` of each image's pixels, in blobs as a Kinect loses them
-    (dark, shiny or distant surfaces), not salt noise: a coarse random field upsampled and
-    its lowest `ratio` of pixels."""
-    B, _, H, W = depth.shape
-    field = torch.rand(B, 1, max(1, H // 8), max(1, W // 8), generator=g)
-    field = F.interpolate(field, size=(H, W), mode="bilinear", align_corners=False).flatten(1)
-    lowest = field.topk(round(ratio * H * W), dim=1, largest=False).indices   # exactly that many, ties or not
-    holes = torch.zeros_like(field, dtype=torch.bool).scatter_(1, lowest, True)
-    return depth.masked_fill(holes.view(B, 1, H, W), 0.0)
-
-
-def depth_noise(depth: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
-    """Gaussian noise with a standard deviation of `sigma` x depth (it grows with distance);
-    missing pixels stay missing."""
-    noisy = depth * (1 + sigma * torch.randn(depth.shape, generator=g))
-    return torch.where(depth > 0, noisy.clamp_min(0.05), depth)
-
-
-def depth_quantise(depth: torch.Tensor, step: float, g: torch.Generator) -> torch.Tensor:
-    """Depth rounded to multiples of `step` metres (a coarse sensor or a lossy 8-bit export)."""
-    q = (depth / step).round().clamp_min(1) * step
-    return torch.where(depth > 0, q, depth)
-
-
-def rgb_dark(rgb: torch.Tensor, gain: float, g: torch.Generator) -> torch.Tensor:
-    """Under-exposure: intensities times `gain`, then re-quantised to 8 bits (the lost
-    precision is what makes low light hard, not the scale alone)."""
-    return (rgb * gain * 255).round() / 255
-
-
-def rgb_blur(rgb: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
-    """Gaussian blur (defocus / motion) of `sigma` pixels, reflecting at the borders."""
-    r = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-r, r + 1, dtype=rgb.dtype)
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    C = rgb.shape[1]
-    out = F.conv2d(F.pad(rgb, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(F.pad(out, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-
-
-#              name                 modality  function, parameter
-DEGRADATIONS = {"depth holes 10%":  ("depth", depth_holes, 0.10),
-                "depth holes 30%":  ("depth", depth_holes, 0.30),
-                "depth holes 50%":  ("depth", depth_holes, 0.50),
-                "depth noise 5%":   ("depth", depth_noise, 0.05),
-                "depth 0.25 m steps": ("depth", depth_quantise, 0.25),
-                "rgb dark x0.2":    ("rgb", rgb_dark, 0.2),
-                "rgb blur 1.5 px":  ("rgb", rgb_blur, 1.5)}
-
-
-def degrade(batch: dict, name: str, g: torch.Generator) -> dict:
-    """The batch with one modality degraded (rgb is un-normalised for it and back)."""
-    modality, fn, param = DEGRADATIONS[name]
-    out = dict(batch)
-    if modality == "depth":
-        out["depth"] = fn(batch["depth"], param, g)
-    else:
-        mean, std = torch.tensor(data.RGB_MEAN).view(1, 3, 1, 1), torch.tensor(data.RGB_STD).view(1, 3, 1, 1)
-        out["rgb"] = (fn((batch["rgb"] * std + mean).clamp(0, 1), param, g) - mean) / std
-    return out
-
-
-@torch.no_grad()
-def evaluate_conditions(net: M.Segmenter, dataset, batch_size: int, robustness: bool) -> dict:
-    """mIoU/mAcc on clean input under the three settings and, with `robustness`, under each
-    degradation with rgb+depth and with the degraded modality alone."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate)
-    C = net.cfg.num_classes
-    conditions = {"clean": evaluate.conditions_of(net)}     # a dedicated model: its own only
-    if robustness:
-        conditions.update({name: ("rgbd", mod) for name, (mod, _, _) in DEGRADATIONS.items()})
-    cms = {(c, s): torch.zeros(C, C, dtype=torch.long) for c, ss in conditions.items() for s in ss}
-    for i, (name, settings) in enumerate(conditions.items()):
-        g = torch.Generator().manual_seed(1000 + i)        # the same corruption for every model
-        for batch in loader:
-            if name != "clean":
-                batch = degrade(batch, name, g)
-            for s, pred in evaluate.predict(net, batch, settings).items():
-                cms[name, s] += evaluate.confusion_matrix(pred, batch["semseg"], C)
-    out = {}
-    for (c, s), cm in cms.items():
-        r = evaluate.scores(cm)
-        out.setdefault(c, {})[s] = {"miou": r["miou"], "macc": r["macc"]}
-        if c == "clean":     # for the complementarity check (diagnostics)
-            out[c][s]["per_class_iou"] = r["per_class_iou"]
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Diagnostics: the checks to make before believing (or tuning) the tables. Is the data
-# really complementary (per-class IoU from rgb alone and depth alone, from the runs'
-# evaluations)? Are the budgets equal (BudgetCounter)? Does pre-training converge (the
-# loss logs)? Is the teacher's token signal about the image? Does M²IM teach what it is
-# meant to, i.e. does it predict a missing modality from the other better than MIM does?
-# The last two are measured on held-out images for every pre-trained checkpoint.
-
-def token_agreement(student: dict, teacher: dict) -> dict:
-    """How much of the token target is about the image. The token loss (1 - cos) of the
-    student's tokens against the teacher's for the same images ("matched") and against
-    the teacher's for other images (the batch rolled by one: "other image"), raw and after
-    subtracting the teacher's mean token at each position of each modality ("centred").
-    If the raw loss hardly grows with the wrong image's target, the target is mostly what
-    every image shares (position and task embeddings) and carries little content."""
-    names = [m for m in teacher if m in modalities.MODALITIES]        # not the norm_rgb head's
-    mean = {m: t.mean(0, keepdim=True) for m, t in teacher.items()}
-    other = {m: t.roll(1, 0) for m, t in teacher.items()}
-    centred = lambda d: {m: d[m] - mean[m] for m in d}
-    return {"raw_matched": float(sttp.token_loss(student, teacher, names)),
-            "raw_other_image": float(sttp.token_loss(student, other, names)),
-            "centred_matched": float(sttp.token_loss(centred(student), centred(teacher), names)),
-            "centred_other_image": float(sttp.token_loss(centred(student), centred(other), names))}
-
-
-PIXEL_TERMS = ("rgb", "norm_rgb", "depth", "semseg")
-
-
-def _pixel_loss(row: dict):
-    """An epoch's pixel loss: on complete input (mim epochs, STTP's teacher steps) where the
-    log has it, else on Algorithm 1 input (m2im, kd); None for fine-tuning's logs."""
-    for prefix in ("", sttp.M2IM):
-        if all(prefix + k in row for k in PIXEL_TERMS):
-            return sum(row[prefix + k] for k in PIXEL_TERMS)
-    return None
-
-
-def loss_log(path: str, batches_per_epoch: int) -> dict:
-    """First and last epoch's training loss from a run's log.jsonl (pre-training: the pixel
-    loss, `_pixel_loss`; fine-tuning: the cross-entropy), and how much the last epoch still
-    lowered it (relative) in how many optimiser steps (an STTP epoch has 4 a batch): a run
-    far from converged still drops a lot at its end."""
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    series = [p if (p := _pixel_loss(r)) is not None else r["loss"] for r in rows]
-    prev = series[-2] if len(series) > 1 else series[0]
-    drop = (prev - series[-1]) / prev
-    mode = rows[-1].get("mode", "")                 # "" for fine-tuning: one step a batch
-    steps = batches_per_epoch * (steps_per_batch(mode) if mode else 1)
-    out = {"epochs": len(rows), "first": series[0], "last": series[-1], "last_epoch_drop": drop,
-           "last_epoch_steps": steps}
-    if "token" in rows[-1]:                 # the self-teaching and kd runs' token loss
-        out["token_last"] = rows[-1]["token"]
-    return out
-
-
-def pretrain_diagnostics(pretrain_dir: str, n_images: int = DIAG_IMAGES) -> dict:
-    """For one pre-training run: its loss log, the held-out reconstruction losses from
-    complete input, rgb only and depth only (Algorithm 1's outcome fixed, the run's own
-    patch masking; a dropped modality's patches are all targets, so e.g. "depth" under
-    "rgb only" is depth predicted from rgb), the token agreement of the teacher's targets
-    (as the run builds them: its --token_target) with a student pass (Algorithm 1) on the
-    same images, and the token loss's pull on the encoder: the norm of its gradient on the
-    encoder (blocks, input adapters, global token) over that of the pixel loss, for that
-    student pass (with the run's --token_positions, --token_norm and --token_weight)."""
-    ckpt = load_checkpoint(os.path.join(pretrain_dir, "ckpt.pt"), "pretrain")
-    net = M.MaskMentor(M.ModelConfig.from_dict(ckpt["model_config"]))
-    net.load_state_dict(ckpt["model"])
-    net.eval()
-    ocfg = train.objective_config(train.TrainConfig(**ckpt["config"]), sttp.Runtime())
-    mcfg = ocfg.masking
-    test = data.build_dataset("synthetic", None, "test", image_size=net.cfg.image_size,
-                              cues=ckpt["config"].get("cues", 0.0))
-    batch = data.collate([test[i] for i in range(min(n_images, len(test)))])
-    inputs = modalities.prepare_inputs(batch, net.inputs)
-    B = batch["rgb"].shape[0]
-    K, N = len(net.inputs), net.num_tokens(*M.image_size(inputs))
-    recon = {}
-    with torch.no_grad():
-        for cond, keep in vis.RECON_CONDITIONS.items():
-            kept = torch.tensor([keep is None or m in keep for m in net.inputs]).expand(B, K)
-            plan = masking.plan_masking(B, K, N, mcfg, False, torch.Generator().manual_seed(0), keep=kept)
-            preds, _, masked = net(inputs, plan)
-            recon[cond] = {k: float(v) for k, v in sttp.pixel_losses(preds, inputs, masked.mask, net).items()}
-    g = torch.Generator().manual_seed(1)
-    targets = sttp.teacher_targets(net, inputs, ocfg, g)       # "last_teacher_step": a teacher pass, no step
-    student = sttp._forward(net, inputs, ocfg, True, g)
-    tokens = token_agreement({m: t.detach() for m, t in student.tokens.items()}, targets)
-    encoder = [p for n, p in net.named_parameters() if n.startswith(("encoder.", "input_adapters.", "global_tokens"))]
-    norm = lambda loss: float(torch.cat([g.flatten() for g in torch.autograd.grad(
-        loss, encoder, retain_graph=True, allow_unused=True) if g is not None]).norm())
-    pixel = norm(sum(student.losses.values()))
-    tokens["grad_share"] = norm(ocfg.token_weight * sttp._student_token_loss(student, targets, net.inputs, ocfg)) / pixel
-    batches = ckpt["config"]["subset"] // ckpt["config"]["batch_size"]       # the loader drops the last
-    return {"train_log": loss_log(os.path.join(pretrain_dir, "log.jsonl"), batches), "reconstruction": recon,
-            "tokens": tokens}
-
-
-# -----------------------------------------------------------------------------
 # One run: pre-train (not for the baseline), fine-tune, evaluate. Runs in a worker process.
 
 
@@ -579,7 +387,7 @@ def run_variant(cfg: ReproConfig, spec: Spec, seed: int, stage: str) -> dict:
         info = _stage(pre_dir, train.main, pretrain_argv(cfg, spec, seed))
         diag_path = os.path.join(pre_dir, "diagnostics.json")
         if not os.path.isfile(diag_path):
-            _write_json(pretrain_diagnostics(pre_dir), diag_path)
+            _write_json(diagnostics.pretrain_diagnostics(pre_dir), diag_path)
         return info
     result_path = os.path.join(d, f"result{spec.finetune_dir[len('finetune'):]}.json")
     if os.path.isfile(result_path):
@@ -595,15 +403,16 @@ def run_variant(cfg: ReproConfig, spec: Spec, seed: int, stage: str) -> dict:
     split = lambda name, n: Subset(data.build_dataset("synthetic", None, name, image_size=net.cfg.image_size,
                                                       cues=cfg.cues), n)
     t0 = time.time()
-    val = evaluate_conditions(net, split("val", cfg.val_images), 50, robustness=False)["clean"]
-    scores = evaluate_conditions(net, split("test", cfg.test_images), 50,
-                                 robustness=spec.variant in ROBUST_VARIANTS and cfg.study != "regime")
+    val = diagnostics.evaluate_conditions(net, split("val", cfg.val_images), 50, robustness=False)["clean"]
+    scores = diagnostics.evaluate_conditions(net, split("test", cfg.test_images), 50,
+                                             robustness=spec.variant in ROBUST_VARIANTS and cfg.study != "regime")
     result = {"variant": spec.variant, "name": spec.name, "token": dict(zip(TOKEN_FLAGS, spec.token)), "seed": seed,
               "cues": cfg.cues, **{f: getattr(spec, f) for f in ("regime", "lr", "schedule", "inputs", "layer_decay")},
               "test_images": cfg.test_images, "val_images": cfg.val_images, "pretrain": pre, "finetune": fine,
               "eval_seconds": time.time() - t0, "val": val,
-              "diagnostics": {"pretrain": pre_diag, "finetune_log": loss_log(os.path.join(ft_dir, "log.jsonl"),
-                                                       cfg.finetune_images // cfg.batch_size)},
+              "diagnostics": {"pretrain": pre_diag,
+                              "finetune_log": diagnostics.loss_log(os.path.join(ft_dir, "log.jsonl"),
+                                                                   cfg.finetune_images // cfg.batch_size)},
               **scores}
     _write_json(result, result_path)
     return result
@@ -680,10 +489,11 @@ def run_all(cfg: ReproConfig, runs: list) -> list:
 def measure_cost(cfg: ReproConfig, repeats: int = 7) -> dict:
     """Seconds per pre-training batch of mim, sttp (3 teacher + 1 student steps) and kd
     (a frozen teacher's forward + 1 student step) on the same batch, interleaved so that
-    load changes hit all three alike; medians. From them the whole pre-training's cost
-    under this script's equal-step budgets, kd including its teacher's pre-training. With
-    --threads threads, as each run has (more threads than free cores make every timing
-    meaningless: OpenMP threads spin while they wait for each other)."""
+    load changes hit all three alike, after a round of warm-up; medians (bench.median_times).
+    From them the whole pre-training's cost under this script's equal-step budgets, kd
+    including its teacher's pre-training. With --threads threads, as each run has (more
+    threads than free cores make every timing meaningless: OpenMP threads spin while they
+    wait for each other)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -704,14 +514,9 @@ def _measure_cost(cfg: ReproConfig, repeats: int) -> dict:
     # "sttp <target>": STTP with that --token_target (the default, last_teacher_step, is "sttp")
     runs = {"mim": ocfg, "sttp": ocfg, "kd": ocfg,
             **{f"sttp {t}": dataclasses.replace(ocfg, token_target=t) for t in list(sttp.TOKEN_TARGETS)[1:]}}
-    times = {m: [] for m in runs}
-    for r in range(repeats + 1):
-        for name, c in runs.items():
-            t0 = time.perf_counter()
-            sttp.OBJECTIVES[name.split()[0]](net, opt, batch, c, g, teacher)
-            if r:                        # the first round warms up
-                times[name].append(time.perf_counter() - t0)
-    per_batch = {m: statistics.median(t) for m, t in times.items()}
+    one_batch = lambda name: lambda: sttp.OBJECTIVES[name.split()[0]](net, opt, batch, runs[name], g, teacher)
+    times = bench.median_times([one_batch(m) for m in runs], torch.device("cpu"), repeats, warmup=1)
+    per_batch = dict(zip(runs, times))
     batches = cfg.pretrain_images // cfg.batch_size
     W, E = cfg.warmup_epochs * batches, cfg.main_epochs * batches           # warm-up / STTP batches
     S = steps_per_batch(REFERENCE_MODE)
@@ -784,21 +589,21 @@ def cue_study(cfg: ReproConfig) -> dict:
     """`--study cues`: MIM, M²IM and MaskMentor (with --token_*) at cue levels 0, 0.5, 1,
     each the ablation's recipe and seeds (results/cues/PROTOCOL.md, written before the first
     run). Level 0 reuses the ablation's runs. First, before anything is trained, how well
-    one modality predicts the other in the rooms at each level (rooms.cross_modal_predictability)."""
+    one modality predicts the other in the rooms at each level (diagnostics.cross_modal_predictability)."""
     t0 = time.time()
     token = tuple(getattr(cfg, f) for f in TOKEN_FLAGS)
     todo = [Spec(v, token) for v in CUE_VARIANTS]
     print(f"cue sweep: {', '.join(CUE_VARIANTS)} x cues {', '.join(f'{x:g}' for x in CUE_LEVELS)} x {cfg.seeds} "
           f"seed(s); runs in {cfg.work_dir}, results in {cfg.out_dir}")
     n_images = 40 if cfg.quick else 200
-    predictability = {f"{x:g}": rooms.cross_modal_predictability(x, n_images=n_images) for x in CUE_LEVELS}
+    predictability = {f"{x:g}": diagnostics.cross_modal_predictability(x, n_images=n_images) for x in CUE_LEVELS}
     levels, runs = {}, 0
     for x in CUE_LEVELS:
         c = dataclasses.replace(cfg, cues=x)
         results = run_all(c, each_seed(c, todo))
         runs += count_runs(c, each_seed(c, todo))[0]
-        levels[f"{x:g}"] = {"summary": summarise(results), "per_class_iou": diagnostics(results)["per_class_iou"],
-                            "runs": results}
+        levels[f"{x:g}"] = {"summary": summarise(results),
+                            "per_class_iou": summarise_diagnostics(results)["per_class_iou"], "runs": results}
     out = {"config": dataclasses.asdict(cfg), "predictability": predictability, "levels": levels,
            "meta": {"wall_minutes": (time.time() - t0) / 60, "runs": runs,
                     "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}}
@@ -842,8 +647,8 @@ def regime_study(cfg: ReproConfig) -> dict:
     results += run_all(cfg, [r for r in rows if r not in pilot])
     meta = {"wall_minutes": (time.time() - t0) / 60, "runs": count_runs(cfg, pilot + rows)[0],
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
-    foundation = [loss_log(os.path.join(run_dir(cfg, FOUNDATION, s), "pretrain", "log.jsonl"),
-                           cfg.foundation_images // cfg.foundation_batch) for s in key]
+    foundation = [diagnostics.loss_log(os.path.join(run_dir(cfg, FOUNDATION, s), "pretrain", "log.jsonl"),
+                                       cfg.foundation_images // cfg.foundation_batch) for s in key]
     out = {"config": dataclasses.asdict(cfg), "meta": meta, "pilot_lrs": list(PILOT_LRS), "chosen_lr": lr_a,
            "scratch_lr": train.TRAIN_PRESETS["tiny"]["lr"],
            "near_frozen": NEAR_FROZEN, "foundation": foundation,
@@ -875,7 +680,7 @@ def main(argv=None) -> dict:
                                                       for m, s in cost["per_batch_s"].items()))
     results = run_all(cfg, each_seed(cfg, specs(cfg)))
     summary = summarise(results)
-    diag = diagnostics(results)
+    diag = summarise_diagnostics(results)
     run_seconds = sum(r[st]["seconds"] for r in results for st in ("pretrain", "finetune") if r[st]) + \
         sum(r["eval_seconds"] for r in results)
     meta = {"wall_minutes": (time.time() - t0) / 60, "runs": n_runs, "runs_reused": before,
@@ -886,8 +691,8 @@ def main(argv=None) -> dict:
                  "paper_nyu": {v: VARIANTS[v][2] for v in VARIANTS}, "runs": results},
                 os.path.join(cfg.out_dir, "ablation.json"))
     write_markdown(cfg, summary, cost, meta, os.path.join(cfg.out_dir, "ablation.md"), diag)
-    bar_chart(summary, os.path.join(cfg.out_dir, "ablation.png"),
-              f"mIoU on synthetic test images, mean ± std over {cfg.seeds} seed(s)")
+    report.ablation_chart(summary, os.path.join(cfg.out_dir, "ablation.png"),
+                          f"mIoU on synthetic test images, mean ± std over {cfg.seeds} seed(s)")
     print("\n".join(ordering_checks(summary)))
     print(f"wrote {cfg.out_dir}/ablation.md, ablation.json, ablation.png in {meta['wall_minutes']:.1f} min")
     return {"summary": summary, "cost": cost, "meta": meta, "results": results, "diagnostics": diag}

@@ -13,7 +13,6 @@ This file only renders numpy arrays. data.py wraps them into the project's sampl
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional
@@ -111,8 +110,8 @@ SYNTHETIC_CUE = {"floor": "either", "wall": "either", "ceiling": "either", "rug"
 #     instead of 1.5%: 65% of the darkest pixels (luminance < 0.1), 51% of far-side edge
 #     pixels, no change elsewhere. The z² noise and the holes above stay as they are.
 #
-# cross_modal_predictability (end of file) measures what this does per class before
-# anything is trained.
+# diagnostics.cross_modal_predictability measures what this does per class before anything
+# is trained.
 
 FLOOR, WALL, CEILING, RUG, POSTER, PILLAR, BALL, DISC, BOX, TABLE = range(len(SYNTHETIC_CLASSES))
 SYNTHETIC_SIZE = 64                       # default image side, pixels
@@ -601,7 +600,7 @@ def render_synthetic(split: str, index: int, size: int = SYNTHETIC_SIZE, cues: f
     key = (split, index, size, cues)
     if render_cache is not None and key in render_cache:
         return render_cache[key]
-    out = _render(split, index, size, cues)[:3]
+    out = render_with_clean(split, index, size, cues)[:3]
     if render_cache is not None:
         for a in out:
             a.setflags(write=False)
@@ -609,8 +608,10 @@ def render_synthetic(split: str, index: int, size: int = SYNTHETIC_SIZE, cues: f
     return out
 
 
-def _render(split: str, index: int, size: int, cues: float) -> tuple:
-    """(rgb, depth, label) as render_synthetic returns them, and the clean maps."""
+def render_with_clean(split: str, index: int, size: int, cues: float) -> tuple:
+    """(rgb, depth, label) as render_synthetic returns them (never cached), and the clean
+    maps before the sensor's nuisances (render_scene's dict: what the cue probe,
+    diagnostics.cross_modal_predictability, takes its targets from)."""
     rng = synthetic_scene_rng(split, index)
     cue_rng = synthetic_cue_rng(split, index)
     scene = sample_scene(rng)
@@ -620,193 +621,3 @@ def _render(split: str, index: int, size: int, cues: float) -> tuple:
     # pixels differ in depth by less than the relief, which would move the void pixel
     # across the outline, and the labels would depend on cues.
     return rgb, depth, boundary_void(clean["label"], clean["surface_depth"]), clean
-
-
-# What the knob does, measured before anything is trained: per class, how well a small
-# regressor predicts one modality from a neighbourhood of the other.
-
-_PROBE_STEPS = (1, 2, 4)                  # a 5x5 window at these pixel spacings: 5 to 17 pixels of context
-_PROBE_PIXELS = 64                        # training pixels per class per image (class-balanced)
-_PROBES = (("depth_from_rgb", "rgb_in", "depth"), ("orientation_from_rgb", "rgb_in", "slope"),
-           ("rgb_from_depth", "depth_in", "luma"))
-
-
-def cross_modal_predictability(cues: float, n_images: int = 200, size: int = SYNTHETIC_SIZE,
-                               split: str = "val", seed: int = 0) -> dict:
-    """Per class, how well each modality predicts the other at this cue level.
-
-    Three class-blind regressors are fitted on scenes n_images..2 n_images - 1 of `split`
-    and scored on the held-out scenes 0..n_images - 1 (rendered as render_synthetic does,
-    at this cue level): inputs from the sensor's image, targets from the clean
-    (noise-free) maps.
-
-      depth_from_rgb        inputs: log rgb minus its image mean, in a 5x5 window at
-                            spacings of 1, 2 and 4 pixels (the image box-blurred to each
-                            spacing), and the pixel's position. Target: log depth,
-                            standardised per image (how near the pixel is, for its room).
-      orientation_from_rgb  the same inputs. Target: the slope of log depth, (d/du, d/dv)
-                            by central differences: the surface's orientation in the
-                            scale-free form one image can tell. Shading encodes
-                            orientation, not distance, so this is where it shows most.
-                            Pixels where log depth jumps by more than 0.1 (an occlusion
-                            edge, no slope) are left out.
-      rgb_from_depth        inputs: log depth minus its image mean (0 in holes) and the
-                            hole mask, on the same windows, and the position. Target: the
-                            log luminance, standardised per image.
-
-    Each regressor is an MLP (two hidden layers of 128 ReLUs, Adam, 2000 steps of 512
-    pixels), fitted on _PROBE_PIXELS pixels per class per image so that rare classes
-    (ball, pillar) weigh as much as the walls. Ridge regression on the same windows did
-    not find the rgb cues (its depth-from-rgb scores on pillar and ball did not rise from
-    cues 0 to 1): they are nonlinear in the pixels (a shading change whose sign depends
-    on the light's side, "darker here than around" in a crease).
-
-    score[class] = 1 - sum |y - y_hat|^2 / sum |y - y_image|^2 over the scored pixels of
-    that class (void and missing targets left out), where y_image is the image's mean
-    target: R² against the class-blind baseline "every pixel is like the image's
-    average". 1 = predicted exactly, 0 = no better than the baseline, < 0 = worse (the
-    class is mistaken for another). The same scenes at every cue level; the fit's noise
-    (seed, which scenes) moves a rare class's score by up to ±0.3. About 30 s per call on
-    one CPU core at the defaults.
-
-    What it shows at the defaults (seed 0), cues 0 -> 0.5 -> 1. Depth predicts rgb where
-    it did not (rgb_from_depth: pillar -0.72 -> -0.41 -> -0.03, ball 0.01 -> 0.33 -> 0.61,
-    disc 0.07 -> 0.43 -> 0.52, poster 0.14 -> 0.53 -> 0.62, wall -1.51 -> -0.27; floor and
-    ceiling fall, 0.46 -> 0.15 and 0.79 -> 0.23: shading and contact shadows vary their
-    brightness in ways a 17-pixel depth window only partly sees). rgb tells the pillar's
-    orientation (orientation_from_rgb 0.01 -> 0.10 -> 0.19: its shaded side faces). How
-    near a pixel is (depth_from_rgb) moves by no more than the probe's noise for any
-    class (ball -0.30 -> -0.13, pillar 0.08 -> 0.02, disc 0.32 -> 0.30 here; other seeds,
-    fitting scenes and image counts gave ball -0.2..+0.5, disc 0.0..+0.4, pillar
-    -0.2..+0.1): the pillar's front face is shaded like the wall behind it and its side
-    faces like the side walls, and at 64x64 a ball's shading spans few pixels. Over the
-    runs we made, the gains that always held are the pillar's orientation (+0.09 or
-    more) and rgb from depth on pillar, ball, disc and poster (+0.4 or more).
-
-    Returns {"depth_from_rgb": {class: score}, "orientation_from_rgb": {...},
-    "rgb_from_depth": {...}, "pixels": {class: pixels scored by depth_from_rgb}, "cues",
-    "n_images", "size", "split", "seed", "seconds"}.
-    """
-    t0 = time.perf_counter()
-    if not 1 <= n_images <= SYNTHETIC_LENGTH[split] // 2:
-        raise ValueError(f"n_images must be in 1..{SYNTHETIC_LENGTH[split] // 2} for the {split} split "
-                         f"(as many again are fitted on), got {n_images}")
-    rng = np.random.default_rng(seed)
-    # Fit: class-balanced training pixels from each fitting scene, then one MLP per probe.
-    pools = {name: ([], []) for name, _, _ in _PROBES}
-    for index in range(n_images, 2 * n_images):
-        s = _probe_sample(split, index, size, cues)
-        for name, x_key, y_key in _PROBES:
-            ok = s[y_key + "_ok"]
-            for c in np.unique(s["label"][ok]):
-                where = np.flatnonzero(ok & (s["label"] == c))
-                where = rng.choice(where, min(_PROBE_PIXELS, where.size), replace=False)
-                pools[name][0].append(s[x_key][where])
-                pools[name][1].append(s[y_key][where])
-    predict = {name: _fit_mlp(np.vstack(x), np.vstack(y), rng) for name, (x, y) in pools.items()}
-    # Score: per class, the squared error and that of the image-mean baseline.
-    C = len(SYNTHETIC_CLASSES)
-    err, base, count = ({name: np.zeros(C) for name, _, _ in _PROBES} for _ in range(3))
-    for index in range(n_images):
-        s = _probe_sample(split, index, size, cues)
-        for name, x_key, y_key in _PROBES:
-            ok = s[y_key + "_ok"]
-            y, label = s[y_key][ok], s["label"][ok]
-            err[name] += np.bincount(label, ((y - predict[name](s[x_key][ok])) ** 2).sum(1), minlength=C)
-            base[name] += np.bincount(label, ((y - y.mean(0)) ** 2).sum(1), minlength=C)
-            count[name] += np.bincount(label, minlength=C)
-    out = {"cues": float(cues), "n_images": n_images, "size": size, "split": split, "seed": seed}
-    for name, _, _ in _PROBES:
-        out[name] = {c: float(1.0 - err[name][k] / base[name][k]) if count[name][k] else float("nan")
-                     for k, c in enumerate(SYNTHETIC_CLASSES)}
-    out["pixels"] = {c: int(count["depth_from_rgb"][k]) for k, c in enumerate(SYNTHETIC_CLASSES)}
-    out["seconds"] = time.perf_counter() - t0
-    return out
-
-
-def _probe_sample(split: str, index: int, size: int, cues: float) -> dict:
-    """One scene as cross_modal_predictability reads it: inputs (float32 [H*W, F]), targets
-    ([H*W, k]) with their masks of pixels to use, labels; all flat over the pixels."""
-    rgb, depth, label, clean = _render(split, index, size, float(cues))
-    u, v = (a.reshape(-1, 1) for a in np.meshgrid(np.arange(size) / size - 0.5, np.arange(size) / size - 0.5))
-    log_rgb = np.log(rgb / 255.0 + 0.02)          # + 0.02: black pixels stay finite
-    holes = depth == 0
-    log_z = np.log(np.where(holes, 1.0, depth))
-    log_z = np.where(holes, 0.0, log_z - log_z[~holes].mean())
-    z = np.log(clean["depth"])
-    slope = np.zeros((size, size, 2))
-    slope[:, 1:-1, 0] = 0.5 * (z[:, 2:] - z[:, :-2])
-    slope[1:-1, :, 1] = 0.5 * (z[2:] - z[:-2])
-    has_slope = (np.abs(slope) < 0.1).all(-1)
-    has_slope[[0, -1]] = has_slope[:, [0, -1]] = False
-    luma = np.log(clean["rgb"] @ np.array([0.299, 0.587, 0.114]) + 0.02)
-    labelled = label.ravel() != IGNORE_INDEX
-    return {"rgb_in": np.hstack([_windows(log_rgb - log_rgb.mean((0, 1))), u, v]).astype(np.float32),
-            "depth_in": np.hstack([_windows(np.stack([log_z, holes], -1)), u, v]).astype(np.float32),
-            "label": label.ravel(),
-            "depth": ((z - z.mean()) / z.std()).reshape(-1, 1), "depth_ok": labelled,
-            "slope": slope.reshape(-1, 2), "slope_ok": labelled & has_slope.ravel(),
-            "luma": ((luma - luma.mean()) / (luma.std() + 1e-6)).reshape(-1, 1), "luma_ok": labelled}
-
-
-def _windows(x: np.ndarray) -> np.ndarray:
-    """x [H, W, C] -> [H*W, C * 25 * len(_PROBE_STEPS)]: for each spacing s, the 5x5 window
-    of pixels s apart around each pixel, in x box-blurred over (2 (s // 2) + 1)^2 pixels
-    (so each sample stands for its stretch of image); edges repeat the border."""
-    H, W, C = x.shape
-    out = []
-    for s in _PROBE_STEPS:
-        r = s // 2
-        blurred = x
-        if r:                             # box blur through an integral image
-            padded = np.pad(x, ((r + 1, r), (r + 1, r), (0, 0)), mode="edge")
-            cum = padded.cumsum(0).cumsum(1)
-            k = 2 * r + 1
-            blurred = (cum[k:, k:] - cum[:-k, k:] - cum[k:, :-k] + cum[:-k, :-k]) / (k * k)
-        padded = np.pad(blurred, ((2 * s, 2 * s), (2 * s, 2 * s), (0, 0)), mode="edge")
-        for dy in range(-2, 3):
-            for dx in range(-2, 3):
-                out.append(padded[2 * s + dy * s:2 * s + dy * s + H, 2 * s + dx * s:2 * s + dx * s + W])
-    return np.concatenate(out, -1).reshape(H * W, -1)
-
-
-def _fit_mlp(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, hidden: int = 128,
-             steps: int = 2000, batch: int = 512, lr: float = 1e-3):
-    """Fit y ~ MLP(x) (two hidden ReLU layers, squared error, Adam) on float32 arrays;
-    returns predict(x). Inputs and targets are standardised with the training set's
-    statistics, predictions returned in the targets' units."""
-    x, y = x.astype(np.float32), y.astype(np.float32)
-    x_mean, x_std = x.mean(0), x.std(0) + 1e-6
-    y_mean, y_std = y.mean(0), y.std(0) + 1e-6
-    xs, ys = (x - x_mean) / x_std, (y - y_mean) / y_std
-    sizes = [x.shape[1], hidden, hidden, y.shape[1]]
-    params = []                           # He initialisation
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        params += [(rng.normal(size=(a, b)) * math.sqrt(2.0 / a)).astype(np.float32), np.zeros(b, np.float32)]
-    m = [np.zeros_like(p) for p in params]
-    v = [np.zeros_like(p) for p in params]
-    for step in range(1, steps + 1):
-        idx = rng.integers(0, len(xs), batch)
-        acts = [xs[idx]]                  # forward, keeping each layer's input
-        for i in range(0, len(params), 2):
-            h = acts[-1] @ params[i] + params[i + 1]
-            acts.append(np.maximum(h, 0.0) if i + 2 < len(params) else h)
-        grad = 2.0 * (acts[-1] - ys[idx]) / acts[-1].size   # d mean-squared-error / d output
-        grads = [None] * len(params)
-        for i in range(len(params) - 2, -1, -2):            # backward
-            grads[i], grads[i + 1] = acts[i // 2].T @ grad, grad.sum(0)
-            if i:
-                grad = (grad @ params[i].T) * (acts[i // 2] > 0)
-        for p, g, m_i, v_i in zip(params, grads, m, v):     # Adam (Kingma & Ba 2015)
-            m_i += 0.1 * (g - m_i)
-            v_i += 0.001 * (g * g - v_i)
-            p -= lr * (m_i / (1 - 0.9 ** step)) / (np.sqrt(v_i / (1 - 0.999 ** step)) + 1e-8)
-
-    def predict(x_new: np.ndarray) -> np.ndarray:
-        h = (x_new - x_mean) / x_std
-        for i in range(0, len(params), 2):
-            h = h @ params[i] + params[i + 1]
-            if i + 2 < len(params):
-                h = np.maximum(h, 0.0)
-        return h * y_std + y_mean
-    return predict

@@ -61,7 +61,7 @@ def test_each_file_imports_only_files_above_it_in_the_readme_table():
     """"Reading the code": "a batch flows down the list, each file importing only those
     above it". Every top-level module but setup.py (the build, importing no project file)
     is in the table, and each imports only project files of rows above its own or of its
-    own row (a row such as `reproduce.py`, `report.py` is one concept). Module-level
+    own row (a row that names several files, such as `ops.py`, `csrc/`, is one concept). Module-level
     imports only: an import inside a function is not checked (none breaks the order today)."""
     table = README.split("## Reading the code", 1)[1].split("\n## ", 1)[0]
     rows = [re.findall(r"`(\w+)\.py`", line.split("|")[1]) for line in table.splitlines()

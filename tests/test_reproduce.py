@@ -1,5 +1,5 @@
-"""reproduce.py: equal budgets, determinism, a frozen separate KD teacher, degradations that do
-what they say, and the --quick miniature end to end."""
+"""reproduce.py: equal budgets, determinism, a frozen separate KD teacher, the studies' flow,
+and the --quick miniature end to end (diagnostics.py's checks: tests/test_diagnostics.py)."""
 import dataclasses
 import json
 import os
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import data
+import diagnostics
 import engine
 import masking
-import modalities
 import model as M
 import report
 import reproduce as R
@@ -101,48 +101,6 @@ def test_the_kd_teacher_is_frozen_and_separate(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
-@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
-def test_depth_holes_cover_the_asked_ratio(ratio):
-    depth = torch.rand(4, 1, 64, 48) * 5 + 0.5
-    out = R.depth_holes(depth, ratio, torch.Generator().manual_seed(0))
-    measured = (out == 0).float().mean(dim=(1, 2, 3))
-    assert torch.allclose(measured, torch.full_like(measured, ratio), atol=1 / (64 * 48))
-    assert torch.equal(out[out > 0], depth[out > 0])                   # the rest untouched
-    # blobs, not salt: most hole pixels have a hole as right-hand neighbour
-    holes = out == 0
-    assert (holes[..., 1:] & holes[..., :-1]).sum() > 0.8 * holes[..., 1:].sum()
-
-
-def test_depth_noise_and_quantisation_keep_missing_pixels_missing():
-    g = torch.Generator().manual_seed(0)
-    depth = torch.full((2, 1, 64, 64), 3.0)
-    depth[:, :, :8] = 0
-    noisy = R.depth_noise(depth, 0.05, g)
-    assert (noisy[:, :, :8] == 0).all()
-    rel = noisy[:, :, 8:] / 3.0 - 1
-    assert abs(float(rel.std()) - 0.05) < 0.005 and abs(float(rel.mean())) < 0.005
-    q = R.depth_quantise(torch.tensor([0.0, 0.3, 1.12, 2.9]), 0.25, g)
-    assert q.tolist() == [0.0, 0.25, 1.0, 3.0]
-
-
-def test_rgb_degradations():
-    g = torch.Generator().manual_seed(0)
-    rgb = torch.rand(2, 3, 32, 32)
-    dark = R.rgb_dark(rgb, 0.2, g)
-    assert torch.allclose(dark, rgb * 0.2, atol=0.5 / 255) and torch.equal(dark, (dark * 255).round() / 255)
-    flat = torch.full((1, 3, 16, 16), 0.4)
-    assert torch.allclose(R.rgb_blur(flat, 1.5, g), flat)
-    checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2
-    checker = checker.float().expand(1, 3, 32, 32)
-    blurred = R.rgb_blur(checker, 1.5, g)
-    assert blurred.std() < 0.1 * checker.std() and abs(float(blurred.mean() - checker.mean())) < 0.01
-    # degrade() works on normalised rgb and changes only the degraded modality
-    batch = {"rgb": data.normalize_rgb((rgb[0].permute(1, 2, 0) * 255).byte().numpy())[None],
-             "depth": torch.ones(1, 1, 32, 32), "semseg": torch.zeros(1, 32, 32, dtype=torch.long)}
-    out = R.degrade(batch, "rgb dark x0.2", g)
-    assert out["depth"] is batch["depth"] and out["rgb"].mean() < batch["rgb"].mean()
-
-
 @pytest.mark.slow
 def test_quick_runs_everything_end_to_end_and_resumes(tmp_path):
     argv = ["--quick", "--work_dir", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "res")]
@@ -158,7 +116,7 @@ def test_quick_runs_everything_end_to_end_and_resumes(tmp_path):
         for stage in ("pretrain", "finetune"):
             if r[stage]:
                 assert r[stage]["steps"] == r[stage]["optimizer_steps"] and r[stage]["images_per_step"] == [16]
-    assert set(summary["maskmentor"]) >= set(R.DEGRADATIONS) and "depth holes 10%" not in summary["m2im"]
+    assert set(summary["maskmentor"]) >= set(diagnostics.DEGRADATIONS) and "depth holes 10%" not in summary["m2im"]
     md = (tmp_path / "res" / "ablation.md").read_text()
     assert "## Table 3" in md and "## Table 4" in md and "56.0 / 46.7 / 33.8" in md and "depth holes 50%" in md
     saved = json.loads((tmp_path / "res" / "ablation.json").read_text())
@@ -182,35 +140,6 @@ def test_quick_runs_everything_end_to_end_and_resumes(tmp_path):
     again = R.main(argv)
     assert again["meta"]["runs_reused"] == again["meta"]["runs"]
     assert again["summary"] == summary
-
-
-def test_token_agreement_separates_shared_from_image_specific_parts():
-    g = torch.Generator().manual_seed(0)
-    shared = {m: 10 * torch.randn(1, 6, 16, generator=g) for m in modalities.DEFAULT}       # same for every image
-    content = {m: torch.randn(8, 6, 16, generator=g) for m in modalities.DEFAULT}
-    teacher = {m: shared[m] + content[m] for m in modalities.DEFAULT}
-    student = {m: shared[m] + content[m] + 0.1 * torch.randn(8, 6, 16, generator=g) for m in modalities.DEFAULT}
-    t = R.token_agreement(student, teacher)
-    # the raw cosine is dominated by the shared part: the wrong image's target is barely worse
-    assert t["raw_matched"] < t["raw_other_image"] < 0.05
-    # centred, the matched student agrees and another image's target is unrelated (1 - cos ~ 1)
-    assert t["centred_matched"] < 0.05 and t["centred_other_image"] > 0.7
-    same = R.token_agreement(teacher, teacher)
-    assert same["raw_matched"] == pytest.approx(0, abs=1e-6) and same["centred_matched"] == pytest.approx(0, abs=1e-6)
-
-
-def test_loss_log_reads_the_right_loss_and_counts_steps(tmp_path):
-    log = tmp_path / "log.jsonl"
-    rows = [{"epoch": 1, "mode": "mim", "loss": 4.0, "rgb": 1, "norm_rgb": 1, "depth": 1, "semseg": 1},
-            {"epoch": 2, "mode": "sttp", "loss": 9.9, "token": 0.2, "rgb": 1, "norm_rgb": 0.5, "depth": 0.5, "semseg": 1,
-             "m2im_rgb": 2, "m2im_norm_rgb": 2, "m2im_depth": 2, "m2im_semseg": 2}]
-    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = R.loss_log(str(log), batches_per_epoch=10)
-    # complete-input pixel loss (the teacher's) where the log has it; 4 steps a batch in an STTP epoch
-    assert out == {"epochs": 2, "first": 4.0, "last": 3.0, "last_epoch_drop": 0.25, "last_epoch_steps": 40,
-                   "token_last": 0.2}
-    log.write_text(json.dumps({"epoch": 1, "mode": "", "loss": 2.0}) + "\n" + json.dumps({"epoch": 2, "mode": "", "loss": 1.5}))
-    assert R.loss_log(str(log), 7) == {"epochs": 2, "first": 2.0, "last": 1.5, "last_epoch_drop": 0.25, "last_epoch_steps": 7}
 
 
 def test_a_finished_run_with_other_settings_is_not_reused(tmp_path):
