@@ -37,7 +37,7 @@ import charts
 import data
 import model as M
 from checkpoints import load_checkpoint, load_weights, save_checkpoint
-from cli import UserError, check_numbers, check_output, parse_config
+from cli import UserError, check_numbers, check_output, parse_config, write_atomic
 from runtime import rank_and_world
 
 VERSION = 1
@@ -405,8 +405,7 @@ class Loop:
               " ".join(f"{k}={v:.4f}" for k, v in h.items() if k not in ("epoch", "mode")) +
               f" ({time.time() - t0:.0f}s)")
         if main:
-            with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(h) + "\n")
+            write_log(cfg.out_dir, [x for x in self.history if "_sums" not in x])
         self.epoch, self.batch = self.epoch + 1, 0
         self.checkpoint()
         if main:
@@ -593,11 +592,15 @@ def prepare_out_dir(cfg, ckpt) -> None:
             os.replace(path, os.path.join(aside, f))
         elif f.startswith("ckpt.pt.tmp") or (cfg.overwrite and written_by_a_run(f)):
             os.remove(path)
-    if ckpt is not None:
-        with open(os.path.join(cfg.out_dir, "log.jsonl"), "w") as f:
-            for h in ckpt["history"]:
-                if "_sums" not in h:          # finished epochs only (a partial one has running sums)
-                    f.write(json.dumps(h) + "\n")
+    if ckpt is not None:           # finished epochs only (a partial one has running sums)
+        write_log(cfg.out_dir, [h for h in ckpt["history"] if "_sums" not in h])
+
+
+def write_log(out_dir: str, epochs: list) -> None:
+    """log.jsonl, one line per finished epoch, rewritten whole each time (cli.write_atomic): a
+    full disk is one line and never leaves half a line behind."""
+    text = "".join(json.dumps(h) + "\n" for h in epochs)
+    write_atomic(os.path.join(out_dir, "log.jsonl"), lambda f: f.write(text.encode()))
 
 
 def restore_previous_run(out_dir: str) -> None:

@@ -75,7 +75,7 @@ import train
 from checkpoints import load_checkpoint
 from cli import UserError, arg, check_numbers, parse_config, run_cli
 from engine import Subset
-from report import (DEFAULT_VARIANTS, REFERENCE_MODE, ROBUST_VARIANTS, SETTINGS, VARIANT_FLAGS, VARIANTS,
+from report import (DEFAULT_VARIANTS, REFERENCE_MODE, ROBUST_VARIANTS, VARIANT_FLAGS, VARIANTS,
                     ordering_checks, steps_per_batch, summarise, summarise_diagnostics, teacher_variant,
                     variant_epochs, write_markdown)
 

@@ -31,7 +31,7 @@ import ops
 import sttp
 import vis
 from checkpoints import init_encoder, load_checkpoint, load_weights
-from cli import UserError, arg, check_numbers, pick_device, run_cli
+from cli import UserError, arg, check_numbers, pick_device, run_cli, write_atomic
 from engine import (RUN_CONTROL, Loop, check_common_flags, param_groups, check_out_dir, start_run, to_device,
                     training_set)
 from runtime import DTYPES, TrainingRuntime, autocast_dtype, grad_scaler, init_distributed
@@ -235,7 +235,8 @@ def main(argv=None):
         def after_epoch(done):
             if done % cfg.vis_every == 0 or done == cfg.epochs:
                 path = os.path.join(cfg.out_dir, f"recon_epoch{done:03d}.png")
-                vis.reconstruction_figure(net, shown, ocfg.masking, cfg.seed, palette, names).save(path)
+                figure = vis.reconstruction_figure(net, shown, ocfg.masking, cfg.seed, palette, names)
+                write_atomic(path, lambda f: figure.save(f, format="PNG"))
 
     net.train()
     loop.run(step, phase, after_epoch)

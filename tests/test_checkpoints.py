@@ -184,6 +184,17 @@ def test_training_onto_a_full_disk_stops_with_one_line(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(out) if "ckpt" in f]
 
 
+def test_a_disk_too_full_for_the_log_stops_with_one_line(tmp_path, monkeypatch):
+    # log.jsonl (a line per epoch) and the loss curve are written whole too: the first write
+    # of the run fails here, and leaves neither half a line nor a temporary file
+    fill_the_disk(monkeypatch, room=50)
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        train.main(PRE + ["--stop_after", "1", "--out_dir", str(out)])
+    one_line_error(e, out / "log.jsonl", "no space left on device")
+    assert os.listdir(out) == []
+
+
 # --- what each script needs ---------------------------------------------------------------------
 
 

@@ -75,7 +75,11 @@ def test_budget_counter_counts_steps_and_the_images_behind_each():
     with R.BudgetCounter() as count:
         sttp.sttp(net, opt, batch, ocfg)            # 3 teacher + 1 student step
         sttp.kd(net, opt, batch, ocfg, teacher=teacher)   # the frozen teacher's forward is not learning
-    assert count.summary() == {"steps": 5, "images": 20, "images_per_step": [4]}
+    got = count.summary()
+    # the student step of sttp and kd's one step see Algorithm 1's input; each step at lr 1e-4
+    assert {k: got[k] for k in ("steps", "images", "images_per_step", "missing_modality_steps")} == \
+        {"steps": 5, "images": 20, "images_per_step": [4], "missing_modality_steps": 2}
+    assert got["integrated_lr"] == pytest.approx(5e-4) and got["missing_modality_lr"] == pytest.approx(2e-4)
 
 
 def test_the_kd_teacher_is_frozen_and_separate(tmp_path):
