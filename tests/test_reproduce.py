@@ -127,7 +127,7 @@ def test_quick_runs_everything_end_to_end_and_resumes(tmp_path):
     assert set(saved["cost"]["per_batch_s"]) == {"mim", "sttp", "kd", "sttp teacher_complete",
                                                  "sttp teacher_masked_fresh"}
     for r in out["results"]:               # every run is scored on validation too, and it is not test
-        assert set(r["val"]) == set(R.SETTINGS) and r["val"] != {s: r["clean"][s] for s in R.SETTINGS}
+        assert set(r["val"]) == set(report.SETTINGS) and r["val"] != {s: r["clean"][s] for s in report.SETTINGS}
     # the diagnostics: per-class IoU of every variant, held-out checks of every pre-training
     diag = out["diagnostics"]
     assert set(diag["per_class_iou"]) == set(R.DEFAULT_VARIANTS) and set(diag["pretrain"]) == set(R.DEFAULT_VARIANTS) - {"baseline"}
@@ -184,7 +184,7 @@ def test_the_selection_rule():
 
 
 def fake_result(spec, seed, rgb, depth):
-    clean = {s: {"miou": 60.0 + seed, "macc": 70.0} for s in R.SETTINGS}
+    clean = {s: {"miou": 60.0 + seed, "macc": 70.0} for s in report.SETTINGS}
     val = {"rgbd": {"miou": 60.0}, "rgb": {"miou": rgb + 0.1 * seed}, "depth": {"miou": depth - 0.1 * seed}}
     tokens = {"grad_share": 0.1, "centred_matched": 0.5, "centred_other_image": 1.0}
     return {"variant": spec.variant, "name": spec.name, "seed": seed, "val": val, "clean": clean,
