@@ -274,7 +274,7 @@ def test_the_regime_study_chooses_its_lr_on_validation_then_runs_every_row(tmp_p
         return out
 
     monkeypatch.setattr(R, "run_all", run_all)
-    monkeypatch.setattr(R, "loss_log", lambda path, batches: {"first": 2.0, "last": 1.0, "last_epoch_drop": 0.01})
+    monkeypatch.setattr(diagnostics, "loss_log", lambda path, batches: {"first": 2.0, "last": 1.0, "last_epoch_drop": 0.01})
     out = R.main(["--study", "regime", "--work_dir", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "res")])
     assert out["chosen_lr"] == 3e-4
     pilot, rows = asked
