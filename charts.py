@@ -200,25 +200,26 @@ def line_chart(panels: dict, path: str, x_ends: tuple) -> None:
 def dot_chart(panels: dict, names: list, path: str) -> None:
     """Panels side by side ({title: {group: [(mean, error) or None per entry of `names`]}}):
     in each group a dot per series with ± error whiskers, over the zero line."""
-    W, H, pad, top = 1100, 380, 40, 40
+    W, H, pad, top, bottom = 1100, 400, 40, 60, 52    # room for the legend above, two label rows below
     img, d = canvas(W, H)
     ends = [v for groups in panels.values() for points in groups.values() for p in points if p
             for v in (p[0] - p[1], p[0] + p[1])]
-    lo, hi = min(ends + [-1.0]), max(ends + [1.0])
+    lo, hi = math.floor(min(ends + [-1.0])), math.ceil(max(ends + [1.0]))   # whole units: no whisker clipped
     panel_w = (W - (len(panels) + 1) * pad) / len(panels)
     for pi, (title, groups) in enumerate(panels.items()):
         x0 = pad + pi * (panel_w + pad)
-        ax = Axes(d, x0, top, x0 + panel_w, H - pad, lo, hi)
+        ax = Axes(d, x0, top, x0 + panel_w, H - bottom, lo, hi)
         ax.frame(title)
         ax.zero_line()
         ax.y_range("{:+.1f}")
         for gi, (group, points) in enumerate(groups.items()):
             gx = x0 + (gi + 0.5) * panel_w / len(groups)
-            d.text((gx - 40, H - pad + 6), plain(group), fill="black")
+            label = plain(group)              # neighbours alternate rows so that long labels never overlap
+            d.text((gx - d.textlength(label) / 2, H - bottom + 6 + 16 * (gi % 2)), label, fill="black")
             for i, p in enumerate(points):
                 if p:
                     x = gx + (i - (len(points) - 1) / 2) * 14
                     ax.whisker(x, p[0] - p[1], p[0] + p[1], colour(i), width=2)
                     ax.dot(x, p[0], colour(i))
-    legend(d, names, W - 300, 8, dx=90)
+    legend(d, names, W - 300, 10, dx=90)
     save(img, path)

@@ -63,8 +63,8 @@ def test_dot_chart_leaves_out_what_is_missing(tmp_path):
               "from scratch": {"M²IM − MIM": [(1.0, 0.5), None, None]}, "near-frozen": {}}
     charts.dot_chart(panels, ["rgb only", "depth only", "rgb + depth"], str(tmp_path / "dots.png"))
     img = Image.open(tmp_path / "dots.png").convert("RGB")
-    assert img.size == (1100, 380)
-    first, second = (40, 30, 380, 380), (380, 30, 720, 380)                 # the panels, below the legend
+    assert img.size == (1100, 400)
+    first, second = (40, 40, 380, 400), (380, 40, 720, 400)                 # the panels, below the legend
     assert all(pixels_of(img, charts.colour(i), first) > 10 for i in range(3))
     assert pixels_of(img, charts.colour(0), second) > 10
     assert pixels_of(img, charts.colour(1), second) == pixels_of(img, charts.colour(2), second) == 0
