@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from cli import write_atomic
+from cli import write_png
 
 # The colours of series 0, 1, 2, ... in every chart (matplotlib's tab10 without its olive).
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
@@ -28,11 +28,6 @@ def colour(i: int) -> str:
 def plain(text: str) -> str:
     """The text in characters PIL's default font has (no superscript two, no minus sign)."""
     return text.replace("²", "2").replace("−", "-")
-
-
-def save(img: Image.Image, path: str) -> None:
-    """A chart written whole or not at all (cli.write_atomic): a full disk is one line."""
-    write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
 def canvas(width: int, height: int) -> tuple:
@@ -142,7 +137,7 @@ def loss_curve(history: list, path: str) -> None:
     for i, pts in enumerate(series.values()):
         ax.line(pts, colour(i), r=2)
     legend(d, list(series), W - right + 10, pad, dy=14)
-    save(img, path)
+    write_png(path, img)
 
 
 def bar_chart(groups: list, bars: dict, path: str, title: str, y_name: str) -> None:
@@ -166,7 +161,7 @@ def bar_chart(groups: list, bars: dict, path: str, title: str, y_name: str) -> N
             d.rectangle([xa, ax.py(m), xa + bar_w - 2, ax.py(0)], fill=colour(i))
             ax.whisker(xa + bar_w / 2 - 1, max(0, m - e), m + e, "black", cap=3)
     legend(d, list(bars), W - legend_w, top, dy=18)
-    save(img, path)
+    write_png(path, img)
 
 
 def line_chart(panels: dict, path: str, x_ends: tuple) -> None:
@@ -194,7 +189,7 @@ def line_chart(panels: dict, path: str, x_ends: tuple) -> None:
             for x, m, e in points:
                 ax.whisker(ax.px(x), m - e, m + e, c)
     legend(d, names, pad, H - 18, dx=260)
-    save(img, path)
+    write_png(path, img)
 
 
 def dot_chart(panels: dict, names: list, path: str) -> None:
@@ -222,4 +217,4 @@ def dot_chart(panels: dict, names: list, path: str) -> None:
                     ax.whisker(x, p[0] - p[1], p[0] + p[1], colour(i), width=2)
                     ax.dot(x, p[0], colour(i))
     legend(d, names, W - 300, 10, dx=90)
-    save(img, path)
+    write_png(path, img)

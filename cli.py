@@ -221,3 +221,9 @@ def write_atomic(path: str, write) -> None:
         if isinstance(e, RuntimeError):
             raise UserError(f"{path}: cannot be written ({str(e).splitlines()[0]}){kept}") from None
         raise
+
+
+def write_png(path: str, image) -> None:
+    """A PIL image written as a PNG whole or not at all (write_atomic): every picture and
+    chart the project writes goes through here."""
+    write_atomic(path, lambda f: image.save(f, format="PNG"))

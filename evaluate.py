@@ -54,7 +54,7 @@ import modalities
 import vis
 from checkpoints import export_safetensors, json_path, load_checkpoint, load_weights
 from cli import (UserError, arg, check_not_input, check_numbers, check_output, one_line, parse_config, pick_device,
-                 run_cli, write_atomic)
+                 run_cli, write_atomic, write_png)
 from engine import to_device
 
 SETTINGS = modalities.INPUT_CONDITIONS
@@ -246,7 +246,7 @@ def save_pictures(net: M.Segmenter, dataset, n: int, folder: str, dataset_name: 
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(str(sample["id"])))[0])
         paths.append(os.path.join(folder, f"{i:03d}_{name}.png"))
         figure = vis.segmentation_figure(sample, preds, names, palette)
-        write_atomic(paths[-1], lambda f: figure.save(f, format="PNG"))
+        write_png(paths[-1], figure)
     return paths
 
 
@@ -325,7 +325,7 @@ def write_class_map(pred: torch.Tensor, path: str, palette: np.ndarray) -> None:
     """A palette PNG: opening it shows colours, reading it gives class ids."""
     img = Image.fromarray(pred.numpy().astype(np.uint8), mode="P")
     img.putpalette(palette.reshape(-1).tolist())
-    write_atomic(path, lambda f: img.save(f, format="PNG"))
+    write_png(path, img)
 
 
 def input_setting(cfg) -> str:

@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from cli import UserError, arg, check_not_input, check_output, parse_config, run_cli, write_atomic
+from cli import UserError, arg, check_not_input, check_output, parse_config, run_cli, write_png
 from data import default_root
 from modalities import IGNORE_INDEX
 
@@ -107,7 +107,7 @@ def nyu_splits(path: Optional[str] = None) -> dict:
 def _save_png(array: np.ndarray, path: str) -> None:
     """Write a PNG (and its folder) whole or not at all."""
     image = Image.fromarray(array)
-    write_atomic(path, lambda f: image.save(f, format="PNG"))
+    write_png(path, image)
 
 
 def _h5_dataset(f, path: str, key: str, ndim: int):

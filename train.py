@@ -31,7 +31,7 @@ import ops
 import sttp
 import vis
 from checkpoints import init_encoder, load_checkpoint, load_weights
-from cli import UserError, arg, check_numbers, pick_device, run_cli, write_atomic
+from cli import UserError, arg, check_numbers, pick_device, run_cli, write_png
 from engine import (RUN_CONTROL, Loop, check_common_flags, param_groups, check_out_dir, start_run, to_device,
                     training_set)
 from runtime import DTYPES, TrainingRuntime, autocast_dtype, grad_scaler, init_distributed
@@ -130,7 +130,7 @@ def validate(cfg: TrainConfig) -> None:
     except ValueError as e:
         raise UserError(f"--modalities {cfg.modalities}: {e}")
     if not modalities.segmenter_inputs(names):          # finetune.py would have nothing to segment from
-        takes = [m for m, row in modalities.MODALITIES.items() if row.segmenter_input]
+        takes = modalities.segmenter_inputs(modalities.MODALITIES)
         raise UserError(f"--modalities {cfg.modalities}: none of them is an input a segmenter takes "
                         f"({', '.join(takes)}), so finetune.py could not use this pre-training")
     objective = sttp.OBJECTIVES[cfg.mode]
@@ -235,8 +235,7 @@ def main(argv=None):
         def after_epoch(done):
             if done % cfg.vis_every == 0 or done == cfg.epochs:
                 path = os.path.join(cfg.out_dir, f"recon_epoch{done:03d}.png")
-                figure = vis.reconstruction_figure(net, shown, ocfg.masking, cfg.seed, palette, names)
-                write_atomic(path, lambda f: figure.save(f, format="PNG"))
+                write_png(path, vis.reconstruction_figure(net, shown, ocfg.masking, cfg.seed, palette, names))
 
     net.train()
     loop.run(step, phase, after_epoch)
