@@ -15,7 +15,7 @@ confusion matrix per condition accumulated over the whole split (not averaged pe
 void (255) ignored, classes with an empty union skipped, x100 — the mmseg/MultiMAE
 convention (docs/method.md §1). It prints a table (plus per-class IoU with class names) and
 writes the same numbers as JSON: keys rgbd, rgb, depth, each with miou, macc,
-per_class_iou. It also draws the paper's Figure 3 for the first --num_vis images (vis.py):
+per_class_iou. It also draws the paper's Figure 3 for the first --num_vis images (util/vis.py):
 rgb | depth | ground truth | prediction from rgb+depth, rgb only, depth only.
 
 Every prediction (`predict`) sees the grid fine-tuning saw: an image smaller than the
@@ -51,11 +51,12 @@ from tqdm import tqdm
 import data
 import model as M
 import modalities
-import vis
-from checkpoints import export_safetensors, json_path, load_checkpoint, load_weights
-from cli import (UserError, arg, check_not_input, check_numbers, check_output, one_line, parse_config, pick_device,
+from util import vis
+from util.checkpoints import export_safetensors, json_path, load_checkpoint, load_weights
+from util.cli import (UserError, arg, check_not_input, check_numbers, check_output, one_line, parse_config, pick_device,
                  run_cli, write_atomic, write_png)
-from engine import to_device
+from util.engine import to_device
+from util.layouts import check_same_size, read_depth_file, read_rgb
 
 SETTINGS = modalities.INPUT_CONDITIONS
 # The long side of an image given with --rgb / --depth is limited to MAX_SIDE x the
@@ -214,7 +215,7 @@ def predict(net: M.Segmenter, batch: dict, settings, crop: int | None = None) ->
 def batches(loader):
     """The loader's batches, with one-line errors from worker processes too: a UserError
     raised in a DataLoader worker (an unreadable file, say) comes back from torch wrapped in
-    the worker's traceback; callers (run_cli, reproduce.py, tests) get the original line."""
+    the worker's traceback; callers (run_cli, studies/reproduce.py, tests) get the original line."""
     try:
         yield from loader
     except UserError as e:
@@ -259,14 +260,14 @@ def read_inputs(rgb_path: str, depth_path: str, depth_scale: float, conv: Conven
     [1,3,H,W], depth in metres [1,1,H,W]; either may be absent ("")."""
     batch = {}
     if rgb_path:
-        rgb = data.read_rgb(rgb_path)
+        rgb = read_rgb(rgb_path)
         x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)   # as data.normalize_rgb
         mean, std = torch.tensor(conv.rgb_mean).view(3, 1, 1), torch.tensor(conv.rgb_std).view(3, 1, 1)
         batch["rgb"] = ((x - mean) / std)[None]
     if depth_path:
-        depth = data.read_depth_file(depth_path, depth_scale)
+        depth = read_depth_file(depth_path, depth_scale)
         if rgb_path:
-            data.check_same_size(rgb_path, rgb, {depth_path: depth})
+            check_same_size(rgb_path, rgb, {depth_path: depth})
         batch["depth"] = torch.from_numpy(depth)[None, None]
     return batch
 

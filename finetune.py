@@ -14,8 +14,8 @@ network learns every input condition; the loss is cross-entropy with 255 ignored
 inputs (a dedicated rgb or depth model has only that input adapter): what a model trained
 for one input condition reaches, against which the joint model's loss is measured.
 The checkpoint goes to `<out_dir>/ckpt.pt`; evaluate.py finds it there by default.
-Same loop, checkpoints and resume as train.py (engine.py), and the same
-`torchrun --nproc_per_node N finetune.py ...` with a global --batch_size (runtime.py).
+Same loop, checkpoints and resume as train.py (util/engine.py), and the same
+`torchrun --nproc_per_node N finetune.py ...` with a global --batch_size (util/runtime.py).
 """
 from __future__ import annotations
 
@@ -32,11 +32,13 @@ from torch.profiler import record_function
 import data
 import model as M
 import modalities
-import ops
-from checkpoints import init_encoder, load_checkpoint
-from cli import UserError, arg, check_numbers, pick_device, run_cli
-from engine import RUN_CONTROL, Loop, check_common_flags, param_groups, check_out_dir, start_run, training_set
-from runtime import DTYPES, TrainingRuntime, autocast_dtype, global_mean, grad_scaler, init_distributed
+from util import ops
+from util.checkpoints import init_encoder, load_checkpoint
+from util.cli import UserError, arg, check_numbers, pick_device, run_cli
+from util.engine import Loop
+from util.lr_sched import param_groups
+from util.runs import RUN_CONTROL, check_common_flags, check_out_dir, start_run, training_set
+from util.runtime import DTYPES, Runtime, autocast_dtype, grad_scaler, init_distributed
 
 
 @dataclass
@@ -45,7 +47,7 @@ class FinetuneConfig:
     dataset: str = arg("synthetic", "dataset to fine-tune on", data.DATASETS)
     data_root: str = arg("", "dataset folder (default: data/<dataset>)")
     subset: int = arg(0, "use only the first N training images (0 = all)")
-    cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (rooms.py)")
+    cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (util/rooms.py)")
     pretrained: str = arg("out/pretrain/ckpt.pt", "pre-training checkpoint (ckpt.pt, or an exported .safetensors "
                           "with its .json), or 'none' for the baseline")
     init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
@@ -78,7 +80,7 @@ class FinetuneConfig:
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = arg("float32", "autocast dtype; float16 adds loss scaling", tuple(DTYPES))
     compile: bool = arg(False, "torch.compile the network and its loss, one whole graph; "
-                               "AdamW's fused kernel (runtime.py)")
+                               "AdamW's fused kernel (util/runtime.py)")
 
 
 FINETUNE_PRESETS = {
@@ -102,8 +104,7 @@ def sample_present(batch_size: int, num_inputs: int, p_missing: float, generator
     """Which of the segmenter's inputs each sample shows: Bool[B, num_inputs] (decision D9
     of docs/method.md). With probability p_missing a sample misses some of them, each
     proper non-empty subset equally likely, else it shows all. For (rgb, depth): rgb only
-    with p_missing/2, depth only with p_missing/2, both otherwise (never neither). Under
-    torchrun drawn for the global batch, each process keeping its rows (model.Shard)."""
+    with p_missing/2, depth only with p_missing/2, both otherwise (never neither)."""
     u = torch.rand(batch_size, generator=generator, device=device)
     present = torch.ones(batch_size, num_inputs, dtype=torch.bool, device=device)
     subsets = 2 ** num_inputs - 2                 # what a sample may miss: not nothing, not all
@@ -115,35 +116,29 @@ def sample_present(batch_size: int, num_inputs: int, p_missing: float, generator
     return present
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, world: int = 1,
-                      count: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Cross-entropy over labelled pixels (255 ignored); 0 for a batch with none. Under
-    torchrun (`world` processes): over the global batch's labelled pixels (runtime.global_mean).
-    `count`: the global batch's labelled pixels when these rows are a micro-batch
-    (--accum_steps), counted before its first forward."""
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy over labelled pixels (255 ignored), 0 for a batch with none. `count`: the
+    labelled pixels of the batch the mean is over, when these rows are a part of it (default:
+    those of `target`)."""
     ce = F.cross_entropy(logits.float(), target, ignore_index=M.IGNORE_INDEX, reduction="sum")
-    if count is not None:
-        return ce * (world / count.clamp_min(1))
-    count = (target != M.IGNORE_INDEX).sum()
-    if world > 1:
-        return global_mean(ce, count)
+    count = (target != M.IGNORE_INDEX).sum() if count is None else count
     return ce / count.clamp_min(1)      # no branch on the data: torch.compile traces one graph
 
 
-def forward_loss(model, inputs: dict, present: torch.Tensor, target: torch.Tensor,
-                 runtime: TrainingRuntime, count: Optional[torch.Tensor] = None) -> torch.Tensor:
+def forward_loss(model, inputs: dict, present: torch.Tensor, target: torch.Tensor, count: torch.Tensor,
+                 runtime: Runtime) -> torch.Tensor:
     """The network and its loss on a batch (what --compile compiles)."""
     with runtime.autocast():
         logits = model(inputs, present)
-    return segmentation_loss(logits, target, runtime.world, count)
+    return segmentation_loss(logits, target, count)
 
 
-def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, runtime: TrainingRuntime) -> dict:
+def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, runtime: Runtime) -> dict:
     """One fine-tuning step on a batch (this process's rows of it under torchrun): which
-    modalities each sample shows, forward, cross-entropy, backward, optimiser step (the
-    runtime's: autocast, loss scaling, clipping; with --accum_steps over micro-batches,
-    the labelled pixels counted over the whole batch first). `model` is the Segmenter, or
-    it wrapped in DDP."""
+    modalities each sample shows (drawn for the global batch), forward, cross-entropy over
+    the global batch's labelled pixels, backward, one optimiser step (util/runtime.py:
+    micro-batches, autocast, loss scaling, clipping). `model` is the Segmenter, or it
+    wrapped in DDP."""
     net = runtime.network(model)
     inputs = modalities.prepare_inputs(batch, net.inputs)
     target = batch["semseg"]
@@ -151,18 +146,17 @@ def train_step(model, optimizer, batch: dict, cfg: FinetuneConfig, generator, ru
     p_missing = cfg.p_missing if cfg.inputs == "any" else 0.0     # a dedicated model sees all its inputs
     present = runtime.rows(sample_present(first.shape[0] * runtime.world, len(net.inputs), p_missing,
                                           generator, first.device))
-    count = None
-    if runtime.micro_steps > 1:
-        count = runtime.all_sum((target != M.IGNORE_INDEX).sum())
+    count = runtime.all_sum((target != M.IGNORE_INDEX).sum())
 
-    def forward(rows):
+    def forward(model, rows):
         with record_function("forward"):
-            loss = runtime.compiled(forward_loss)(model, {k: v[rows] for k, v in inputs.items()}, present[rows],
-                                                  target[rows], runtime, count)
-        return loss, None
+            loss = runtime.compiled(forward_loss)(model, rows["inputs"], rows["present"], rows["target"], count,
+                                                  runtime)
+        return loss, float(loss.detach())
 
-    outs = runtime.accumulate(model, optimizer, forward, first.shape[0])
-    return {"loss": sum(float(loss.detach()) for loss, _ in outs)}
+    outs = runtime.learn(model, optimizer, forward, first.shape[0],
+                         {"inputs": inputs, "present": present, "target": target})
+    return {"loss": sum(outs)}
 
 
 def load_pretrained(path: str) -> dict:
@@ -233,7 +227,7 @@ def main(argv=None):
         print("no pre-training (--pretrained none): the baseline, encoder randomly initialised")
     net.to(device)
     scaler = grad_scaler(dtype, device)
-    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, accum_steps=cfg.accum_steps, compile=cfg.compile)
+    runtime = Runtime(device, dtype, scaler, cfg.clip_grad, accum_steps=cfg.accum_steps, compile=cfg.compile)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.layer_decay), lr=cfg.lr,
                                   **runtime.optimizer_options())
     check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)

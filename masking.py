@@ -16,8 +16,8 @@ Stages 1 and 2 are B×K work (batch × modalities) and stay in readable Python.
 Stage 3 touches every token; it has a pure-PyTorch reference here
 (`mask_gather_reference`, the MAE argsort + gather recipe) and a fused C++/CUDA op from
 `csrc/` that computes exactly the same thing in one pass. `mask_gather` uses the op
-when the extension is built (ops.py loads it), the reference otherwise (set
-MASKMENTOR_REFERENCE=1 to force the reference); `ops.backend()` says which.
+when the extension is built (setup.py builds it; util/ops.py registers what torch.compile
+needs and says which implementation runs), the reference otherwise.
 
 Nothing here knows about images or networks: the inputs are a batch size, the number of
 modalities K, the tokens per modality N, and a `torch.Generator`, so every draw is
@@ -31,7 +31,13 @@ from typing import Optional
 
 import torch
 
-import ops
+try:      # the fused op of csrc/, built by setup.py; importing it registers torch.ops.maskmentor
+    import maskmentor_C
+except ImportError:
+    maskmentor_C = None
+# Whether mask_gather may use the fused op (where it has a kernel for the device); util/ops.py
+# switches it off for MASKMENTOR_REFERENCE=1 and for studies/bench.py's side-by-side timings.
+FUSED = maskmentor_C is not None
 
 # -----------------------------------------------------------------------------
 # Stage 1 — Algorithm 1: which modalities survive
@@ -279,16 +285,22 @@ def mask_gather_reference(x: torch.Tensor, noise: torch.Tensor, num_visible: tor
     return visible, ids_keep, mask
 
 
+def fused_kernel(device: torch.device) -> bool:
+    """Whether the fused op will run on this device: built, allowed (FUSED), and with a
+    kernel there (CPU always; CUDA when it was built with nvcc)."""
+    return FUSED and (device.type == "cpu" or (device.type == "cuda" and maskmentor_C.cuda))
+
+
 def mask_gather(x: torch.Tensor, noise: torch.Tensor, num_visible: torch.Tensor,
                 budget: Optional[int] = None):
-    """Stage 3 — the fused op of csrc/ (loaded by ops.py) when it has a kernel for x's
-    device, else the reference. Same results either way, bit for bit (tests/test_op.py).
+    """Stage 3 — the fused op of csrc/ when it has a kernel for x's device, else the
+    reference. Same results either way, bit for bit (tests/test_op.py).
 
     `budget`, when given, is V, the visible tokens per sample (every row of num_visible
     sums to it). The op's output length is read from the data, so torch.compile first
     sees it as an unknown size; stating that it equals the budget lets the whole network
     after the gather be compiled with fixed shapes (and checks it, compiled or not)."""
-    if ops.available(x.device):
+    if fused_kernel(x.device):
         visible, ids_keep, mask = torch.ops.maskmentor.mask_gather(x, noise, num_visible)
     else:
         visible, ids_keep, mask = mask_gather_reference(x, noise, num_visible)
@@ -332,7 +344,7 @@ def plan_masking(batch_size: int, num_modalities: int, num_tokens: int, cfg: Mas
 
     drop_modalities=False is the teacher / plain MIM (complete modalities, patch masking
     only); True is the student / M²IM (Algorithm 1 first). `keep` (Bool[B, K]) fixes the
-    outcome of stage 1 instead, e.g. "rgb only" for a picture (vis.py).
+    outcome of stage 1 instead, e.g. "rgb only" for a picture (util/vis.py).
     """
     B, K, N = batch_size, num_modalities, num_tokens
     if keep is not None:
@@ -353,6 +365,16 @@ def plan_masking(batch_size: int, num_modalities: int, num_tokens: int, cfg: Mas
     noise = torch.rand(B, K * N, generator=generator, device=device)
     return MaskPlan(keep, num_visible, noise, budget=int(num_visible[0].sum()) if B else 0,
                     padded=has_padding(keep, num_visible))
+
+
+def all_visible(batch_size: int, num_modalities: int, num_tokens: int, device=None) -> MaskPlan:
+    """No masking at all: every modality kept, every patch visible (a teacher's view of the
+    complete input, some --token_target levels). Nothing is drawn."""
+    B, K, N = batch_size, num_modalities, num_tokens
+    return MaskPlan(torch.ones(B, K, dtype=torch.bool, device=device),
+                    torch.full((B, K), N, dtype=torch.long, device=device),
+                    torch.arange(K * N, dtype=torch.float32, device=device).expand(B, K * N),
+                    budget=K * N, padded=False)
 
 
 def has_padding(keep: torch.Tensor, num_visible: torch.Tensor) -> bool:
@@ -388,11 +410,26 @@ def apply_masking(tokens: torch.Tensor, plan: MaskPlan) -> Masked:
         1, ids_shuffle, torch.arange(L, device=tokens.device).expand(B, L))
     pad = None
     mask = hidden
-    dropped = ~plan.keep
-    padded = has_padding(plan.keep, plan.num_visible) if plan.padded is None else plan.padded
-    if padded:
+    if _padded(plan):
         # "mae" scheme: dropped modalities still occupy slots; mark them so the encoder
         # ignores them and the loss reconstructs all of their patches.
-        pad = dropped.gather(1, ids_keep // N)
-        mask = hidden | dropped.repeat_interleave(N, dim=1)
+        pad = (~plan.keep).gather(1, ids_keep // N)
+        mask = _with_dropped(hidden, plan.keep)
     return Masked(visible, ids_keep, ids_restore, mask, pad)
+
+
+def hidden_mask(plan: MaskPlan) -> torch.Tensor:
+    """Masked.mask of the forward that `plan` will make (True = hidden: a reconstruction
+    target), from the plan alone, before any token exists: the reference gather on tokens
+    of width 0 (no data moved), and the "mae" scheme's dropped modalities."""
+    hidden = mask_gather_reference(plan.noise.new_zeros(*plan.noise.shape, 0), plan.noise, plan.num_visible)[2]
+    return _with_dropped(hidden, plan.keep) if _padded(plan) else hidden
+
+
+def _padded(plan: MaskPlan) -> bool:
+    return has_padding(plan.keep, plan.num_visible) if plan.padded is None else plan.padded
+
+
+def _with_dropped(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Every token of a dropped modality counts as hidden, visible slot or not."""
+    return hidden | (~keep).repeat_interleave(hidden.shape[1] // keep.shape[1], dim=1)

@@ -19,16 +19,16 @@ One batch goes through it like this (paper §3.3, Figure 2; docs/method.md §2):
 
 `MultiViT` is the part shared by pre-training (`MaskMentor`) and fine-tuning (`Segmenter`);
 parameter names follow MultiMAE (`input_adapters.rgb.proj`, `encoder.0.attn.qkv`,
-`global_tokens`, `output_adapters.depth.decoder.kv`, ...) so its checkpoints map onto ours.
+`global_tokens`, `output_adapters.depth.decoder.kv`, ...) so its checkpoints, and with a
+renaming timm's and MAE's ViT-B, load into ours (util/vit_weights.py maps the keys).
 Which modalities there are, and each one's adapter and head, comes from the table in
 modalities.py (`ModelConfig.modalities` picks rows of it). This file knows nothing of
-teachers, losses or schedules (sttp.py), nor of processes (runtime.py).
+teachers, losses or schedules (sttp.py), nor of how a training step is run (util/).
 """
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -165,28 +165,22 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Shard:
-    """Which rows of the global batch a forward holds: all of them (this class), unless the
-    batch is split over processes (runtime.py's subclass under torchrun). Random draws per
-    sample are made for the whole global batch and each shard keeps its rows, so that P
-    processes draw what one process would (stochastic depth below, the masking in sttp.py)."""
-    world = 1                      # shards in the global batch
+class DropPath(nn.Module):
+    """Stochastic depth (timm's DropPath): in training, the residual branch is dropped for
+    whole samples with probability p and the kept ones are scaled by 1 / (1 - p)."""
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """This shard's rows of a tensor drawn for the global batch."""
-        return x
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
 
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        """One uniform number per sample of the batch x, shaped to broadcast over it."""
+        return torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device)
 
-WHOLE_BATCH = Shard()
-
-
-def drop_path(x, p: float, training: bool, shard: Shard = WHOLE_BATCH):
-    """Stochastic depth: drop a residual branch for whole samples (timm's DropPath), drawn
-    for the global batch (see Shard)."""
-    if p == 0.0 or not training:
-        return x
-    u = shard.rows(torch.rand(x.shape[0] * shard.world, *([1] * (x.dim() - 1)), device=x.device))
-    return x * (u >= p).to(x.dtype) / (1 - p)
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        return x * (self.draw(x) >= self.p).to(x.dtype) / (1 - self.p)
 
 
 class Block(nn.Module):
@@ -198,11 +192,11 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = drop_path
+        self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, key_mask=None, shard: Shard = WHOLE_BATCH):
-        x = x + drop_path(self.attn(self.norm1(x), key_mask), self.drop_path, self.training, shard)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training, shard)
+    def forward(self, x, key_mask=None):
+        x = x + self.drop_path(self.attn(self.norm1(x), key_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +208,7 @@ class _InputAdapter(nn.Module):
 
     By default the fixed sin-cos embedding, computed for the actual grid. Once ViT weights
     bringing their own table are loaded (timm's learned `pos_embed`, MultiMAE's stored
-    `pos_emb`; see "Loading ViT-B weights" below), that table [1, width, h, w] (MultiMAE's
+    `pos_emb`; util/vit_weights.py), that table [1, width, h, w] (MultiMAE's
     layout) is used instead, resized to the actual grid as MultiMAE does (bicubic for
     images, bilinear for semseg). It is a buffer: fixed (MultiMAE keeps pos_emb at
     requires_grad=False), moved by .to(), saved in the state dict; None by default, so a
@@ -306,7 +300,6 @@ class MultiViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.inputs = inputs                 # names of the modalities it takes, in sequence order
-        self.shard = WHOLE_BATCH             # runtime.py sets its own under torchrun
         # --grad_ckpt: keep only each encoder block's input for the backward and recompute
         # its activations there (torch.utils.checkpoint): less memory, one more forward.
         self.grad_ckpt = False
@@ -330,9 +323,9 @@ class MultiViT(nn.Module):
         for block in self.encoder:
             if self.grad_ckpt and self.training and torch.is_grad_enabled():
                 # The RNG state is replayed in the recomputation: stochastic depth drops the same.
-                x = torch.utils.checkpoint.checkpoint(block, x, key_mask, self.shard, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, key_mask, use_reentrant=False)
             else:
-                x = block(x, key_mask, self.shard)
+                x = block(x, key_mask)
         return x
 
     def init_weights(self):
@@ -469,26 +462,6 @@ class ConvNeXtBlock(nn.Module):
         return x + y.permute(0, 3, 1, 2)
 
 
-def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
-    """F.interpolate(x, size, mode="bilinear", align_corners=False) as two matmuls with the
-    1-D interpolation weights (each output row mixes two input rows). Equal to rounding;
-    used under torch.compile, where inductor turns F.interpolate's backward into a
-    scatter-add that took ~9x eager's time on CPU (109 ms of a 230 ms tiny fine-tuning
-    step), while a matmul's backward is two matmuls."""
-    def weights(n_out: int, n_in: int) -> torch.Tensor:
-        # Output pixel i samples the input at (i + 0.5) * n_in / n_out - 0.5 (pixel centres),
-        # clamped at the first pixel; it mixes its two neighbours linearly.
-        src = ((torch.arange(n_out, device=x.device, dtype=torch.float32) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
-        lo = src.floor().clamp_max(n_in - 1)
-        hi = (lo + 1).clamp_max(n_in - 1)
-        frac = (src - lo)[:, None]
-        cols = torch.arange(n_in, device=x.device, dtype=torch.float32)
-        return ((cols == lo[:, None]) * (1 - frac) + (cols == hi[:, None]) * frac).to(x.dtype)
-
-    (H, W), (h, w) = size, x.shape[-2:]
-    return weights(H, h) @ x @ weights(W, w).t()
-
-
 class ConvNeXtAdapter(nn.Module):
     """Each token -> a (patch/4)x(patch/4) block of seg_dim features at 1/4 resolution
     (Linear 768 -> 6144 = 16 x 384 for ViT-B), ConvNeXt blocks, 1x1 conv to classes,
@@ -510,9 +483,10 @@ class ConvNeXtAdapter(nn.Module):
         B, (h, w), r = tokens.shape[0], grid, self.r
         x = self.proj_dec(tokens).view(B, h, w, r, r, self.dim)
         x = x.permute(0, 5, 1, 3, 2, 4).reshape(B, self.dim, h * r, w * r)
-        x = self.final_layer(self.blocks(x))
-        if torch.compiler.is_compiling():
-            return resize_bilinear(x, size)
+        return self.upsample(self.final_layer(self.blocks(x)), size)
+
+    def upsample(self, x: torch.Tensor, size) -> torch.Tensor:
+        """The 1/4-resolution logits -> the image's size, bilinearly (MultiMAE)."""
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
@@ -535,8 +509,8 @@ class Segmenter(MultiViT):
     def forward(self, inputs: dict, present: Optional[torch.Tensor] = None):
         """inputs: modalities.prepare_inputs() of some of self.inputs (rgb and/or depth).
         present: optional Bool[B, len(self.inputs)] choosing per sample which inputs the
-        network may see — all tensors must then be given; absent ones become padding the
-        encoder ignores. Returns logits [B, C, H, W]."""
+        network may see (at least one each) — all tensors must then be given; absent ones
+        become padding the encoder ignores. Returns logits [B, C, H, W]."""
         given = [m for m in self.inputs if m in inputs]
         if not given:
             raise ValueError(f"Segmenter needs one of {', '.join(self.inputs)}")
@@ -551,10 +525,6 @@ class Segmenter(MultiViT):
             pad = None
         else:
             sub = present[:, [self.inputs.index(m) for m in given]]
-            # A check on the values: eager only (a compiled graph cannot branch on data;
-            # fine-tuning's draw never leaves a sample empty).
-            if not torch.compiler.is_compiling() and not sub.any(dim=1).all():
-                raise ValueError("every sample needs at least one present modality")
             weight = sub.to(x.dtype)
             pad = (~sub).repeat_interleave(N, dim=1)
         encoded = self.encode(x, pad)[:, :M * N].reshape(B, M, N, -1)
@@ -568,217 +538,3 @@ def trunk_state_dict(state: dict, inputs: tuple) -> dict:
     heads and the semseg input adapter are discarded (paper §3.2)."""
     keep = ("encoder.", "global_tokens") + tuple(f"input_adapters.{m}." for m in inputs)
     return {k: v for k, v in state.items() if k.startswith(keep)}
-
-
-# -----------------------------------------------------------------------------
-# Loading ViT-B weights (paper §4.1: "We adopt ViT-B as the encoder, while other network
-# parameters are all randomly initialized"). Pure functions: the scripts read the file.
-#
-# Two key layouts are recognised:
-#   MultiMAE (and this project's own checkpoints): our names already, `encoder.N.*`,
-#     `global_tokens`, `input_adapters.<m>.{proj,class_emb,pos_emb}`; `output_adapters.*`
-#     (MIM heads / task heads) are not the encoder and are ignored.
-#   timm / MAE ViT: `blocks.N.*` -> `encoder.N.*` (same sub-names), `patch_embed.proj` ->
-#     the rgb adapter's `proj`, `cls_token` + its position -> the global token, `pos_embed`
-#     -> the position table; as MultiMAE's tools/vit2multimae_converter.py does. The final
-#     `norm`, `fc_norm`, `head` and MAE's decoder (`decoder_*`, `mask_token`) are ignored.
-
-# Checkpoint keys of a timm/MAE ViT that are not loaded, and why.
-_VIT_IGNORED = ((("norm.", "fc_norm."), "final LayerNorm; MultiMAE has none after the blocks"),
-                (("head.", "head_dist.", "dist_token"), "classifier"),
-                (("decoder_", "mask_token"), "MAE's decoder"))
-
-
-@dataclass
-class InitReport:
-    """What encoder_state_from_checkpoint did; `summary()` gives a few printable lines."""
-    source: str                                      # "MultiMAE" or "timm/MAE ViT"
-    loaded: list = field(default_factory=list)       # our keys given checkpoint values
-    missing: list = field(default_factory=list)      # our keys left as they are (random)
-    ignored: dict = field(default_factory=dict)      # checkpoint key -> why it was not used
-    notes: list = field(default_factory=list)
-
-    def summary(self) -> list:
-        lines = [f"{self.source} checkpoint: {len(self.loaded)} tensors loaded ({_key_groups(self.loaded)})"]
-        if self.missing:
-            lines.append(f"not in it, randomly initialised: {_key_groups(self.missing)}")
-        reasons = {}
-        for key, why in self.ignored.items():
-            reasons.setdefault(why, []).append(key)
-        lines += [f"ignored ({why}): {_key_groups(keys)}" for why, keys in reasons.items()]
-        return lines + self.notes
-
-
-def _key_groups(keys, most: int = 8) -> str:
-    """'encoder (144), input_adapters.rgb (3)': key counts per module, not 200 lines."""
-    counts = {}
-    for k in keys:
-        parts = k.split(".")
-        group = ".".join(parts[:2]) if parts[0].endswith("_adapters") and len(parts) > 2 else parts[0]
-        counts[group] = counts.get(group, 0) + 1
-    items = [f"{g} ({n})" for g, n in counts.items()]
-    return ", ".join(items[:most]) + (f", ... ({len(items) - most} more)" if len(items) > most else "")
-
-
-def _unwrap(state) -> dict:
-    """The tensors of a state dict, whether bare or wrapped in "model" / "state_dict"
-    (MultiMAE, MAE and our scripts save {"model": ...}), without DDP's "module." prefix."""
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"not a state dict (a {type(state).__name__})")
-    state = {k: v for k, v in state.items() if torch.is_tensor(v)}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def _from_vit(state: dict, report: InitReport):
-    """timm/MAE names -> ours. Returns (tensors under our names, {"*": the table for every adapter})."""
-    if any(k.startswith("norm_pre.") for k in state):   # e.g. CLIP: a norm our encoder lacks
-        raise ValueError("this ViT has a LayerNorm before its blocks (norm_pre, e.g. CLIP); MultiMAE's has none")
-    out, tables = {}, {}
-    for k, v in state.items():
-        if k.startswith("blocks."):
-            out["encoder." + k[len("blocks."):]] = v
-        elif k.startswith("patch_embed.proj."):
-            out["input_adapters.rgb.proj." + k.split(".")[-1]] = v
-        elif k in ("cls_token", "pos_embed"):
-            pass                                         # below: they go together
-        else:
-            report.ignored[k] = next((why for prefixes, why in _VIT_IGNORED if k.startswith(prefixes)),
-                                     "not part of a plain ViT encoder")
-    cls, pos = state.get("cls_token"), state.get("pos_embed")
-    cls_pos = None
-    if pos is not None:
-        n = pos.shape[1] if pos.dim() == 3 else 0
-        # timm: the cls token's entry comes first, then the h*w patch positions
-        has_cls = cls is not None and n > 1 and math.isqrt(n - 1) ** 2 == n - 1
-        side = math.isqrt(n - 1 if has_cls else n)
-        if n < 1 or side * side != (n - 1 if has_cls else n):
-            raise ValueError(f"pos_embed {tuple(pos.shape)} is not a square grid of patch positions (+ cls)")
-        if has_cls:
-            cls_pos, pos = pos[:, :1], pos[:, 1:]
-        # [1, h*w, D] row-major -> MultiMAE's [1, D, h, w]
-        tables["*"] = pos.transpose(1, 2).reshape(1, pos.shape[2], side, side)
-    if cls is not None:
-        # timm adds pos_embed[:, 0] to the cls token; our global token carries no position,
-        # so the sum is the equivalent token (MultiMAE's converter does the same). Attention
-        # is permutation-equivariant: that it sits last here and first in timm is harmless.
-        out["global_tokens"] = cls + cls_pos if cls_pos is not None else cls
-    return out, tables
-
-
-def _from_multimae(state: dict, report: InitReport, decoders: bool):
-    """MultiMAE names are ours: split off the position tables, and keep the output adapters
-    (MultiMAE's pre-training decoders: ours key for key, but for the fixed sin-cos pos_emb
-    they store and we compute) when `decoders`, i.e. when loading into a pre-training
-    network; a fine-tuning network has none."""
-    out, tables = {}, {}
-    for k, v in state.items():
-        parts = k.split(".")
-        if k.startswith("input_adapters.") and parts[-1] == "pos_emb":
-            tables[parts[1]] = v
-        elif k.startswith(("encoder.", "global_tokens", "input_adapters.")):
-            out[k] = v
-        elif k.startswith("output_adapters.") and decoders:
-            if parts[-1] == "pos_emb":
-                report.ignored[k] = "the decoders' fixed sin-cos positions: computed here"
-            else:
-                out[k] = v
-        else:
-            report.ignored[k] = "output adapters / heads: not the encoder" \
-                if k.startswith("output_adapters.") else "not part of the encoder"
-    return out, tables
-
-
-def encoder_state_from_checkpoint(state: dict, model: "MultiViT"):
-    """A MultiMAE / MAE / timm ViT checkpoint (state dict, possibly wrapped) -> (a state
-    dict of `model`'s encoder keys for `model.load_state_dict(..., strict=False)`, an
-    InitReport). Raises ValueError (one line) when the checkpoint's ViT does not fit."""
-    state = _unwrap(state)
-    cfg, own = model.cfg, model.state_dict()
-    if any(k.startswith(("blocks.", "patch_embed.")) for k in state):
-        report = InitReport("timm/MAE ViT")
-        src, tables = _from_vit(state, report)
-    elif any(k.startswith(("encoder.", "input_adapters.", "global_tokens")) for k in state):
-        report = InitReport("MultiMAE")
-        src, tables = _from_multimae(state, report, decoders=isinstance(model, MaskMentor))
-    else:
-        raise ValueError("no ViT encoder in it (neither MultiMAE's encoder.N.* nor timm/MAE's blocks.N.* keys)")
-
-    # The architecture first, so that a ViT-L or a /14 model gets one plain sentence.
-    odd = [k for k in src if k.startswith("encoder.") and not re.match(r"encoder\.\d+\.", k)]
-    if odd:
-        raise ValueError(f"{odd[0]}: not a block of MultiMAE's encoder (expected encoder.N.*, N the block "
-                         f"number; {len(odd)} such keys)")
-    blocks = {int(k.split(".")[1]) for k in src if k.startswith("encoder.")}
-    width = next((v.shape[0] for k, v in src.items() if k.endswith("norm1.weight")), None)
-    proj = src.get("input_adapters.rgb.proj.weight", src.get("input_adapters.depth.proj.weight"))
-    patch = None if proj is None else tuple(proj.shape[-2:])
-    if (len(blocks), width) != (cfg.depth, cfg.width) or patch not in (None, (cfg.patch_size,) * 2):
-        raise ValueError(f"the checkpoint's ViT ({len(blocks)} blocks, width {width}, patch "
-                         f"{'?' if patch is None else patch[0]}) does not fit this encoder ({cfg.depth} "
-                         f"blocks, width {cfg.width}, patch {cfg.patch_size}); ViT-B/16 is 12 x 768, patch 16")
-
-    mapped = {}
-    for k, v in src.items():
-        if k not in own:
-            if k.startswith("encoder."):     # e.g. layer scale (ls1.gamma): not MultiMAE's block
-                raise ValueError(f"{k}: the checkpoint's blocks have parameters MultiMAE's ViT blocks lack")
-            report.ignored[k] = "no such input in this model" if k.startswith("input_adapters.") \
-                else "not part of this encoder"
-        elif v.shape == own[k].shape:
-            mapped[k] = v
-        elif k.endswith("class_emb.weight") and v.shape[0] + 1 == own[k].shape[0]:
-            # The same classes without our extra 'ignore' row: MultiMAE's fine-tuning pads it with zeros.
-            mapped[k] = F.pad(v, (0, 0, 0, 1))
-        elif k.endswith("class_emb.weight"):
-            # Another label set (MultiMAE: COCO's 133 classes): its embeddings mean nothing here.
-            report.ignored[k] = f"semseg class embedding of {v.shape[0]} rows, this model has {own[k].shape[0]}"
-        elif k.startswith("output_adapters.") and k.endswith(("out_proj.weight", "out_proj.bias")):
-            # The semseg decoder's last layer predicts the checkpoint's classes (COCO's 133).
-            report.ignored[k] = f"decoder output for {v.shape[0]} values per patch, this model has {own[k].shape[0]}"
-        else:
-            raise ValueError(f"{k}: shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
-
-    # Position tables: each adapter takes its own (MultiMAE stores one per adapter, all
-    # the same sin-cos values), else the shared one (timm's pos_embed, or rgb's). Every
-    # modality then has the positions the pre-trained encoder knows. (MultiMAE's converter
-    # gives timm's table to rgb only; sharing it is this project's choice.)
-    shared = tables.get("*", tables.get("rgb", next(iter(tables.values()), None)))
-    for m, adapter in model.input_adapters.items():
-        table = tables.get(m, shared)
-        if table is None:
-            continue
-        if table.dim() != 4 or table.shape[:2] != (1, cfg.width):
-            raise ValueError(f"position table {tuple(table.shape)}: expected [1, {cfg.width}, h, w]")
-        mapped[f"input_adapters.{m}.pos_emb"] = table
-    for m in tables:
-        if m != "*" and m not in model.input_adapters:
-            report.ignored[f"input_adapters.{m}.pos_emb"] = "no such input in this model"
-    if shared is not None:
-        h, w = cfg.grid(cfg.image_size, cfg.image_size)
-        resized = "" if shared.shape[-2:] == (h, w) else f", resized to {h}x{w} at {cfg.image_size}px"
-        report.notes.append(f"position table {shared.shape[2]}x{shared.shape[3]} from the checkpoint replaces "
-                            f"the sin-cos one for {', '.join(model.input_adapters)}{resized}")
-
-    # Strict about the encoder: a checkpoint that lacks a block tensor or the global token
-    # would leave part of the pre-trained encoder random without anyone noticing. (Input
-    # adapters may be missing: an rgb ViT has none for depth.)
-    lacking = [k for k in own if k.startswith(("encoder.", "global_tokens")) and k not in mapped]
-    if lacking:
-        raise ValueError(f"the checkpoint lacks {len(lacking)} encoder tensor(s), e.g. {lacking[0]}: "
-                         f"a truncated or partial checkpoint")
-    report.loaded = list(mapped)
-    report.missing = [k for k in own if k not in mapped]
-    return mapped, report
-
-
-def load_encoder_weights(model: "MultiViT", state: dict) -> InitReport:
-    """encoder_state_from_checkpoint, then load it into `model` (in place)."""
-    mapped, report = encoder_state_from_checkpoint(state, model)
-    result = model.load_state_dict(mapped, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys   # the mapping names only our keys
-    return report

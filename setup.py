@@ -1,4 +1,5 @@
-"""setup.py — installs MaskMentor's flat modules and builds the fused masking op (csrc/).
+"""setup.py — installs MaskMentor (the method and the three scripts at the top level; util/,
+studies/ and tools/ as packages) and builds the fused masking op (csrc/).
 
     pip install -r requirements.txt
     pip install --no-build-isolation -e .
@@ -122,8 +123,10 @@ def extension():
                          extra_link_args=link)
 
 
-# The project is flat: one module per top-level file, every one of them installed.
+# The method and the scripts: one module per top-level file, every one of them installed;
+# util/ (what every trainer needs), studies/ (what tests the paper's claims), tools/.
 MODULES = sorted(f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f != "setup.py")
+PACKAGES = ["util", "studies", "tools"]
 
 setup(
     name="maskmentor",
@@ -131,6 +134,7 @@ setup(
     description="MaskMentor: RGB-D semantic segmentation pre-training with a MultiMAE-style ViT",
     python_requires=">=3.10",
     py_modules=MODULES,
+    packages=PACKAGES,
     # The runtime part of requirements.txt; keep the two in step. evaluate.py --export_onnx's
     # packages are an extra: pip install -e .[onnx] (requirements.txt installs them).
     install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "safetensors", "h5py", "scipy"],

@@ -1,55 +1,50 @@
-"""sttp.py — the pre-training objectives: one function per row of the paper's tables, and
-the one registry that says what each of them is.
+"""sttp.py — the pre-training objectives of the paper's tables, and the losses they learn from.
+
+§3.4 of the paper, as it states it: "the pre-trained model simultaneously acts as the
+teacher and student under the STTP framework. The teacher is trained with multi-modal MIM,
+where the input data is from complete modalities, and data masking is only performed on
+the patch level. [...] the student is trained in the M²IM style with input data of missing
+modalities which has been masked using the proposed two-stage masking approach. The
+student learns to reconstruct both the masked patch of all modalities as well as the token
+embeddings produced by the teacher. For each input batch during training, we first train
+the teacher network for three iterations and then train the student for one iteration."
+§3.5: "Cosine similarity is adopted to measure the token-level reconstruction loss while
+the pixel-level reconstruction loss follows the implementation of [MultiMAE]."
+
+Each objective below is that sentence as code: a generator that yields its iterations one
+by one. An `Iteration` says which input the network sees (complete modalities with patch
+masking; Algorithm 1 first; or everything visible), which loss it learns from and which
+targets that loss compares with. Whoever runs the objective (train.py hands it to util/)
+draws the masking, runs the network, makes one optimiser step on the loss, and sends back
+what the forward produced (a `Pass`): the teacher's output tokens become the student's
+targets, detached, so no gradient reaches the teacher through them.
 
     mim    complete modalities, patch masking, pixel loss             (MultiMAE; "+ MIM")
     m2im   Algorithm 1 first, then patch masking, pixel loss          ("+ M²IM", §3.3)
-    sttp   per batch: 3 teacher iterations on complete modalities
-           (= mim), then 1 student iteration on Algorithm 1 input with
-           pixel loss + token loss to the teacher's detached tokens   ("+ M²IM + STTP", §3.4)
-    token  as sttp, but the student has the token loss only          (Table 4, "Token-level MIM")
+    sttp   3 teacher iterations (= mim), then 1 student iteration on
+           Algorithm 1 input: pixel loss + token loss to the teacher  ("+ M²IM + STTP", §3.4)
+    token  as sttp, the student with the token loss only              (Table 4, "Token-level MIM")
     kd     a separately pre-trained, frozen teacher gives the tokens;
-           the student trains with pixel + token loss                 (Table 4, "KD + M²IM")
+           the student learns pixel + token loss, one iteration       (Table 4, "KD + M²IM")
 
-Each function takes one batch, does its optimiser step(s) on the shared network and
-returns the numbers to log. The teacher and the student are the *same* network with
-shared parameters (self-teaching): "teacher" and "student" are only two ways of masking
-its input. The pixel loss is MultiMAE's (docs/method.md §2), one per row of the modality
-table; the token loss is 1 - cosine similarity between the student's and the teacher's
-output token embeddings (the output of the cross-attention module, at every patch
-position of every modality; docs/method.md §4, decisions D4-D6).
-
-`OBJECTIVES` holds each objective with the facts the rest of the project reads instead of
-writing them again (`Objective`): how many optimiser steps it makes per batch (the equal
-budgets of reproduce.py and report.py, the lr schedule of train.py --lr_schedule steps),
-which of them see Algorithm 1 input (it then needs two modalities), whether it has a token loss (the
---token_* flags), whether it needs a separately pre-trained teacher (--teacher) and whether
-a step may leave parameters without gradient (DDP's find_unused_parameters). Adding an
-objective is one function here and one entry there.
-
-Read top to bottom: the configuration, the objectives as the paper describes them, the
-registry, then the mechanics they share (one training iteration, the student and its
-targets, the losses), the token study's alternative readings of the target (one marked
-section, kept because they reproduce results/token_study/), and last the plain `Runtime`.
-
-Nothing here reads files, knows about epochs or about processes. How a step runs — its
-backward and optimiser step, mixed precision, and which rows of the global batch this
-call holds when torchrun splits it over processes — is the `Runtime` in the config: the
-plain one-process float32 one at the end of this file, or runtime.py's, which the
-scripts pass in.
+The teacher and the student are the same network (self-teaching): "teacher" and "student"
+are only two ways of masking its input. Read top to bottom: the configuration, the
+objectives, what an iteration is, the registry (what each objective is, declared once), the
+losses (§3.5), and last, in one marked section, the token study's readings of what the
+paper leaves open about the token target (docs/method.md D4-D6).
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 
 import masking
-from model import MaskMentor, Shard, image_size
-from modalities import IGNORE_INDEX, MODALITIES, prepare_inputs
+from model import image_size
+from modalities import IGNORE_INDEX, MODALITIES
 
 
 @dataclass
@@ -59,14 +54,12 @@ class ObjectiveConfig:
     masking: masking.MaskingConfig = field(default_factory=masking.MaskingConfig)
     teacher_iters: int = 3        # teacher iterations per batch before the student's (§3.4)
     token_weight: float = 1.0     # the paper gives no weight: 1, like the pixel losses (D6)
-    # The three choices the paper leaves open about the token target (decisions D4-D6; the
-    # levels are in the token study's section below). Chosen on validation data
-    # (results/token_study/: every level within one σ of every other): the first reading
-    # (FIRST_READING) with the teacher's per-channel standardisation.
+    # What the paper leaves open about the token target (D4-D6; the levels are in the last
+    # section). Chosen on validation data (results/token_study/: every level within one σ of
+    # every other): the first reading with the teacher's per-channel standardisation.
     token_target: str = "last_teacher_step"   # TOKEN_TARGETS (D4)
     token_positions: str = "all"              # TOKEN_POSITIONS (D5)
     token_norm: str = "standardize"           # TOKEN_NORMS (D6)
-    runtime: "Runtime" = field(default_factory=lambda: Runtime())
 
     def __post_init__(self):
         for name, levels in (("token_target", TOKEN_TARGETS), ("token_positions", TOKEN_POSITIONS),
@@ -79,63 +72,139 @@ class ObjectiveConfig:
 # The objectives
 
 
-def mim(model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=None) -> dict:
-    """Plain multi-modal MIM (MultiMAE): complete modalities, one step."""
-    return _pixel_objective(model, optimizer, batch, cfg, generator, drop_modalities=False)
+def mim(cfg: ObjectiveConfig, generator=None):
+    """Plain multi-modal MIM (MultiMAE): complete modalities, patch masking, one iteration."""
+    p = yield Iteration(loss=pixel_loss)
+    return p.logs
 
 
-def m2im(model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=None) -> dict:
-    """M²IM (§3.3): Algorithm 1 drops modalities, then patch masking; one step."""
-    return _pixel_objective(model, optimizer, batch, cfg, generator, drop_modalities=True)
+def m2im(cfg: ObjectiveConfig, generator=None):
+    """M²IM (§3.3): Algorithm 1 drops modalities, then patch masking; one iteration."""
+    p = yield Iteration(drop_modalities=True, loss=pixel_loss)
+    return _on_missing_input(p.logs)
 
 
-def sttp(model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=None) -> dict:
-    """STTP (§3.4): 3 teacher iterations, then 1 student iteration (pixel + token loss)."""
-    return _self_teaching(model, optimizer, batch, cfg, generator, student_pixel_loss=True)
-
-
-def token(model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=None) -> dict:
-    """Table 4's token-level MIM: as sttp, but the student learns from the token loss only."""
-    return _self_teaching(model, optimizer, batch, cfg, generator, student_pixel_loss=False)
-
-
-def kd(model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=None) -> dict:
-    """Table 4's KD + M²IM: a separate, frozen, pre-trained teacher (complete modalities)
-    supplies the token targets; the student trains with pixel + token loss, one step.
-    Under torchrun only the student is wrapped: the teacher has no gradient to synchronise."""
-    if teacher is None:
-        raise ValueError("kd needs a frozen teacher network")
-    net = cfg.runtime.network(model)
-    inputs = prepare_inputs(batch, net.inputs)
-    targets = teacher_targets(teacher, inputs, cfg, generator)
-    return _student_step(model, optimizer, inputs, targets, cfg, generator, pixel_loss=True)
-
-
-def _self_teaching(model, optimizer, batch, cfg, generator, student_pixel_loss: bool) -> dict:
-    """Teacher and student are one network (under torchrun one DDP-wrapped network). Each of
-    the teacher_iters + 1 iterations is an ordinary training iteration: a forward, a
-    backward, its own optimiser step; no gradient carries over from one to the next. The
-    student's token targets (teacher_targets) are detached: no gradient flows into them
-    (each process holds the targets of its own rows). Under gradient accumulation every
-    iteration accumulates over the same micro-batches, and the targets of the whole batch
-    exist before the student's first micro-batch."""
-    net = cfg.runtime.network(model)
-    inputs = prepare_inputs(batch, net.inputs)
+def sttp(cfg: ObjectiveConfig, generator=None, student_pixel_loss: bool = True):
+    """STTP (§3.4): teacher_iters (3) teacher iterations on complete modalities, then one
+    student iteration on Algorithm 1 input with pixel and token loss."""
     logs = {}
-    # Teacher role (§3.4): complete modalities, patch masking only, pixel loss; 3 steps.
     for _ in range(cfg.teacher_iters):
-        plan = draw_plan(net, inputs, cfg, False, generator)
-        numbers, passes = iteration(model, optimizer, inputs, plan, cfg, _pixel_loss)
-        numbers = {"teacher_loss": numbers.pop("loss"), **numbers}
+        teacher = yield Iteration(loss=pixel_loss)         # the teacher: MIM on complete modalities
+        numbers = {"teacher_loss": teacher.logs["loss"], **_terms(teacher.logs)}
         for k, v in numbers.items():
             logs[k] = logs.get(k, 0.0) + v / cfg.teacher_iters
-    # The targets are the last teacher iteration's output token embeddings: they were
-    # computed on complete modalities for this same batch, and reusing them costs no extra
-    # forward pass (the paper stresses STTP's cost-effectiveness; decision D4).
-    last = {m: torch.cat([p.tokens[m].detach() for p in passes]) for m in net.inputs}
-    targets = teacher_targets(model, inputs, cfg, generator, last)
-    # Student role: the same network on Algorithm 1 input; pixel and/or token loss; 1 step.
-    return {**logs, **_student_step(model, optimizer, inputs, targets, cfg, generator, student_pixel_loss)}
+    if cfg.token_target == "last_teacher_step":
+        # The last teacher iteration's output tokens: computed on complete modalities for this
+        # same batch, at no extra cost (the paper stresses STTP's cost-effectiveness; D4).
+        if not cfg.teacher_iters:
+            raise ValueError("teacher_iters 0 leaves no teacher iteration whose tokens could be the target")
+        tokens = teacher.tokens
+    else:
+        tokens = (yield fresh_target(cfg)).tokens
+    student = yield student_iteration(tokens, cfg, student_pixel_loss)
+    return {**logs, **_student_logs(student.logs)}
+
+
+def token(cfg: ObjectiveConfig, generator=None):
+    """Table 4's token-level MIM: as sttp, but the student learns from the token loss only."""
+    return sttp(cfg, generator, student_pixel_loss=False)
+
+
+def kd(cfg: ObjectiveConfig, generator=None):
+    """Table 4's KD + M²IM: a separate, frozen, pre-trained teacher (complete modalities)
+    supplies the token targets; the student trains with pixel + token loss, one step."""
+    target = yield fresh_target(cfg, teacher=True)
+    student = yield student_iteration(target.tokens, cfg)
+    return _student_logs(student.logs)
+
+
+def student_iteration(tokens: dict, cfg: ObjectiveConfig, pixel: bool = True) -> Iteration:
+    """The student's iteration: Algorithm 1 input; the token loss to `tokens`, detached (no
+    gradient flows into the teacher), plus the pixel loss unless `pixel` is False. The
+    targets are those of the heads that reconstruct a modality (MultiMAE's extra norm_rgb
+    head is left out); their normalisation statistics are the whole batch's."""
+    targets = {m: t.detach() for m, t in tokens.items() if m in MODALITIES}
+    stats = None if cfg.token_norm == "none" else {m: token_stats(t, cfg.token_norm) for m, t in targets.items()}
+    return Iteration(drop_modalities=True, targets=targets,
+                     loss=functools.partial(_student_loss, cfg=cfg, stats=stats, pixel=pixel))
+
+
+def fresh_target(cfg: ObjectiveConfig, teacher: bool = False) -> Iteration:
+    """A forward without gradient whose output tokens are the target (TOKEN_TARGETS other
+    than the default, and kd's separate teacher): complete modalities, with every patch
+    visible ("teacher_complete") or with the usual patch masking."""
+    return Iteration(all_visible=cfg.token_target == "teacher_complete", teacher=teacher)
+
+
+def _student_loss(p: Pass, targets: dict, cfg: ObjectiveConfig, stats, pixel: bool) -> dict:
+    tok = token_loss(p.tokens, targets, list(targets), p.weights["token"], cfg.token_norm, stats)
+    return {**(p.losses if pixel else {}), "token": Mean(tok.total, tok.count, cfg.token_weight)}
+
+
+# Logged names: pixel losses on complete modalities are "rgb", "depth", ...; on Algorithm 1
+# (missing-modality) input they are "m2im_rgb", "m2im_depth", ..., whichever objective ran,
+# so one loss curve spans the MIM warm-up and the later epochs.
+M2IM = "m2im_"
+
+
+def _terms(logs: dict) -> dict:
+    return {k: v for k, v in logs.items() if k != "loss"}
+
+
+def _on_missing_input(logs: dict) -> dict:
+    return {"loss": logs["loss"], **{M2IM + k: v for k, v in _terms(logs).items()}}
+
+
+def _student_logs(logs: dict) -> dict:
+    pixel = {M2IM + k: v for k, v in _terms(logs).items() if k != "token"}
+    return {"loss": logs["loss"], "token": logs["token"], **pixel}
+
+
+# -----------------------------------------------------------------------------
+# An iteration, and what its forward produced
+
+
+@dataclass
+class Iteration:
+    """One iteration of an objective. `loss` given: a training iteration (forward, the loss,
+    backward, one optimiser step); None: a forward without gradient whose outputs the
+    objective uses (a target)."""
+    drop_modalities: bool = False      # Algorithm 1 before the patch masking (M²IM, the student)
+    all_visible: bool = False          # no masking at all: every patch of every modality seen
+    loss: Optional[Callable] = None    # (Pass, targets) -> {name: Mean}; the loss is their sum
+    targets: dict = field(default_factory=dict)   # what `loss` compares with, one row per sample
+    teacher: bool = False              # run kd's frozen, separate teacher, not the network
+
+
+@dataclass
+class Pass:
+    """What one forward of the pre-training network produced: its pixel losses, its output
+    token embeddings per head, what it hid (True = a reconstruction target), which
+    modalities Algorithm 1 kept, and which pixels and token positions the losses take.
+    Sent back to the objective: its numbers (`logs`) and tokens, of the whole batch."""
+    losses: dict                       # {name: Mean}, pixel_losses
+    tokens: dict                       # {head: [B, N, d]}
+    hidden: torch.Tensor               # Bool[B, K*N], masking.Masked.mask
+    keep: torch.Tensor                 # Bool[B, K]
+    weights: dict = field(default_factory=dict)   # loss_weights
+    logs: dict = field(default_factory=dict)      # {"loss": ..., name: ...} as numbers
+
+
+def input_plan(it: Iteration, batch_size: int, num_modalities: int, num_tokens: int, cfg: ObjectiveConfig,
+               generator, device) -> masking.MaskPlan:
+    """What the network sees in iteration `it`: everything, or the patch masking of complete
+    modalities, or Algorithm 1 then the patch masking (masking.plan_masking)."""
+    if it.all_visible:
+        return masking.all_visible(batch_size, num_modalities, num_tokens, device)
+    return masking.plan_masking(batch_size, num_modalities, num_tokens, cfg.masking, it.drop_modalities,
+                                generator, device)
+
+
+def masked_forward(model, inputs: dict, plan: masking.MaskPlan, weights: dict, patch_size: int) -> Pass:
+    """The network on `inputs` masked by `plan`, and its pixel losses on the pixels
+    `weights` says (loss_weights)."""
+    preds, tokens, masked = model(inputs, plan)
+    return Pass(pixel_losses(preds, inputs, weights, patch_size), tokens, masked.mask, plan.keep, weights)
 
 
 # -----------------------------------------------------------------------------
@@ -144,20 +213,20 @@ def _self_teaching(model, optimizer, batch, cfg, generator, student_pixel_loss: 
 
 @dataclass(frozen=True)
 class Objective:
-    """An objective and the facts about it that the scripts read (train.py's checks, the lr
-    schedule and DDP; reproduce.py's and report.py's equal budgets and variants; bench.py;
-    docs/cli.md's table of objectives, kept in step by a test). Calling it runs it."""
-    run: Callable                 # (model, optimizer, batch, cfg, generator, teacher) -> logs
+    """An objective and the facts about it that the scripts read (train.py's checks and lr
+    schedule, studies/reproduce.py's and studies/report.py's equal budgets, studies/bench.py, docs/cli.md's table of
+    objectives, which a test keeps in step). Calling it starts its generator of iterations."""
+    run: Callable                 # (cfg, generator) -> a generator of Iterations, returning its logs
     steps_per_batch: Callable = lambda cfg: 1   # ObjectiveConfig -> optimiser steps per batch
     # ObjectiveConfig -> which of a batch's steps (0-based) see Algorithm 1 input, i.e. miss
     # modalities: the steps M²IM adds to MIM.
     missing_modality_steps: Callable = lambda cfg: ()
     token_loss: bool = False                    # has a token loss: --token_* apply
     teacher: Optional[str] = None               # needs a frozen teacher pre-trained by this objective
-    unused_parameters: bool = False             # a step may leave parameters without gradient (DDP)
+    unused_parameters: bool = False             # a step may leave parameters without gradient
 
-    def __call__(self, model, optimizer, batch, cfg: ObjectiveConfig, generator=None, teacher=None) -> dict:
-        return self.run(model, optimizer, batch, cfg, generator, teacher)
+    def __call__(self, cfg: ObjectiveConfig, generator=None):
+        return self.run(cfg, generator)
 
     @property
     def drops_modalities(self) -> bool:
@@ -182,181 +251,41 @@ OBJECTIVES = {
     "m2im": Objective(m2im, missing_modality_steps=_every_step),
     "sttp": Objective(sttp, _teacher_and_student, _the_student, token_loss=True),
     # The token-only student reaches neither the MIM heads' pixel layers (decoder_transformer,
-    # out_proj) nor the norm_rgb head: under torchrun DDP must expect unused parameters
-    # (tests/test_distributed.py checks both ways).
+    # out_proj) nor the norm_rgb head (tests/test_distributed.py checks that DDP is told).
     "token": Objective(token, _teacher_and_student, _the_student, token_loss=True, unused_parameters=True),
     "kd": Objective(kd, missing_modality_steps=_every_step, token_loss=True, teacher="mim"),
 }
 
 
 # -----------------------------------------------------------------------------
-# One training iteration: masking, forward, loss, optimiser step
+# Losses (§3.5)
 
 
 @dataclass
-class Pass:
-    """One masked forward of the pre-training network: its pixel losses and output token
-    embeddings, what the encoder saw (Masked: mask True = hidden) and which modalities
-    Algorithm 1 kept (Bool[B, K])."""
-    losses: dict
-    tokens: dict
-    masked: masking.Masked
-    keep: torch.Tensor
+class Mean:
+    """A loss term: a mean over the batch, written as a sum and what it is divided by, so
+    that its value is known whatever part of the batch the sum was taken on. value =
+    total / count (0 when count is 0); count None: `total` is the mean itself, every sample
+    weighing the same. `weight` multiplies the term in the loss."""
+    total: torch.Tensor
+    count: Optional[torch.Tensor] = None
+    weight: float = 1.0
+
+    def value(self) -> torch.Tensor:
+        return self.total if self.count is None else self.total / self.count.clamp_min(1)
 
 
-def draw_plan(net, inputs: dict, cfg: ObjectiveConfig, drop_modalities: bool, generator,
-              complete: bool = False) -> masking.MaskPlan:
-    """The masking of one batch (complete modalities, or Algorithm 1 first): drawn for the
-    global batch, this call's rows kept (Shard). complete=True: no masking at all, every
-    patch of every modality visible (no draw)."""
-    rt = cfg.runtime
-    any_input = inputs[net.inputs[0]]
-    B, device = any_input.shape[0], any_input.device
-    K, N = len(net.inputs), net.num_tokens(*image_size(inputs))
-    if complete:
-        return masking.MaskPlan(torch.ones(B, K, dtype=torch.bool, device=device),
-                                torch.full((B, K), N, dtype=torch.long, device=device),
-                                torch.arange(K * N, dtype=torch.float32, device=device).expand(B, K * N),
-                                budget=K * N, padded=False)
-    plan = masking.plan_masking(B * rt.world, K, N, cfg.masking, drop_modalities, generator, device)
-    return _rows(plan, rt.rows)
+@dataclass
+class Weights:
+    """Which pixels (or token positions) of each sample a loss takes (`map`, float, one row
+    per sample; None: all of them) and how many samples or positions its mean is over."""
+    map: Optional[torch.Tensor]
+    count: Optional[torch.Tensor]
 
 
-def _rows(plan: masking.MaskPlan, take) -> masking.MaskPlan:
-    """The plan of some rows of the batch (`take` picks them from a tensor); its budget and
-    padding, which compiled code reads instead of the data, are the whole plan's."""
-    return masking.MaskPlan(take(plan.keep), take(plan.num_visible), take(plan.noise), plan.budget, plan.padded)
-
-
-def _run(model, inputs: dict, plan: masking.MaskPlan, cfg: ObjectiveConfig, counts=None) -> Pass:
-    """Run the network on `inputs` masked by `plan` and score the pixels. `model` is a
-    MaskMentor, or whatever the runtime wraps it in (DDP syncs gradients in backward)."""
-    rt = cfg.runtime
-    with record_function("forward"):
-        losses, tokens, masked = rt.compiled(_masked_pass)(model, inputs, plan, rt, counts)
-        return Pass(losses, tokens, masked, plan.keep)
-
-
-def _masked_pass(model, inputs: dict, plan: masking.MaskPlan, rt: "Runtime", counts=None):
-    """The network on a masking plan, and its pixel losses (what --compile compiles; the
-    plan's random draws stay outside, as inputs)."""
-    with rt.autocast():
-        preds, tokens, masked = model(inputs, plan)
-    return pixel_losses(preds, inputs, masked.mask, rt.network(model), rt, counts), tokens, masked
-
-
-def _forward(model, inputs: dict, cfg: ObjectiveConfig, drop_modalities: bool, generator,
-             complete: bool = False) -> Pass:
-    """Mask (draw_plan), run, and score the pixels: one forward of the whole batch."""
-    plan = draw_plan(cfg.runtime.network(model), inputs, cfg, drop_modalities, generator, complete)
-    return _run(model, inputs, plan, cfg)
-
-
-def _hidden(plan: masking.MaskPlan) -> torch.Tensor:
-    """Masked.mask of the forward that `plan` will make (True = hidden), without the
-    forward: the reference gather on zero-width tokens (no data moved)."""
-    empty = plan.noise.new_zeros(*plan.noise.shape, 0)
-    return masking.mask_gather_reference(empty, plan.noise, plan.num_visible)[2]
-
-
-def iteration(model, optimizer, inputs: dict, plan: masking.MaskPlan, cfg: ObjectiveConfig, loss_of) -> tuple:
-    """One training iteration on the batch masked by `plan`: forward, loss_of(pass, rows) ->
-    (loss, {name: tensor to log}), backward, optimiser step. When the runtime accumulates
-    gradients over micro-batches, each micro-batch is a slice `rows` of the batch, and the
-    pixel losses' denominators are counted over the whole batch first, so that the micro-
-    batches' gradients add up to the batch's. Returns (summed logs, the passes)."""
-    rt = cfg.runtime
-    net = rt.network(model)
-    counts = None
-    if rt.micro_steps > 1:
-        counts = pixel_loss_counts(inputs, plan, net, rt)
-
-    def forward(rows):
-        part = _rows(plan, lambda x: x[rows])
-        p = _run(model, {k: v[rows] for k, v in inputs.items()}, part, cfg, counts)
-        loss, terms = loss_of(p, rows)
-        return loss, (p, _numbers({"loss": loss, **terms}))
-
-    outs = rt.accumulate(model, optimizer, forward, plan.keep.shape[0])
-    logs = {}
-    for _, (_, numbers) in outs:
-        for k, v in numbers.items():
-            logs[k] = logs.get(k, 0.0) + v
-    return logs, [p for _, (p, _) in outs]
-
-
-def _numbers(losses: dict, prefix: str = "") -> dict:
-    return {prefix + k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
-
-
-# Logged names: pixel losses on complete modalities are "rgb", "depth", ...; on Algorithm 1
-# (missing-modality) input they are "m2im_rgb", "m2im_depth", ..., whichever objective ran,
-# so one loss curve spans the MIM warm-up and the later epochs.
-M2IM = "m2im_"
-
-
-def _pixel_loss(p: Pass, rows) -> tuple:
-    return sum(p.losses.values()), p.losses
-
-
-def _pixel_objective(model, optimizer, batch, cfg, generator, drop_modalities: bool) -> dict:
-    net = cfg.runtime.network(model)
-    inputs = prepare_inputs(batch, net.inputs)
-    plan = draw_plan(net, inputs, cfg, drop_modalities, generator)
-    logs, _ = iteration(model, optimizer, inputs, plan, cfg, _pixel_loss)
-    prefix = M2IM if drop_modalities else ""
-    return {"loss": logs.pop("loss"), **{prefix + k: v for k, v in logs.items()}}
-
-
-# -----------------------------------------------------------------------------
-# The student and its teacher's tokens
-
-
-@torch.no_grad()
-def teacher_targets(teacher, inputs: dict, cfg: ObjectiveConfig, generator, last: Optional[dict] = None) -> dict:
-    """The token targets, by cfg.token_target (TOKEN_TARGETS), detached. `teacher` is the
-    network in its teacher role (STTP: the same network, after its teacher steps; kd: the
-    frozen separate teacher); `last` is the tokens of the last teacher training forward, if
-    there was one. The fresh forwards run on the bare network (no DDP: nothing to
-    synchronise), on the whole batch (without gradients, even under accumulation)."""
-    if cfg.token_target == "last_teacher_step" and last is not None:
-        tokens = last
-    else:     # kd has no teacher steps: "last_teacher_step" is a fresh masked forward there
-        tokens = _fresh_teacher_tokens(teacher, inputs, cfg, generator)
-    return {m: t.detach() for m, t in tokens.items()}
-
-
-def _student_token_loss(student: Pass, targets: dict, names, cfg: ObjectiveConfig, stats=None,
-                        count=None) -> torch.Tensor:
-    weight = token_weight(cfg.token_positions, student.keep, student.masked.mask)
-    return token_loss(student.tokens, targets, names, weight, cfg.token_norm, cfg.runtime, stats, count)
-
-
-def _student_step(model, optimizer, inputs: dict, targets: dict, cfg: ObjectiveConfig, generator,
-                  pixel_loss: bool) -> dict:
-    """The student's iteration: Algorithm 1 input, token loss to the detached `targets`
-    (and the pixel loss); one optimiser step. Over micro-batches, the token loss's
-    normalisation statistics and position count are those of the whole batch."""
-    rt = cfg.runtime
-    net = rt.network(model)
-    plan = draw_plan(net, inputs, cfg, True, generator)
-    stats = count = None
-    if rt.micro_steps > 1:
-        if cfg.token_norm != "none":
-            stats = {m: token_stats(targets[m], cfg.token_norm, rt) for m in net.inputs}
-        weight = token_weight(cfg.token_positions, plan.keep, _hidden(plan))
-        count = None if weight is None else rt.all_sum(weight.sum())
-
-    def loss_of(student, rows):
-        tok = _student_token_loss(student, {m: t[rows] for m, t in targets.items()}, net.inputs, cfg, stats, count)
-        loss = cfg.token_weight * tok + (sum(student.losses.values()) if pixel_loss else 0.0)
-        return loss, {"token": tok, **{M2IM + k: v for k, v in student.losses.items()}}
-
-    return iteration(model, optimizer, inputs, plan, cfg, loss_of)[0]
-
-
-# -----------------------------------------------------------------------------
-# Losses (§3.5)
+def pixel_loss(p: Pass, targets: dict) -> dict:
+    """The loss of MIM, M²IM and the teacher: the pixel losses, summed."""
+    return p.losses
 
 
 def _pixel_weight(patch_mask: torch.Tensor, grid, pixels_per_patch: int) -> torch.Tensor:
@@ -366,16 +295,36 @@ def _pixel_weight(patch_mask: torch.Tensor, grid, pixels_per_patch: int) -> torc
     return m.reshape(B, h * P, w * P).float()
 
 
-def _masked_mean(per_pixel: torch.Tensor, weight: torch.Tensor, runtime: "Runtime", count=None) -> torch.Tensor:
+def loss_weights(net, inputs: dict, hidden: torch.Tensor, keep: torch.Tensor, token_positions: str) -> dict:
+    """Which pixels each modality's pixel loss takes: its masked patches (`hidden`, True =
+    hidden from the encoder) less the invalid pixels (sensor holes, unlabelled pixels);
+    the samples that have any count (MultiMAE's mean over samples). And under "token" the
+    token loss's positions (token_weight). Known from the masking, before any forward."""
+    cfg = net.cfg
+    grid = cfg.grid(*image_size(inputs))
+    N = hidden.shape[1] // len(net.inputs)
+    weights = {}
+    for k, m in enumerate(net.inputs):
+        w = _pixel_weight(hidden[:, k * N:(k + 1) * N], grid, cfg.patch_size // MODALITIES[m].stride)
+        if f"{m}_valid" in inputs:                       # e.g. depth holes: nothing to learn there
+            w = w * inputs[f"{m}_valid"][:, 0]
+        if MODALITIES[m].loss == "ce":
+            w = w * (inputs[m] != IGNORE_INDEX)
+        weights[m] = Weights(w, (w.flatten(1).sum(1) > 0).sum())
+    position = token_weight(token_positions, keep, hidden)
+    weights["token"] = Weights(position, None if position is None else position.sum())
+    return weights
+
+
+def _masked_mean(per_pixel: torch.Tensor, w: Weights) -> Mean:
     """Mean over the weighted pixels of each sample, then over the samples that have any
     (MultiMAE's nanmean: a sample whose modality had no masked pixel doesn't count; 0 when
     none has any). Written with `where` rather than by selecting those samples, so that no
-    shape depends on the data (torch.compile then traces it as one graph)."""
-    num = (per_pixel * weight).flatten(1).sum(1)
-    den = weight.flatten(1).sum(1)
+    shape depends on the data."""
+    num = (per_pixel * w.map).flatten(1).sum(1)
+    den = w.map.flatten(1).sum(1)
     has = den > 0
-    per_sample = torch.where(has, num / torch.where(has, den, 1.0), 0.0)
-    return runtime.mean(per_sample.sum(), has.sum(), count)
+    return Mean(torch.where(has, num / torch.where(has, den, 1.0), 0.0).sum(), w.count)
 
 
 def patch_normalize(img: torch.Tensor, patch: int, eps: float = 1e-6) -> torch.Tensor:
@@ -388,39 +337,14 @@ def patch_normalize(img: torch.Tensor, patch: int, eps: float = 1e-6) -> torch.T
     return x.view(B, h, w, patch, patch, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
 
-def _loss_weights(inputs: dict, mask: torch.Tensor, model: MaskMentor) -> dict:
-    """Which pixels each modality's pixel loss counts: float [B, H, W] per modality, the
-    masked patches (`mask`: Masked.mask, True = hidden) less the invalid pixels (sensor
-    holes, unlabelled pixels)."""
-    cfg = model.cfg
-    grid = cfg.grid(*image_size(inputs))
-    N = mask.shape[1] // len(model.inputs)
-    weights = {}
-    for k, m in enumerate(model.inputs):
-        w = _pixel_weight(mask[:, k * N:(k + 1) * N], grid, cfg.patch_size // MODALITIES[m].stride)
-        if f"{m}_valid" in inputs:                       # e.g. depth holes: nothing to learn there
-            w = w * inputs[f"{m}_valid"][:, 0]
-        if MODALITIES[m].loss == "ce":
-            w = w * (inputs[m] != IGNORE_INDEX)
-        weights[m] = w
-    return weights
-
-
-def pixel_losses(preds: dict, inputs: dict, mask: torch.Tensor, model: MaskMentor,
-                 runtime: Optional["Runtime"] = None, counts: Optional[dict] = None) -> dict:
+def pixel_losses(preds: dict, inputs: dict, weights: dict, patch_size: int) -> dict:
     """MultiMAE's reconstruction losses on the masked patches only, all weights 1, one per
     row of the modality table (its `loss`): rgb MSE (+ norm_rgb MSE to per-patch-normalised
     rgb), depth L1 on standardised depth (sensor holes excluded), semseg cross-entropy at
-    1/4 resolution (255 excluded). `mask` is Masked.mask, True = hidden. `runtime`: the
-    plain one-process Runtime when None. `counts` (pixel_loss_counts), when these rows are a
-    micro-batch: the global batch's number of samples each loss averages over."""
-    cfg = model.cfg
-    runtime = runtime or Runtime()
-    counts = counts or {}
+    1/4 resolution (255 excluded), each on the pixels `weights` (loss_weights) gives."""
     out = {}
-    for m, w in _loss_weights(inputs, mask, model).items():
-        spec, target = MODALITIES[m], inputs[m]
-        pred = preds[m].float()
+    for m in [h for h in preds if h in MODALITIES]:       # a head per modality, in sequence order
+        spec, w, target, pred = MODALITIES[m], weights[m], inputs[m], preds[m].float()
         if spec.loss == "ce":
             per_pixel = F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction="none")
         elif spec.loss == "mse":
@@ -429,82 +353,33 @@ def pixel_losses(preds: dict, inputs: dict, mask: torch.Tensor, model: MaskMento
             per_pixel = (pred - target).abs().mean(1)
         else:
             raise ValueError(f"{m}: unknown loss {spec.loss!r} in modalities.MODALITIES")
-        out[m] = _masked_mean(per_pixel, w, runtime, counts.get(m))
+        out[m] = _masked_mean(per_pixel, w)
         if f"norm_{m}" in preds:                          # MultiMAE's norm_rgb head
-            normed = patch_normalize(target, cfg.patch_size)
-            out[f"norm_{m}"] = _masked_mean((preds[f"norm_{m}"].float() - normed).pow(2).mean(1), w, runtime,
-                                            counts.get(m))
+            normed = patch_normalize(target, patch_size)
+            out[f"norm_{m}"] = _masked_mean((preds[f"norm_{m}"].float() - normed).pow(2).mean(1), w)
     return out
 
 
-def pixel_loss_counts(inputs: dict, plan: masking.MaskPlan, model: MaskMentor, runtime: "Runtime") -> dict:
-    """For gradient accumulation: per modality, how many samples of the global batch have a
-    pixel its loss counts (the denominators of _masked_mean), known from the masking plan
-    and the inputs before any forward."""
-    return {m: runtime.all_sum((w.flatten(1).sum(1) > 0).sum())
-            for m, w in _loss_weights(inputs, _hidden(plan), model).items()}
-
-
-def token_loss(student: dict, teacher: dict, names, weight: Optional[torch.Tensor] = None,
-               norm: str = "none", runtime: Optional["Runtime"] = None, stats: Optional[dict] = None,
-               count: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """1 - cosine similarity of output token embeddings (§3.4), each modality's tokens first
-    normalised by `norm` (normalize_tokens; STTP's default, cfg.token_norm, standardises).
-    The teacher's side carries no gradient. With `weight` None: averaged over every patch
-    position of each modality in `names`, then over the modalities (TOKEN_POSITIONS "all").
-    With `weight` [B, K*N] (the modalities in `names` order): the mean over the positions it
-    selects, pooled. When these rows are a micro-batch: `stats` (token_stats per modality)
-    and `count` (the weight's sum) of the global batch."""
-    runtime = runtime or Runtime()
+def token_loss(student: dict, teacher: dict, names, positions: Optional[Weights] = None, norm: str = "none",
+               stats: Optional[dict] = None) -> Mean:
+    """1 - cosine similarity of output token embeddings (§3.4, §3.5), averaged over every
+    patch position of each modality in `names`, then over the modalities. The teacher's
+    side carries no gradient. Each modality's tokens are first normalised by `norm`
+    (normalize_tokens; `stats`: the whole batch's token_stats, else computed from
+    `teacher`). `positions` (loss_weights' "token": a map [B, K*N], the modalities in
+    `names` order), when it has a map: the mean over the positions it selects instead,
+    pooled (TOKEN_POSITIONS)."""
     cos = []
     for m in names:
-        s, t = normalize_tokens(student[m], teacher[m], norm, runtime, (stats or {}).get(m))
+        s, t = normalize_tokens(student[m], teacher[m], norm, (stats or {}).get(m))
         cos.append(F.cosine_similarity(s, t, dim=-1))                          # [B, N]
-    if weight is None:
-        return runtime.share(torch.stack([1 - c.mean() for c in cos]).mean())
-    loss = 1 - torch.cat(cos, dim=1)
-    return runtime.mean((loss * weight).sum(), weight.sum(), count)
-
-
-def normalize_tokens(student: torch.Tensor, teacher: torch.Tensor, norm: str, runtime: Optional["Runtime"] = None,
-                     stats=None):
-    """One modality's tokens [B, N, d] for the cosine, by TOKEN_NORMS. The output tokens of
-    all images share one dominant direction (the heads' biases, position and task
-    embeddings: at initialisation two random tokens have cosine ~0.9), so the raw cosine
-    hardly depends on the image. "standardize" (the default) subtracts the teacher's
-    per-channel mean over the (global) batch's tokens and divides by its per-channel std;
-    "center" only subtracts. The same map, computed from the detached teacher, is applied
-    to the student's prediction: the loss then compares the image-specific parts of the
-    two, and the student is not asked to remove an offset that the teacher role, the same
-    network, still produces. No gradient flows into the statistics. `stats`: token_stats of
-    the global batch's targets, when these rows are a micro-batch (None: computed from
-    `teacher`)."""
-    t = teacher.detach().float()
-    s = student.float()
-    if norm == "none":
-        return s, t
-    mean, std = stats if stats is not None else token_stats(teacher, norm, runtime or Runtime())
-    if norm == "center":
-        return s - mean, t - mean
-    return (s - mean) / std, (t - mean) / std
-
-
-def token_stats(teacher: torch.Tensor, norm: str, runtime: Optional["Runtime"] = None):
-    """The detached teacher's per-channel mean and std (None for "center") over every token
-    of the global batch, for normalize_tokens."""
-    runtime = runtime or Runtime()
-    t = teacher.detach().float()
-    count = torch.tensor(float(t.shape[0] * t.shape[1]), device=t.device)
-    n = runtime.all_sum(count)
-    mean = runtime.all_sum(t.sum((0, 1))) / n
-    if norm == "center":
-        return mean, None
-    var = runtime.all_sum(((t - mean) ** 2).sum((0, 1))) / (n - 1).clamp_min(1)
-    return mean, torch.sqrt(var + 1e-6)
+    if positions is None or positions.map is None:
+        return Mean(torch.stack([1 - c.mean() for c in cos]).mean())
+    return Mean(((1 - torch.cat(cos, dim=1)) * positions.map).sum(), positions.count)
 
 
 # -----------------------------------------------------------------------------
-# The token study's alternative readings (results/token_study/, docs/method.md D4-D6).
+# The token study's readings (results/token_study/, docs/method.md D4-D6).
 # The paper says only that the student learns the teacher's token embeddings by a cosine
 # loss (§3.4, §3.5). Each choice it leaves open has levels, the first of each being this
 # project's first reading (FIRST_READING); the study compared them one at a time on
@@ -539,18 +414,10 @@ TOKEN_NORMS = {
 FIRST_READING = ("last_teacher_step", "all", "none")
 
 
-def _fresh_teacher_tokens(teacher, inputs: dict, cfg: ObjectiveConfig, generator) -> dict:
-    """The targets of "teacher_complete" and "teacher_masked_fresh" (and kd's, which has no
-    teacher step to reuse): a fresh no-grad forward of the teacher on complete modalities,
-    with every patch visible or with the usual patch masking."""
-    net = cfg.runtime.network(teacher)
-    return _forward(net, inputs, cfg, False, generator, complete=cfg.token_target == "teacher_complete").tokens
-
-
 def token_weight(positions: str, keep: torch.Tensor, hidden: torch.Tensor) -> Optional[torch.Tensor]:
     """Which token positions the loss is taken on (TOKEN_POSITIONS): None for all of them,
-    else Float[B, K*N] from the student's Algorithm 1 outcome `keep` Bool[B, K] and its
-    Masked.mask `hidden` Bool[B, K*N] (True = not seen by the encoder)."""
+    else Float[B, K*N] from the student's Algorithm 1 outcome `keep` Bool[B, K] and what it
+    does not see, `hidden` Bool[B, K*N]."""
     if positions == "all":
         return None
     if positions == "missing":
@@ -558,59 +425,33 @@ def token_weight(positions: str, keep: torch.Tensor, hidden: torch.Tensor) -> Op
     return hidden.float()
 
 
-# -----------------------------------------------------------------------------
-# How a step runs: the plain runtime (runtime.py's TrainingRuntime extends it)
+def normalize_tokens(student: torch.Tensor, teacher: torch.Tensor, norm: str, stats=None):
+    """One modality's tokens [B, N, d] for the cosine, by TOKEN_NORMS. The output tokens of
+    all images share one dominant direction (the heads' biases, position and task
+    embeddings: at initialisation two random tokens have cosine ~0.9), so the raw cosine
+    hardly depends on the image. "standardize" (the default) subtracts the teacher's
+    per-channel mean over the batch's tokens and divides by its per-channel std; "center"
+    only subtracts. The same map, computed from the detached teacher, is applied to the
+    student's prediction: the loss then compares the image-specific parts of the two, and
+    the student is not asked to remove an offset that the teacher role, the same network,
+    still produces. No gradient flows into the statistics (`stats`: token_stats)."""
+    t = teacher.detach().float()
+    s = student.float()
+    if norm == "none":
+        return s, t
+    mean, std = stats if stats is not None else token_stats(teacher, norm)
+    if norm == "center":
+        return s - mean, t - mean
+    return (s - mean) / std, (t - mean) / std
 
 
-class Runtime(Shard):
-    """How the objectives' steps run: one process holding the whole batch, float32, a
-    plain backward and optimiser step. runtime.py's subclass adds torchrun (each process a
-    shard of the global batch, DistributedDataParallel), mixed precision, loss scaling and
-    gradient clipping; the objectives call only these methods (and Shard's world/rows,
-    with which every random draw is made for the global batch)."""
-
-    def network(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The bare network (its cfg, num_tokens) inside whatever wraps it for training."""
-        return model
-
-    micro_steps = 1   # forwards per optimiser step (gradient accumulation, runtime.py)
-
-    def mean(self, total: torch.Tensor, count: torch.Tensor, global_count=None) -> torch.Tensor:
-        """The global batch's `total` over its `count` (0 when the count is 0);
-        `global_count`, when given, is the count of the whole global batch (these rows
-        are a micro-batch of it)."""
-        return total / (count if global_count is None else global_count).clamp_min(1)
-
-    def share(self, x: torch.Tensor) -> torch.Tensor:
-        """A mean over equally many values per sample, taken over this forward's rows: its
-        share of the global batch's mean (itself here; over micro-batches, a fraction)."""
-        return x
-
-    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """A sum over the global batch of per-shard sums (no gradient): `x` itself here."""
-        return x
-
-    def autocast(self):
-        """The context the forward passes run in (mixed precision: runtime.py)."""
-        return contextlib.nullcontext()
-
-    def compiled(self, fn):
-        """The function to call in place of `fn`, the network's forward and its losses:
-        `fn` itself here; runtime.py's compiles it (--compile)."""
-        return fn
-
-    def step(self, model, optimizer, loss: torch.Tensor) -> None:
-        """Backward and one optimiser step."""
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def accumulate(self, model, optimizer, forward, batch_size: int) -> list:
-        """One optimiser step over the batch's rows: `forward(rows)` runs the forward of the
-        rows `rows` (a slice) and returns (loss, anything), the loss's denominators being
-        those of the whole global batch. Here it runs once on every row, then step();
-        runtime.py's --accum_steps runs it on micro-batches of rows one after another,
-        their gradients adding up. Returns the list of what `forward` returned."""
-        out = forward(slice(0, batch_size))
-        self.step(model, optimizer, out[0])
-        return [out]
+def token_stats(teacher: torch.Tensor, norm: str):
+    """The detached teacher's per-channel mean and std (None for "center") over every token
+    of the batch, for normalize_tokens."""
+    t = teacher.detach().float()
+    n = torch.tensor(float(t.shape[0] * t.shape[1]), device=t.device)
+    mean = t.sum((0, 1)) / n
+    if norm == "center":
+        return mean, None
+    var = ((t - mean) ** 2).sum((0, 1)) / (n - 1).clamp_min(1)
+    return mean, torch.sqrt(var + 1e-6)

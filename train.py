@@ -10,10 +10,11 @@
 Every flag is a field of `TrainConfig` below (`python train.py --help`, docs/cli.md);
 `--config` picks the model preset and that preset's training defaults, other flags
 override them. The first `warmup_epochs` epochs train plain MIM on complete modalities,
-the rest use `--mode` (default sttp): one function of sttp.py per batch. The loop,
-checkpoints and exact resume are engine.py's; torchrun and precision runtime.py's.
-Every `--vis_every` epochs it also draws the paper's Figure 4 (vis.py): what the network
-reconstructs from complete, rgb-only and depth-only input, on the same test images.
+the rest use `--mode` (default sttp): one objective of sttp.py per batch. The loop,
+checkpoints and exact resume are util/engine.py's; how each iteration runs (torchrun,
+micro-batches, precision, compile) util/runtime.py's. Every `--vis_every` epochs it also
+draws the paper's Figure 4 (util/vis.py): what the network reconstructs from complete,
+rgb-only and depth-only input, on the same test images.
 """
 from __future__ import annotations
 
@@ -27,14 +28,14 @@ import data
 import masking
 import model as M
 import modalities
-import ops
 import sttp
-import vis
-from checkpoints import init_encoder, load_checkpoint, load_weights
-from cli import UserError, arg, check_numbers, pick_device, run_cli, write_png
-from engine import (RUN_CONTROL, Loop, check_common_flags, param_groups, check_out_dir, start_run, to_device,
-                    training_set)
-from runtime import DTYPES, TrainingRuntime, autocast_dtype, grad_scaler, init_distributed
+from util import ops, vis
+from util.checkpoints import init_encoder, load_checkpoint, load_weights
+from util.cli import UserError, arg, check_numbers, pick_device, run_cli, write_png
+from util.engine import Loop, to_device
+from util.lr_sched import param_groups
+from util.runs import RUN_CONTROL, check_common_flags, check_out_dir, start_run, training_set
+from util.runtime import DTYPES, Runtime, autocast_dtype, grad_scaler, init_distributed
 
 
 # The objectives' defaults, written once in the method (sttp.ObjectiveConfig).
@@ -50,7 +51,7 @@ class TrainConfig:
                      "(8000 scenes apart from train/val/test, for a foundation to start from: results/regime/)",
                      ("train", "pool"))
     subset: int = arg(0, "use only the first N training images (0 = all)")
-    cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (rooms.py)")
+    cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (util/rooms.py)")
     config: str = arg("tiny", "model preset and its training defaults", tuple(M.PRESETS))
     init: str = arg("", "weights to start from: a MultiMAE, MAE or timm ViT-B, or a ckpt.pt of train.py "
                         "(MultiMAE-shaped: its encoder and MIM heads load)")
@@ -99,7 +100,7 @@ class TrainConfig:
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = arg("float32", "autocast dtype; float16 adds loss scaling", tuple(DTYPES))
     compile: bool = arg(False, "torch.compile the network, masking and losses, one whole graph; "
-                               "AdamW's fused kernel (runtime.py)")
+                               "AdamW's fused kernel (util/runtime.py)")
 
 
 TRAIN_PRESETS = {
@@ -113,8 +114,8 @@ TRAIN_PRESETS = {
 
 
 def validate(cfg: TrainConfig) -> None:
-    patch = check_common_flags(cfg, positive=("budget", "teacher_iters", "alpha"),
-                               non_negative=("vis_every", "token_weight"))
+    patch = check_common_flags(cfg, positive=("budget", "alpha"),
+                               non_negative=("vis_every", "token_weight", "teacher_iters"))
     check_numbers(cfg, unit=("p_drop", "mask_ratio"))
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise UserError(f"--warmup_epochs must be in [0, --epochs={cfg.epochs}], got {cfg.warmup_epochs}")
@@ -147,15 +148,19 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.teacher and not objective.teacher:
         raise UserError(f"--teacher is the frozen teacher of --mode "
                         f"{', '.join(m for m, o in sttp.OBJECTIVES.items() if o.teacher)}; --mode {cfg.mode} has none")
+    if cfg.teacher_iters == 0 and cfg.token_target == "last_teacher_step" and objective.token_loss \
+            and not objective.teacher:
+        raise UserError(f"--teacher_iters 0: --mode {cfg.mode} then has no teacher iteration whose tokens could be "
+                        f"the target; give --token_target teacher_complete or teacher_masked_fresh")
 
 
-def objective_config(cfg: TrainConfig, runtime: sttp.Runtime) -> sttp.ObjectiveConfig:
+def objective_config(cfg: TrainConfig) -> sttp.ObjectiveConfig:
     mc = masking.MaskingConfig(budget=cfg.budget, alpha=cfg.alpha, p_drop=cfg.p_drop,
                                patch_masking=cfg.patch_masking, mask_ratio=cfg.mask_ratio,
                                at_least_one_dropped=cfg.at_least_one_dropped)
     return sttp.ObjectiveConfig(masking=mc, teacher_iters=cfg.teacher_iters, token_weight=cfg.token_weight,
                                 token_target=cfg.token_target, token_positions=cfg.token_positions,
-                                token_norm=cfg.token_norm, runtime=runtime)
+                                token_norm=cfg.token_norm)
 
 
 def load_teacher(path: str, model_cfg: M.ModelConfig, device) -> M.MaskMentor:
@@ -188,7 +193,7 @@ def main(argv=None):
     rank, _, device = init_distributed(pick_device(cfg.device))
     dtype = autocast_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    # Seeded alike in every process: masking is drawn for the global batch (model.Shard).
+    # Seeded alike in every process: masking is drawn for the global batch (util/runtime.py).
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     dataset = training_set(cfg, augmentation="pretrain", split=cfg.split)
@@ -200,10 +205,10 @@ def main(argv=None):
         init_encoder(net, cfg.init)
     teacher = load_teacher(cfg.teacher, model_cfg, device) if sttp.OBJECTIVES[cfg.mode].teacher else None
     scaler = grad_scaler(dtype, device)
-    runtime = TrainingRuntime(device, dtype, scaler, cfg.clip_grad, accum_steps=cfg.accum_steps, compile=cfg.compile)
+    runtime = Runtime(device, dtype, scaler, cfg.clip_grad, accum_steps=cfg.accum_steps, compile=cfg.compile)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
                                   **runtime.optimizer_options())
-    ocfg = objective_config(cfg, runtime)
+    ocfg = objective_config(cfg)
     check_out_dir(cfg)                 # last of the checks, before any work (never lose a run)
     phase = lambda epoch: "mim" if epoch < cfg.warmup_epochs else cfg.mode
     per_batch = lambda epoch: sttp.OBJECTIVES[phase(epoch)].steps_per_batch(ocfg)
@@ -225,7 +230,7 @@ def main(argv=None):
           f"output in {cfg.out_dir}")
 
     def step(batch, epoch):
-        return sttp.OBJECTIVES[phase(epoch)](model, optimizer, batch, ocfg, generator, teacher)
+        return runtime.run_objective(sttp.OBJECTIVES[phase(epoch)], model, optimizer, batch, ocfg, generator, teacher)
 
     after_epoch = lambda done: None
     if cfg.vis_every and rank == 0:

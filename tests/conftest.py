@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import cli
 import data
+import masking
 import model as M
+import sttp
+from util import cli
+from util.runtime import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 FIX = os.path.join(ROOT, "tests", "data")                             # small real files (ATTRIBUTION.md)
@@ -125,6 +128,20 @@ def smooth_batch(B=4, size=64, classes=7, seed=0):
     up = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
     return {"rgb": up[:, :3], "depth": up[:, 3:4].abs() + 1.0,
             "semseg": (up[:, 4] * 2).round().clamp(-3, 3).long() + 3}
+
+
+def run_objective(name, net, opt, batch, cfg, g, teacher=None, rt=None) -> dict:
+    """One batch of objective `name` (sttp.OBJECTIVES) as train.py runs it: one process,
+    float32 unless `rt` says otherwise."""
+    return (rt or Runtime(torch.device("cpu"))).run_objective(sttp.OBJECTIVES[name], net, opt, batch, cfg, g,
+                                                              teacher)
+
+
+def one_forward(net, inputs, plan, token_positions="all") -> sttp.Pass:
+    """One forward of a pre-training network on a masking plan and its pixel losses, as
+    util/runtime.py runs it on one process (the loss weights from the plan)."""
+    weights = sttp.loss_weights(net, inputs, masking.hidden_mask(plan), plan.keep, token_positions)
+    return sttp.masked_forward(net, inputs, plan, weights, net.cfg.patch_size)
 
 
 def key_bias_free(name: str, value: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""--accum_steps (runtime.TrainingRuntime.accumulate): N micro-batches of B/N rows make the
+"""--accum_steps (util/runtime.Runtime.learn): N micro-batches of B/N rows make the
 same optimiser step as one batch of B rows, for fine-tuning and every pre-training mode.
 
 SGD, not AdamW, so that what is compared is the gradient itself: AdamW's normalisation
@@ -11,9 +11,9 @@ import finetune
 import masking
 import model as M
 import sttp
-from cli import UserError
-from conftest import smooth_batch, tiny
-from runtime import TrainingRuntime
+from util.cli import UserError
+from conftest import run_objective, smooth_batch, tiny
+from util.runtime import Runtime
 
 CPU = torch.device("cpu")
 SIZE = 32                       # 4 x 4 patches of the tiny preset: fast, and masking still bites
@@ -24,11 +24,11 @@ def pretrain_steps(accum, mode, steps=2, **objective):
     net = M.MaskMentor(tiny(image_size=SIZE))
     teacher = M.MaskMentor(tiny(image_size=SIZE)).requires_grad_(False) if mode == "kd" else None
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    rt = TrainingRuntime(CPU, accum_steps=accum)
+    rt = Runtime(CPU, accum_steps=accum)
     model = rt.wrap(net)
-    cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=8), runtime=rt, **objective)
+    cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=8), **objective)
     g = torch.Generator().manual_seed(0)
-    logs = [sttp.OBJECTIVES[mode](model, opt, smooth_batch(B=8, size=SIZE, seed=s), cfg, g, teacher)
+    logs = [run_objective(mode, model, opt, smooth_batch(B=8, size=SIZE, seed=s), cfg, g, teacher, rt)
             for s in range(steps)]
     return net, logs
 
@@ -68,7 +68,7 @@ def finetune_steps(accum, steps=2):
     torch.manual_seed(0)
     net = M.Segmenter(tiny(drop_path=0.3, image_size=SIZE))          # stochastic depth: drawn for the whole batch
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    rt = TrainingRuntime(CPU, accum_steps=accum)
+    rt = Runtime(CPU, accum_steps=accum)
     model = rt.wrap(net)
     cfg = finetune.FinetuneConfig(p_missing=0.7)
     g = torch.Generator().manual_seed(0)

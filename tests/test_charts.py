@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import charts
+from util import charts
 
 
 def pixels_of(img: Image.Image, colour: str, box=None) -> int:

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+from util import checkpoints
 import evaluate
 import finetune
 import model as M
-import reproduce
+from studies import reproduce
 import train
-from cli import UserError
+from util.cli import UserError
 from conftest import ROOT, fill_the_disk, fixture_path, make_esanet, one_line_error, real_sample, tiny
 
 PRE = ["--subset", "16", "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--vis_every", "0",

@@ -15,8 +15,8 @@ import torch
 import finetune
 import masking
 import model as M
-import ops
-import runtime
+from util import ops
+from util import runtime
 import sttp
 
 pytestmark = pytest.mark.slow
@@ -43,8 +43,8 @@ def twins(net):
     """(eager network, compiled network): equal copies, each with its SGD and runtime."""
     pair = []
     for compile in (False, True):
-        n = copy.deepcopy(net)
-        pair.append((n, torch.optim.SGD(n.parameters(), lr=0.1), runtime.TrainingRuntime(CPU, compile=compile)))
+        n, rt = copy.deepcopy(net), runtime.Runtime(CPU, compile=compile)
+        pair.append((rt.wrap(n), torch.optim.SGD(n.parameters(), lr=0.1), rt))
     return pair
 
 
@@ -77,13 +77,13 @@ def pretraining_net():
 
 
 def objective(rt, budget=8):
-    return sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=budget), teacher_iters=2, runtime=rt)
+    return sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=budget), teacher_iters=2)
 
 
 def test_mim_step_compiled_equals_eager(fresh_dynamo):
     (ne, oe, re), (nc, oc, rc) = twins(pretraining_net())
     for seed in range(2):                       # the second step runs the cached graph
-        logs = [sttp.mim(n, o, batch(seed), objective(r), torch.Generator().manual_seed(seed))
+        logs = [r.run_objective(sttp.OBJECTIVES["mim"], n, o, batch(seed), objective(r), torch.Generator().manual_seed(seed))
                 for n, o, r in ((ne, oe, re), (nc, oc, rc))]
         assert_same_step(logs, (ne, nc))
     assert fresh_dynamo["stats"]["unique_graphs"] == 1
@@ -97,7 +97,8 @@ def test_sttp_batch_compiled_equals_eager_one_graph(fresh_dynamo):
         if seed == 1:           # after the first batch: compiling again would be an error
             torch._dynamo.config.error_on_recompile = True
         try:
-            logs = [sttp.sttp(n, o, batch(seed), objective(r), torch.Generator().manual_seed(10 + seed))
+            logs = [r.run_objective(sttp.OBJECTIVES["sttp"], n, o, batch(seed), objective(r),
+                                    torch.Generator().manual_seed(10 + seed))
                     for n, o, r in ((ne, oe, re), (nc, oc, rc))]
         finally:
             torch._dynamo.config.error_on_recompile = False
@@ -110,9 +111,9 @@ def test_mae_scheme_compiles_a_second_graph_at_most(fresh_dynamo):
     # a second graph (padded), a teacher pass the first; no more over new draws.
     net, opt, rt = twins(pretraining_net())[1]
     cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(patch_masking="mae", mask_ratio=0.5),
-                               teacher_iters=1, runtime=rt)
+                               teacher_iters=1)
     for seed in range(3):
-        sttp.sttp(net, opt, batch(seed), cfg, torch.Generator().manual_seed(seed))
+        rt.run_objective(sttp.OBJECTIVES["sttp"], net, opt, batch(seed), cfg, torch.Generator().manual_seed(seed))
     assert fresh_dynamo["stats"]["unique_graphs"] <= 2
 
 

@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 import data
-import prepare_nyu
-import rooms
+from util import layouts
+from tools import prepare_nyu
+from util import rooms
 from conftest import ROOT, fill_the_disk, fixture_path, make_esanet, one_line_error, real_sample, save, save_palette
 
 # --- common --------------------------------------------------------------------------
@@ -293,13 +294,13 @@ def test_embedded_mapping_and_split_are_the_official_ones():
 
 def test_sun_depth_encoding_round_trip():
     # 1 m = 1000 mm is stored rotated left by 3 bits: 8000; beyond 8.191 m the top bits wrap.
-    assert data.sun_depth_to_metres(np.array([8000], np.uint16))[0] == pytest.approx(1.0)
-    assert data.metres_to_sun_depth(np.array([10.0]))[0] == ((10000 << 3) & 0xFFFF) | (10000 >> 13)
+    assert layouts.sun_depth_to_metres(np.array([8000], np.uint16))[0] == pytest.approx(1.0)
+    assert layouts.metres_to_sun_depth(np.array([10.0]))[0] == ((10000 << 3) & 0xFFFF) | (10000 >> 13)
     mm = np.random.default_rng(0).integers(0, 65536, size=10_000)
-    stored = data.metres_to_sun_depth(mm / 1000.0)
+    stored = layouts.metres_to_sun_depth(mm / 1000.0)
     assert stored.dtype == np.uint16
-    assert np.array_equal(np.round(data.sun_depth_to_metres(stored) * 1000).astype(np.int64), mm)
-    assert data.sun_depth_to_metres(np.zeros(3, np.uint16)).tolist() == [0, 0, 0]
+    assert np.array_equal(np.round(layouts.sun_depth_to_metres(stored) * 1000).astype(np.int64), mm)
+    assert layouts.sun_depth_to_metres(np.zeros(3, np.uint16)).tolist() == [0, 0, 0]
 
 
 # --- prepare-nyu ---------------------------------------------------------------------
@@ -373,13 +374,13 @@ def test_prepare_nyu_raw_depth_keeps_holes(nyu_mat, tmp_path):
 @pytest.mark.slow
 def test_prepare_nyu_cli(nyu_mat, tmp_path):
     d = nyu_mat[0]
-    p = subprocess.run([sys.executable, "prepare_nyu.py", "--mat", str(d / "nyu.mat"), "--splits",
+    p = subprocess.run([sys.executable, "tools/prepare_nyu.py", "--mat", str(d / "nyu.mat"), "--splits",
                         str(d / "splits.mat"), "--mapping", fixture_path("meta", "classMapping40.mat"),
                         "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "4 images written" in p.stdout
     # The default (embedded) split names images up to 1449: this file has 4.
-    p = subprocess.run([sys.executable, "prepare_nyu.py", "--mat", str(d / "nyu.mat"), "--out",
+    p = subprocess.run([sys.executable, "tools/prepare_nyu.py", "--mat", str(d / "nyu.mat"), "--out",
                         str(tmp_path / "p")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and "outside the 4 images" in lines[0], p.stderr
@@ -501,7 +502,7 @@ def test_sun_layout_reads_the_official_depth_encoding(tmp_path):
     root = tmp_path / "sun"
     for split in ("train", "test"):
         save(f"{root}/RGB/img-{split}.jpg", rgb)
-        save(f"{root}/Depth/img-{split}.png", data.metres_to_sun_depth(raw))
+        save(f"{root}/Depth/img-{split}.png", layouts.metres_to_sun_depth(raw))
         save(f"{root}/labels/img-{split}.png", label37.astype(np.uint8))   # DFormer names it labels/
         (root / f"{split}.txt").write_text(f"RGB/img-{split}.jpg Label/img-{split}.png\n")
     s = data.build_dataset("sun", str(root), "test")[0]
@@ -520,14 +521,14 @@ def test_each_depth_encoding_is_an_explicit_case(tmp_path):
     encoding reads back as 2.5 m); a code it does not know is an error naming it, not
     millimetres."""
     stored = {"mm": np.uint16(2500), "npy_or_mm": np.uint16(2500), "multimae": np.uint16(2.5 * 6553.6),
-              "sun": data.metres_to_sun_depth(np.float64(2.5))}
+              "sun": layouts.metres_to_sun_depth(np.float64(2.5))}
     for code, v in stored.items():
         path = str(tmp_path / f"{code}.png")
         save(path, np.full((6, 8), v, np.uint16))
-        depth = data.read_depth(path, dataclasses.replace(data.MASKMENTOR, depth=code), "nyu")
+        depth = layouts.read_depth(path, dataclasses.replace(layouts.MASKMENTOR, depth=code), "nyu")
         assert depth.dtype == np.float32 and np.allclose(depth, 2.5), code
     with pytest.raises(ValueError, match="unknown depth encoding 'cm'"):
-        data.read_depth(str(tmp_path / "mm.png"), dataclasses.replace(data.MASKMENTOR, depth="cm"), "nyu")
+        layouts.read_depth(str(tmp_path / "mm.png"), dataclasses.replace(layouts.MASKMENTOR, depth="cm"), "nyu")
 
 
 def test_missing_root_and_unknown_layout(tmp_path, monkeypatch):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import data
-import diagnostics as D
+from studies import diagnostics as D
 import modalities
-import rooms
+from util import rooms
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])

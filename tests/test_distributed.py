@@ -11,15 +11,15 @@ import sys
 import pytest
 import torch
 
-import cli
+from util import cli
 import finetune
 import masking
 import modalities
 import model as M
-import runtime
+from util import runtime
 import sttp
 import train
-from conftest import ROOT, key_bias_free, smooth_batch
+from conftest import ROOT, key_bias_free, run_objective, smooth_batch
 
 # 32 images in batches of 8: 4 batches per epoch, one MIM warm-up epoch, then one of --mode.
 PRE = ["--subset", "32", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--budget", "24",
@@ -134,7 +134,7 @@ CLOSING = """
 import atexit, os, sys
 sys.path.insert(0, {root!r})
 import torch
-import cli, runtime
+from util import cli, runtime
 
 def gloo_threads():
     names = (open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task"))
@@ -144,7 +144,7 @@ atexit.register(lambda: sys.stderr.write(f"gloo threads at exit: {{gloo_threads(
 
 def main():
     _, _, device = runtime.init_distributed(torch.device("cpu"))
-    net = runtime.TrainingRuntime(device).wrap(torch.nn.Linear(2, 2))
+    net = runtime.Runtime(device).wrap(torch.nn.Linear(2, 2))
     net(torch.ones(4, 2)).sum().backward()
     torch.distributed.all_reduce(torch.ones(3))
 
@@ -157,7 +157,7 @@ cli.run_cli(main)
 def test_the_process_group_is_closed_before_the_interpreter_exits(tmp_path):
     # A Gloo worker thread that frees a collective's Python tensor once the interpreter is
     # finalising aborts the process ("terminate called without an active exception", exit
-    # -6, issue 20): run_cli joins them first (runtime.close_distributed).
+    # -6, issue 20): run_cli joins them first (cli.close_distributed).
     script = tmp_path / "closing.py"
     script.write_text(CLOSING.format(root=ROOT))
     rc, _, err = torchrun(script)
@@ -179,7 +179,7 @@ def test_which_parameters_get_no_gradient(mode):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32, p_drop=0.9))   # many drops
     teacher = M.MaskMentor(net.cfg).requires_grad_(False)
-    sttp.OBJECTIVES[mode](net, opt, smooth_batch(), cfg, torch.Generator().manual_seed(0), teacher)
+    run_objective(mode, net, opt, smooth_batch(), cfg, torch.Generator().manual_seed(0), teacher)
     missing = params_without_grad(net)
     assert bool(missing) == sttp.OBJECTIVES[mode].unused_parameters
     if mode == "token":        # the token loss reaches neither the heads' pixel layers nor norm_rgb's head

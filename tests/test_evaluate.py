@@ -15,8 +15,8 @@ import data
 import evaluate
 import modalities
 import model as M
-import vis
-from cli import UserError
+from util import vis
+from util.cli import UserError
 from conftest import finetuned, fixture_path, make_esanet, one_line_error, real_sample
 
 

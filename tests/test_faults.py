@@ -16,13 +16,13 @@ import torch
 
 from PIL import Image
 
-import checkpoints
-import engine
+from util import checkpoints
+from util import engine, lr_sched, runs
 import evaluate
 import finetune
 import masking
 import train
-from cli import UserError
+from util.cli import UserError
 from conftest import ROOT, fill_the_disk, finetuned, make_esanet, one_line_error, real_sample
 
 PRE = ["--subset", "32", "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--vis_every", "0"]
@@ -45,7 +45,7 @@ def test_a_folder_that_holds_a_run_is_refused_then_overwritten_on_request(tmp_pa
     open(os.path.join(out, "ckpt.pt.tmp999"), "wb").close()        # what a crash mid-write leaves
     train.main(PRE + ["--out_dir", out, "--overwrite", "--epochs", "1"])
     assert log_epochs(out) == [1]                                     # no second epoch-1 line
-    assert not [f for f in os.listdir(out) if ".tmp" in f or f == engine.PREVIOUS_RUN]   # the old run gone
+    assert not [f for f in os.listdir(out) if ".tmp" in f or f == runs.PREVIOUS_RUN]   # the old run gone
     with pytest.raises(UserError, match="pass one of them"):
         train.main(PRE + ["--out_dir", out, "--overwrite", "--resume"])
 
@@ -78,7 +78,7 @@ def test_resume_may_switch_the_optimizer_implementation(saved_fused, resumed_fus
         net(torch.randn(5, 4)).square().sum().backward()
         saved.step()
     resumed = torch.optim.AdamW(net.parameters(), lr=0.5, fused=resumed_fused)
-    engine.load_optimizer_state(resumed, copy.deepcopy(saved.state_dict()))   # as from torch.load
+    checkpoints.load_optimizer_state(resumed, copy.deepcopy(saved.state_dict()))   # as from torch.load
     assert [g["fused"] for g in resumed.param_groups] == [resumed_fused]
     assert [g["lr"] for g in resumed.param_groups] == [0.1]            # the checkpoint's
     start = [p.detach().clone() for p in net.parameters()]
@@ -196,10 +196,10 @@ def test_an_overwrite_killed_before_its_first_checkpoint_is_named(tmp_path, fini
     out = tmp_path / "run"
     finished(out)
     old = run_files(out)
-    aside = out / engine.PREVIOUS_RUN          # what kill -9 leaves: the old run aside, a new log
+    aside = out / runs.PREVIOUS_RUN          # what kill -9 leaves: the old run aside, a new log
     aside.mkdir()
     for f in os.listdir(out):
-        if f != engine.PREVIOUS_RUN:
+        if f != runs.PREVIOUS_RUN:
             os.rename(out / f, aside / f)
     (out / "log.jsonl").write_text(json.dumps({"epoch": 1, "mode": "mim", "loss": 1.0}) + "\n")
     for flags in ([], ["--resume"]):
@@ -245,7 +245,7 @@ def test_resume_with_more_epochs_extends_a_finished_run(tmp_path, finished, monk
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
     assert log_epochs(out) == [1, 2, 3] and ckpt["epoch"] == 3 and ckpt["config"]["epochs"] == 3
     cfg = train.TrainConfig()
-    assert lrs == [engine.lr_at(4 + b, 6, 1, cfg.lr, cfg.min_lr) for b in range(2)]    # over the new total
+    assert lrs == [lr_sched.lr_at(4 + b, 6, 1, cfg.lr, cfg.min_lr) for b in range(2)]    # over the new total
 
 
 def test_a_checkpoint_with_other_weights_is_one_line(tmp_path, finished):

@@ -8,13 +8,16 @@ import pytest
 
 from conftest import ROOT
 
-# Every top-level file that runs as a script (setup.py is pip's, not a user's command).
-SCRIPTS = sorted(f for f in os.listdir(ROOT) if f.endswith(".py") and f != "setup.py"
-                 and 'if __name__ == "__main__":' in open(os.path.join(ROOT, f)).read())
+# Every file that runs as a script, at the top level and in studies/ and tools/ (setup.py is
+# pip's, not a user's command).
+SCRIPTS = sorted(os.path.join(d, f) if d else f for d in ("", "studies", "tools")
+                 for f in os.listdir(os.path.join(ROOT, d)) if f.endswith(".py") and f != "setup.py"
+                 and 'if __name__ == "__main__":' in open(os.path.join(ROOT, d, f)).read())
 
 
 def test_the_scripts_are_found():
-    assert {"train.py", "finetune.py", "evaluate.py", "reproduce.py", "bench.py", "prepare_nyu.py"} <= set(SCRIPTS)
+    assert {"train.py", "finetune.py", "evaluate.py", "studies/reproduce.py", "studies/bench.py",
+            "tools/prepare_nyu.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -1,4 +1,5 @@
-"""setup.py: a non-editable install holds every module of the project and a working op."""
+"""setup.py: a non-editable install holds every module of the project (top level, util/, studies/,
+tools/) and a working op."""
 import os
 import shutil
 import subprocess
@@ -9,8 +10,12 @@ import pytest
 from conftest import ROOT
 
 
-def top_level_modules(folder):
-    return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "setup.py")
+def project_modules(folder):
+    """The top-level modules and those of the packages util/, studies/, tools/."""
+    top = [f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "setup.py"]
+    packaged = [f"{p}.{f[:-3]}" for p in ("util", "studies", "tools") for f in os.listdir(os.path.join(folder, p))
+                if f.endswith(".py") and f != "__init__.py"]
+    return sorted(top + packaged)
 
 
 @pytest.mark.slow
@@ -27,10 +32,10 @@ def test_a_plain_install_imports_every_module(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--quiet",
                         "--target", str(target), str(src)], env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
-    modules = top_level_modules(ROOT)
+    modules = project_modules(ROOT)
     installed = {f.split(".")[0] for f in os.listdir(target)}
-    assert set(modules) <= installed, set(modules) - installed
-    code = (f"import importlib, ops\n"
+    assert {m.split(".")[0] for m in modules} <= installed, {m.split(".")[0] for m in modules} - installed
+    code = (f"import importlib\nfrom util import ops\n"
             f"for m in {modules!r}: assert importlib.import_module(m).__file__.startswith({str(target)!r}), m\n"
             f"assert ops.LOADED and not ops.CUDA, ops.backend()\n"
             f"print('ok')\n")

@@ -13,7 +13,7 @@ import finetune
 import masking
 import modalities
 import model as M
-import runtime
+from util import runtime
 import sttp
 import train
 from modalities import Modality
@@ -133,7 +133,8 @@ def test_a_row_of_the_table_gives_an_adapter_a_head_and_a_loss(normals):
                                 torch.Generator().manual_seed(0))
     preds, tokens, masked = net(inputs, plan)
     assert masked.mask.shape == (4, 4 * 64) and tokens["normals"].shape == (4, 64, cfg.dec_width)
-    losses = sttp.pixel_losses(preds, inputs, masked.mask, net)
+    weights = sttp.loss_weights(net, inputs, masked.mask, plan.keep, "all")
+    losses = {k: m.value() for k, m in sttp.pixel_losses(preds, inputs, weights, net.cfg.patch_size).items()}
     assert list(losses) == ["rgb", "norm_rgb", "depth", "normals", "semseg"]
     # The L1 of the table's row, on the patches hidden from the encoder.
     hidden = masked.mask[:, 2 * 64:3 * 64].view(4, 8, 1, 8, 1).expand(4, 8, 8, 8, 8).reshape(4, 64, 64)
@@ -149,7 +150,8 @@ def test_pretraining_steps_learn_the_new_modality(normals, mode):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    logs = sttp.OBJECTIVES[mode](net, opt, batch_with_normals(), cfg, torch.Generator().manual_seed(0))
+    logs = runtime.Runtime(torch.device("cpu")).run_objective(sttp.OBJECTIVES[mode], net, opt, batch_with_normals(),
+                                                              cfg, torch.Generator().manual_seed(0))
     assert "m2im_normals" in logs
     assert changed(before, net, "input_adapters.normals.") and changed(before, net, "output_adapters.normals.")
 
@@ -165,7 +167,7 @@ def test_finetuning_takes_the_new_modality_as_an_input(normals):
     opt = torch.optim.AdamW(seg.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in seg.state_dict().items()}
     fcfg = finetune.FinetuneConfig(p_missing=1.0)
-    rt = runtime.TrainingRuntime(torch.device("cpu"))
+    rt = runtime.Runtime(torch.device("cpu"))
     batch = batch_with_normals()
     logs = finetune.train_step(seg, opt, batch, fcfg, torch.Generator().manual_seed(0), rt)
     assert logs["loss"] > 0 and changed(before, seg, "input_adapters.normals.")

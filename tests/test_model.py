@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import masking
 import modalities
 import model as M
-from conftest import smooth_batch, tiny
+from util.runtime import resize_bilinear
+from conftest import run_objective, smooth_batch, tiny
 
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(range(3), r)]
 
@@ -108,7 +109,7 @@ def test_resize_bilinear_equals_interpolate(size, out):
     # F.interpolate does, values and gradients, up- and downsampling, odd sizes.
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, *size, generator=g, requires_grad=True)
-    got, want = M.resize_bilinear(x, out), F.interpolate(x, size=out, mode="bilinear", align_corners=False)
+    got, want = resize_bilinear(x, out), F.interpolate(x, size=out, mode="bilinear", align_corners=False)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     grad = torch.randn(want.shape, generator=g)
     torch.testing.assert_close(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0],
@@ -166,9 +167,9 @@ def test_pretraining_overfits_a_fixed_batch():
     cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32))
     g = torch.Generator().manual_seed(0)
     b = smooth_batch()
-    first = [sttp.mim(net, opt, b, cfg, g)["loss"] for _ in range(3)]
+    first = [run_objective("mim", net, opt, b, cfg, g)["loss"] for _ in range(3)]
     for _ in range(120):
-        last = sttp.mim(net, opt, b, cfg, g)["loss"]
+        last = run_objective("mim", net, opt, b, cfg, g)["loss"]
     assert last < 0.5 * sum(first) / 3, (first, last)
 
 

@@ -13,11 +13,12 @@ import torch
 
 import masking
 import model as M
-import report
-import reproduce
+from studies import report
+from studies import reproduce
 import sttp
 import train
 from conftest import ROOT, smooth_batch
+from util.runtime import Runtime
 
 
 def test_the_docs_table_is_the_registry():
@@ -45,26 +46,23 @@ def test_steps_per_batch_is_what_each_objective_does():
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32), teacher_iters=2)
         teacher = M.MaskMentor(net.cfg).eval().requires_grad_(False) if o.teacher else None
-        o(net, opt, smooth_batch(), cfg, torch.Generator().manual_seed(0), teacher)
+        Runtime(torch.device("cpu")).run_objective(o, net, opt, smooth_batch(), cfg, torch.Generator().manual_seed(0),
+                                                   teacher)
         assert opt.state[net.global_tokens]["step"].item() == o.steps_per_batch(cfg), name
 
 
 # A toy objective, added as the README says: two M²IM iterations per batch, each learning
 # the rgb pixels only, so the depth and semseg heads get no gradient (DDP must be told).
-def _rgb_loss(p, rows):
-    rgb = {k: v for k, v in p.losses.items() if k in ("rgb", "norm_rgb")}
-    return sum(rgb.values()), p.losses
+def _rgb_loss(p, targets):
+    return {k: m for k, m in p.losses.items() if k in ("rgb", "norm_rgb")}
 
 
-def twice(model, optimizer, batch, cfg, generator=None, teacher=None):
+def twice(cfg, generator=None):
     """Two M²IM iterations per batch, rgb pixels only."""
-    net = cfg.runtime.network(model)
-    inputs = sttp.prepare_inputs(batch, net.inputs)
     logs = {}
     for _ in range(2):
-        plan = sttp.draw_plan(net, inputs, cfg, True, generator)
-        numbers, _ = sttp.iteration(model, optimizer, inputs, plan, cfg, _rgb_loss)
-        logs = {k: logs.get(k, 0.0) + v / 2 for k, v in numbers.items()}
+        p = yield sttp.Iteration(drop_modalities=True, loss=_rgb_loss)
+        logs = {k: logs.get(k, 0.0) + v / 2 for k, v in p.logs.items()}
     return logs
 
 
@@ -113,7 +111,8 @@ def test_a_new_objective_gets_the_equal_step_budget(toy, tmp_path):
 
 WRAPPER = """import sys
 sys.path.insert(0, {tests!r})
-import sttp, train, cli
+import sttp, train
+from util import cli
 from test_objectives import TOY
 sttp.OBJECTIVES["twice"] = TOY
 cli.run_cli(lambda: train.main(sys.argv[1:]))

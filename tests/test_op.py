@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import masking
-import ops
+from util import ops
 from conftest import ROOT, gen
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -279,8 +279,10 @@ def test_mask_gather_dispatches_to_op(op, monkeypatch):
 
 
 def test_reference_forced_by_environment():
-    code = ("import torch, masking, ops\n"
+    code = ("import torch, masking\n"
+            "from util import ops\n"
             "print(ops.backend())\n"
+            "assert not masking.FUSED and not ops.available(torch.device('cpu'))\n"
             "x, noise = torch.randn(2, 12, 3), torch.rand(2, 12)\n"
             "nv = torch.tensor([[2, 1, 1], [1, 1, 2]])\n"
             "got, want = masking.mask_gather(x, noise, nv), masking.mask_gather_reference(x, noise, nv)\n"

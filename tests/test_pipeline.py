@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-import engine
+from util import engine, lr_sched
 import evaluate
 import finetune
 import train
-from cli import UserError
+from util.cli import UserError
 from conftest import ROOT
 
 
@@ -129,17 +129,17 @@ def test_checkpoints_of_the_wrong_kind_are_refused(tmp_path):
 
 
 def test_lr_schedule():
-    assert engine.lr_at(0, 100, 10, 1.0, 0.0) == 0.0
-    assert engine.lr_at(5, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
-    assert engine.lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
-    assert engine.lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.55)    # half-way down the cosine
-    assert engine.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert lr_sched.lr_at(0, 100, 10, 1.0, 0.0) == 0.0
+    assert lr_sched.lr_at(5, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert lr_sched.lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_sched.lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.55)    # half-way down the cosine
+    assert lr_sched.lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
 
 
 def test_layer_decay_groups():
     import model as M
     net = M.Segmenter(M.PRESETS["tiny"])
-    groups = engine.param_groups(net, 0.05, 0.5)
+    groups = lr_sched.param_groups(net, 0.05, 0.5)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     depth = len(net.encoder)

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 import data
-import diagnostics
-import engine
+from studies import diagnostics
 import masking
 import model as M
-import report
-import reproduce as R
+from studies import report
+from studies import reproduce as R
+from util import checkpoints
 import sttp
 import train
+from conftest import run_objective
 
 
 def test_every_pretraining_variant_gets_the_same_optimiser_steps():
@@ -73,8 +74,8 @@ def test_budget_counter_counts_steps_and_the_images_behind_each():
     batch = data.collate([ds[i] for i in range(4)])
     ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32))
     with R.BudgetCounter() as count:
-        sttp.sttp(net, opt, batch, ocfg)            # 3 teacher + 1 student step
-        sttp.kd(net, opt, batch, ocfg, teacher=teacher)   # the frozen teacher's forward is not learning
+        run_objective("sttp", net, opt, batch, ocfg, None)                 # 3 teacher + 1 student step
+        run_objective("kd", net, opt, batch, ocfg, None, teacher)          # the frozen teacher's forward is not learning
     got = count.summary()
     # the student step of sttp and kd's one step see Algorithm 1's input; each step at lr 1e-4
     assert {k: got[k] for k in ("steps", "images", "images_per_step", "missing_modality_steps")} == \
@@ -87,7 +88,7 @@ def test_the_kd_teacher_is_frozen_and_separate(tmp_path):
     torch.manual_seed(0)
     source = M.MaskMentor(cfg)
     path = str(tmp_path / "ckpt.pt")
-    engine.save_checkpoint({"model": source.state_dict(), "config": {}, "kind": "pretrain",
+    checkpoints.save_checkpoint({"model": source.state_dict(), "config": {}, "kind": "pretrain",
                            "model_config": dataclasses.asdict(cfg)}, path)
     student = M.MaskMentor(cfg)
     student.load_state_dict(source.state_dict())          # even starting from the same weights
@@ -98,8 +99,8 @@ def test_the_kd_teacher_is_frozen_and_separate(tmp_path):
     ds = data.build_dataset("synthetic", None, "train", image_size=64)
     batch = data.collate([ds[i] for i in range(4)])
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    logs = sttp.kd(student, opt, batch, sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32)),
-                   torch.Generator().manual_seed(0), teacher)
+    logs = run_objective("kd", student, opt, batch, sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32)),
+                         torch.Generator().manual_seed(0), teacher)
     assert logs["token"] > 0                                  # a real signal
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-import rooms
+from util import rooms
 from conftest import ROOT, one_line_error
 
 # The last commit whose rooms.py had no cues: the renderer every existing number comes from.

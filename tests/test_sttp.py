@@ -9,7 +9,7 @@ import masking
 import modalities
 import model as M
 import sttp
-from conftest import smooth_batch
+from conftest import one_forward, run_objective, smooth_batch
 
 
 def setup(seed=0):
@@ -49,9 +49,9 @@ class Spy:
 def test_optimiser_steps_per_batch(monkeypatch, name, expected):
     net, opt, cfg, g = setup()
     spy = Spy(monkeypatch, opt)
-    sttp.OBJECTIVES[name](net, opt, smooth_batch(), cfg, g)
+    run_objective(name, net, opt, smooth_batch(), cfg, g)
     assert spy.steps == expected
-    sttp.OBJECTIVES[name](net, opt, smooth_batch(), cfg, g)
+    run_objective(name, net, opt, smooth_batch(), cfg, g)
     assert spy.steps == expected * 2
     assert opt.state[net.global_tokens]["step"].item() == 2 * len(expected)
     o = sttp.OBJECTIVES[name]                   # what the registry declares is what it does
@@ -63,13 +63,14 @@ def test_optimiser_steps_per_batch(monkeypatch, name, expected):
 def test_token_loss_values():
     a = {m: torch.randn(2, 5, 8, requires_grad=True) for m in modalities.DEFAULT}
     same = {m: t.detach().clone() for m, t in a.items()}
-    assert sttp.token_loss(a, same, modalities.DEFAULT).item() == pytest.approx(0.0, abs=1e-6)
+    value = lambda t: sttp.token_loss(a, t, modalities.DEFAULT).value()
+    assert value(same).item() == pytest.approx(0.0, abs=1e-6)
     scaled = {m: 3 * t for m, t in same.items()}                          # cosine ignores scale
-    assert sttp.token_loss(a, scaled, modalities.DEFAULT).item() == pytest.approx(0.0, abs=1e-6)
+    assert value(scaled).item() == pytest.approx(0.0, abs=1e-6)
     opposite = {m: -t for m, t in same.items()}
-    assert sttp.token_loss(a, opposite, modalities.DEFAULT).item() == pytest.approx(2.0, abs=1e-6)
+    assert value(opposite).item() == pytest.approx(2.0, abs=1e-6)
     other = {m: torch.randn(2, 5, 8) for m in modalities.DEFAULT}
-    loss = sttp.token_loss(a, other, modalities.DEFAULT)
+    loss = value(other)
     assert 0 < loss.item() < 2
     loss.backward()
     assert all(t.grad is not None for t in a.values())
@@ -77,9 +78,9 @@ def test_token_loss_values():
 
 def test_token_mode_student_has_token_loss_only():
     net, opt, cfg, g = setup()
-    logs = sttp.token(net, opt, smooth_batch(), cfg, g)
+    logs = run_objective("token", net, opt, smooth_batch(), cfg, g)
     assert logs["loss"] == pytest.approx(logs["token"])
-    logs = sttp.sttp(net, opt, smooth_batch(), cfg, g)
+    logs = run_objective("sttp", net, opt, smooth_batch(), cfg, g)
     pixel = sum(v for k, v in logs.items() if k.startswith(sttp.M2IM))
     assert logs["loss"] == pytest.approx(pixel + logs["token"], rel=1e-5)
 
@@ -89,12 +90,12 @@ def test_kd_teacher_stays_frozen():
     teacher = M.MaskMentor(net.cfg).requires_grad_(False).eval()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = net.global_tokens.detach().clone()
-    logs = sttp.kd(net, opt, smooth_batch(), cfg, g, teacher=teacher)
+    logs = run_objective("kd", net, opt, smooth_batch(), cfg, g, teacher=teacher)
     assert logs["token"] > 0
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not torch.equal(student_before, net.global_tokens)
-    with pytest.raises(ValueError):
-        sttp.kd(net, opt, smooth_batch(), cfg, g)
+    with pytest.raises(ValueError, match="teacher"):
+        run_objective("kd", net, opt, smooth_batch(), cfg, g)
 
 
 def test_pixel_loss_counts_masked_patches_only():
@@ -104,7 +105,9 @@ def test_pixel_loss_counts_masked_patches_only():
     plan = masking.plan_masking(2, 3, 64, masking.MaskingConfig(budget=32), True, g)
     with torch.no_grad():
         preds, _, masked = net(inputs, plan)
-    base = sttp.pixel_losses(preds, inputs, masked.mask, net)
+    weights = sttp.loss_weights(net, inputs, masked.mask, plan.keep, "all")
+    losses = lambda p: {k: m.value() for k, m in sttp.pixel_losses(p, inputs, weights, net.cfg.patch_size).items()}
+    base = losses(preds)
     # Change the predictions at visible patches only: the loss must not move.
     vis = (~masked.mask).view(2, 3, 8, 8)
     px = vis[:, :, :, None, :, None].expand(2, 3, 8, 8, 8, 8).reshape(2, 3, 64, 64)
@@ -113,13 +116,12 @@ def test_pixel_loss_counts_masked_patches_only():
                "norm_rgb": torch.where(px[:, None, 0], 5.0, preds["norm_rgb"]),
                "depth": torch.where(px[:, None, 1], 5.0, preds["depth"]),
                "semseg": torch.where(px4[:, None, 2], 5.0, preds["semseg"])}
-    same = sttp.pixel_losses(changed, inputs, masked.mask, net)
+    same = losses(changed)
     for k in base:
         assert same[k].item() == pytest.approx(base[k].item(), rel=1e-6), k
     # ... and at the masked ones it must.
-    moved = sttp.pixel_losses({k: v + 1.0 if k != "semseg" else v for k, v in preds.items()} |
-                              {"semseg": torch.where(px4[:, None, 2], preds["semseg"], -preds["semseg"])},
-                              inputs, masked.mask, net)
+    moved = losses({k: v + 1.0 if k != "semseg" else v for k, v in preds.items()} |
+                   {"semseg": torch.where(px4[:, None, 2], preds["semseg"], -preds["semseg"])})
     for k in base:
         assert moved[k].item() != pytest.approx(base[k].item(), rel=1e-3), k
 
@@ -127,8 +129,9 @@ def test_pixel_loss_counts_masked_patches_only():
 def test_masked_mean_skips_samples_without_masked_pixels():
     loss = torch.tensor([[[1.0, 1.0]], [[7.0, 7.0]]])
     w = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])
-    assert sttp._masked_mean(loss, w, sttp.Runtime()).item() == 1.0         # not (1 + 0) / 2
-    assert sttp._masked_mean(loss, torch.zeros_like(w), sttp.Runtime()).item() == 0.0
+    mean = lambda w: sttp._masked_mean(loss, sttp.Weights(w, (w.flatten(1).sum(1) > 0).sum())).value()
+    assert mean(w).item() == 1.0                                              # not (1 + 0) / 2
+    assert mean(torch.zeros_like(w)).item() == 0.0
 
 
 def test_patch_normalize():
@@ -144,9 +147,9 @@ def test_sttp_loss_goes_down():
     for group in opt.param_groups:
         group["lr"] = 2e-3
     b = smooth_batch()
-    first = sttp.sttp(net, opt, b, cfg, g)
+    first = run_objective("sttp", net, opt, b, cfg, g)
     for _ in range(30):
-        last = sttp.sttp(net, opt, b, cfg, g)
+        last = run_objective("sttp", net, opt, b, cfg, g)
     assert last["teacher_loss"] < 0.6 * first["teacher_loss"]
     student_first = sum(v for k, v in first.items() if k.startswith(sttp.M2IM))
     student_last = sum(v for k, v in last.items() if k.startswith(sttp.M2IM))
@@ -179,7 +182,7 @@ def test_missing_positions_put_no_weight_on_kept_modalities():
     net, *_ = setup()
     inputs, tokens, masked, keep = fixed_student(net, [True, False, True])      # depth missing
     weight = sttp.token_weight("missing", keep, masked.mask)
-    sttp.token_loss(tokens, teacher_tokens(net, inputs), net.inputs, weight).backward()
+    sttp.token_loss(tokens, teacher_tokens(net, inputs), net.inputs, sttp.Weights(weight, weight.sum())).value().backward()
     assert tokens["rgb"].grad.abs().max() == 0 and tokens["semseg"].grad.abs().max() == 0
     assert (tokens["depth"].grad.abs().sum(-1) > 0).all()                       # every depth position
 
@@ -188,7 +191,7 @@ def test_hidden_positions_put_no_weight_on_visible_tokens():
     net, *_ = setup()
     inputs, tokens, masked, keep = fixed_student(net, [True, True, False])      # semseg missing
     weight = sttp.token_weight("hidden", keep, masked.mask)
-    sttp.token_loss(tokens, teacher_tokens(net, inputs), net.inputs, weight).backward()
+    sttp.token_loss(tokens, teacher_tokens(net, inputs), net.inputs, sttp.Weights(weight, weight.sum())).value().backward()
     grad = torch.cat([tokens[m].grad.abs().sum(-1) for m in net.inputs], dim=1)    # [B, K*N]
     assert (grad[~masked.mask] == 0).all() and (grad[masked.mask] > 0).all()
     assert masked.mask[:, 128:].all()                                               # semseg: all hidden
@@ -201,8 +204,9 @@ def test_pooled_token_loss_is_the_mean_over_the_selected_positions():
     weight = torch.tensor([[1., 0., 0., 1., 1., 0.], [0., 0., 0., 0., 0., 1.]])
     cos = torch.cat([torch.nn.functional.cosine_similarity(s[m], t[m], dim=-1) for m in ("rgb", "depth")], dim=1)
     want = (1 - cos)[weight.bool()].mean()
-    torch.testing.assert_close(sttp.token_loss(s, t, ("rgb", "depth"), weight), want)
-    assert sttp.token_loss(s, t, ("rgb", "depth"), torch.zeros(2, 6)).item() == 0.0
+    pooled = lambda w: sttp.token_loss(s, t, ("rgb", "depth"), sttp.Weights(w, w.sum())).value()
+    torch.testing.assert_close(pooled(weight), want)
+    assert pooled(torch.zeros(2, 6)).item() == 0.0
 
 
 @pytest.mark.parametrize("norm", ["center", "standardize"])
@@ -225,7 +229,9 @@ def test_teacher_complete_targets_equal_a_separate_complete_forward():
     net, _, cfg, g = setup()
     cfg = dataclasses.replace(cfg, token_target="teacher_complete")
     inputs = modalities.prepare_inputs(smooth_batch(), net.inputs)
-    targets = sttp.teacher_targets(net, inputs, cfg, g)
+    it = sttp.fresh_target(cfg)
+    with torch.no_grad():
+        targets = one_forward(net, inputs, sttp.input_plan(it, 4, 3, 64, cfg, g, "cpu")).tokens
     # every patch visible, in a random order this time: attention does not care about order
     B, K, N = 4, 3, 64
     plan = masking.MaskPlan(torch.ones(B, K, dtype=torch.bool), torch.full((B, K), N),
@@ -251,7 +257,7 @@ def test_no_gradient_reaches_any_target(monkeypatch, mode, target):
         return real(student, targets, *a, **k)
 
     monkeypatch.setattr(sttp, "token_loss", spy)
-    logs = sttp.OBJECTIVES[mode](net, opt, smooth_batch(), cfg, g, teacher)
+    logs = run_objective(mode, net, opt, smooth_batch(), cfg, g, teacher)
     assert all(not t.requires_grad and t.grad_fn is None for t in seen["targets"].values())
     assert all(s.requires_grad for s in seen["student"].values())
     assert logs["token"] > 0
@@ -278,17 +284,27 @@ def test_sttp_written_out_step_for_step(norm):
         std = torch.sqrt(((t - mean) ** 2).sum((0, 1)) / (n - 1) + 1e-6)
         return (s - mean) / std, (t - mean) / std
 
-    for step in range(2):
-        logs = sttp.sttp(net_a, opt_a, batch, cfg, torch.Generator().manual_seed(step))
-        g = torch.Generator().manual_seed(step)
+    def step(loss):
+        opt_b.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_b.step()
+
+    def forward(inputs, drop_modalities, g):
+        plan = masking.plan_masking(4, 3, 64, cfg.masking, drop_modalities, g)
+        p = one_forward(net_b, inputs, plan)
+        return p, sum(m.value() for m in p.losses.values())
+
+    for i in range(2):
+        logs = run_objective("sttp", net_a, opt_a, batch, cfg, torch.Generator().manual_seed(i))
+        g = torch.Generator().manual_seed(i)
         inputs = modalities.prepare_inputs(batch, net_b.inputs)
         for _ in range(cfg.teacher_iters):
-            last = sttp._forward(net_b, inputs, cfg, False, g)
-            cfg.runtime.step(net_b, opt_b, sum(last.losses.values()))
-        student = sttp._forward(net_b, inputs, cfg, True, g)
+            last, pixel = forward(inputs, False, g)
+            step(pixel)
+        student, pixel = forward(inputs, True, g)
         pairs = [standardised(student.tokens[m].float(), last.tokens[m].detach().float()) for m in net_b.inputs]
         tok = torch.stack([1 - torch.nn.functional.cosine_similarity(s, t, dim=-1).mean() for s, t in pairs]).mean()
-        cfg.runtime.step(net_b, opt_b, cfg.token_weight * tok + sum(student.losses.values()))
+        step(cfg.token_weight * tok + pixel)
         assert logs["token"] == float(tok.detach())
     for (k, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
         assert torch.equal(a, b), k

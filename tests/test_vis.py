@@ -13,7 +13,7 @@ import evaluate
 import masking
 import model as M
 import train
-import vis
+from util import vis
 from conftest import make_esanet, real_sample
 
 

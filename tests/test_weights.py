@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoints
+from util import checkpoints
 import modalities
 import model as M
-from cli import UserError
+from util import vit_weights
+from util.cli import UserError
 from conftest import tiny
 
 
@@ -145,7 +146,7 @@ def test_timm_vit_with_layer_scale_is_refused():
     import timm                 # requirements.txt: a test dependency, on CI too
     vit = timm_vit(timm, tiny(), init_values=1e-5)                 # blocks.N.ls1.gamma
     with pytest.raises(ValueError, match="ls1.gamma"):
-        M.load_encoder_weights(M.Segmenter(tiny()), vit.state_dict())
+        vit_weights.load_encoder_weights(M.Segmenter(tiny()), vit.state_dict())
 
 
 def test_mae_checkpoint_loads_and_reports_its_decoder_ignored(tmp_path):
@@ -226,7 +227,7 @@ def test_multimae_checkpoint_loads_the_encoder_and_its_position_tables(tmp_path)
             torch.testing.assert_close(own[k], v)
     assert sum(k.startswith("output_adapters.") for k in report.loaded) > 100
     # a fine-tuning network has no decoders: ignored
-    seg_report = M.load_encoder_weights(M.Segmenter(cfg), state)
+    seg_report = vit_weights.load_encoder_weights(M.Segmenter(cfg), state)
     assert all(k in seg_report.ignored for k in state if k.startswith("output_adapters."))
     x = {"rgb": torch.randn(2, 3, 64, 64), "depth": torch.randn(2, 1, 64, 64),
          "semseg": torch.randint(0, 7, (2, 16, 16))}
@@ -240,9 +241,9 @@ def test_multimae_checkpoint_loads_the_encoder_and_its_position_tables(tmp_path)
     # The same classes without our 'ignore' row are padded (MultiMAE's fine-tuning does so);
     # the fine-tuning model has no semseg input: its table is ignored.
     state = multimae_state(cfg, class_rows=7)
-    report = M.load_encoder_weights(M.MaskMentor(cfg), state)
+    report = vit_weights.load_encoder_weights(M.MaskMentor(cfg), state)
     assert "input_adapters.semseg.class_emb.weight" in report.loaded
-    report = M.load_encoder_weights(M.Segmenter(cfg), state)
+    report = vit_weights.load_encoder_weights(M.Segmenter(cfg), state)
     assert report.ignored["input_adapters.semseg.pos_emb"] == "no such input in this model"
 
 
@@ -257,7 +258,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(kw, vit_b, tmp_pa
     state = vit_state(M.PRESETS["base"], only=("norm1.weight", "norm1.bias"), **kw)
     net = vit_b
     with pytest.raises(ValueError) as e:
-        M.encoder_state_from_checkpoint(state, net)
+        vit_weights.encoder_state_from_checkpoint(state, net)
     msg = str(e.value)
     assert "\n" not in msg and "does not fit" in msg and "ViT-B/16" in msg, msg
     path = tmp_path / "vit.pth"
@@ -273,7 +274,7 @@ def test_a_224_table_is_resized_for_another_grid():
     cfg = tiny()
     state = vit_state(cfg)
     net = M.Segmenter(dataclasses.replace(cfg, image_size=96)).eval()
-    report = M.load_encoder_weights(net, state)
+    report = vit_weights.load_encoder_weights(net, state)
     assert any("resized to 12x12" in line for line in report.summary())
     table = state["pos_embed"][:, 1:].transpose(1, 2).reshape(1, cfg.width, 8, 8)
     x = torch.randn(1, 3, 96, 96)
@@ -290,7 +291,7 @@ def test_the_position_table_survives_save_and_load(tmp_path):
     cfg = tiny()
     assert not any("pos_emb" in k for k in M.MaskMentor(cfg).state_dict())   # nothing extra by default
     pre = M.MaskMentor(cfg)
-    M.load_encoder_weights(pre, vit_state(cfg))
+    vit_weights.load_encoder_weights(pre, vit_state(cfg))
     path = tmp_path / "ckpt.pt"
     torch.save({"model": pre.state_dict()}, path)
     saved = torch.load(path, map_location="cpu", weights_only=True)["model"]
@@ -313,7 +314,7 @@ def test_the_position_table_survives_save_and_load(tmp_path):
 
 def test_not_a_vit_is_refused():
     with pytest.raises(ValueError, match="no ViT encoder"):
-        M.encoder_state_from_checkpoint({"state_dict": {"conv1.weight": torch.zeros(1)}}, M.Segmenter(tiny()))
+        vit_weights.encoder_state_from_checkpoint({"state_dict": {"conv1.weight": torch.zeros(1)}}, M.Segmenter(tiny()))
 
 
 def test_init_encoder_turns_bad_files_into_one_line(tmp_path):
@@ -368,14 +369,14 @@ def test_an_incomplete_or_foreign_encoder_is_refused_in_one_line():
     state = multimae_state(cfg)
     del state["encoder.2.mlp.fc1.weight"]
     with pytest.raises(ValueError, match="lacks 1 encoder tensor.*encoder.2.mlp.fc1.weight"):
-        M.load_encoder_weights(M.MaskMentor(cfg), state)
+        vit_weights.load_encoder_weights(M.MaskMentor(cfg), state)
     state = multimae_state(cfg)
     del state["global_tokens"]
     with pytest.raises(ValueError, match="global_tokens"):
-        M.load_encoder_weights(M.Segmenter(cfg), state)
+        vit_weights.load_encoder_weights(M.Segmenter(cfg), state)
     renamed = {k.replace("encoder.", "encoder.layers."): v for k, v in multimae_state(cfg).items()}
     with pytest.raises(ValueError, match="encoder.layers.0.*not a block of MultiMAE's encoder"):
-        M.load_encoder_weights(M.Segmenter(cfg), renamed)
+        vit_weights.load_encoder_weights(M.Segmenter(cfg), renamed)
 
 
 def test_a_pre_training_checkpoint_of_this_project_initialises_everything(tmp_path):

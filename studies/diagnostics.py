@@ -1,4 +1,4 @@
-"""diagnostics.py — the checks to make before believing (or tuning) a result: what the
+"""studies/diagnostics.py — the checks to make before believing (or tuning) a result: what the
 input degradations do to a model, whether pre-training converged and taught what it is
 meant to, and what the synthetic rooms' cross-modal cues give before anything is trained.
 
@@ -6,8 +6,8 @@ meant to, and what the synthetic rooms' cross-modal cues give before anything is
     pretrain_diagnostics("out/reproduce/mim/seed0/pretrain") # loss log, reconstruction from one modality, token signal
     cross_modal_predictability(0.5)                         # per class: how well one modality predicts the other
 
-reproduce.py runs the experiments and calls these on every run (its robustness table and
-ablation.md's diagnostics sections); report.py writes what they return. Nothing here
+studies/reproduce.py runs the experiments and calls these on every run (its robustness table and
+ablation.md's diagnostics sections); studies/report.py writes what they return. Nothing here
 trains a model: the predictability probe fits a small regressor of its own.
 """
 from __future__ import annotations
@@ -27,12 +27,11 @@ import evaluate
 import masking
 import model as M
 import modalities
-import rooms
 import sttp
 import train
-import vis
-from checkpoints import load_checkpoint
-from report import DIAG_IMAGES, steps_per_batch
+from studies.report import DIAG_IMAGES, steps_per_batch
+from util import rooms, vis
+from util.checkpoints import load_checkpoint
 
 # -----------------------------------------------------------------------------
 # Degraded inputs (the robustness table). Each takes the batch's depth (metres, 0 = missing)
@@ -149,10 +148,10 @@ def token_agreement(student: dict, teacher: dict) -> dict:
     mean = {m: t.mean(0, keepdim=True) for m, t in teacher.items()}
     other = {m: t.roll(1, 0) for m, t in teacher.items()}
     centred = lambda d: {m: d[m] - mean[m] for m in d}
-    return {"raw_matched": float(sttp.token_loss(student, teacher, names)),
-            "raw_other_image": float(sttp.token_loss(student, other, names)),
-            "centred_matched": float(sttp.token_loss(centred(student), centred(teacher), names)),
-            "centred_other_image": float(sttp.token_loss(centred(student), centred(other), names))}
+    loss = lambda s, t: float(sttp.token_loss(s, t, names).value())
+    return {"raw_matched": loss(student, teacher), "raw_other_image": loss(student, other),
+            "centred_matched": loss(centred(student), centred(teacher)),
+            "centred_other_image": loss(centred(student), centred(other))}
 
 
 PIXEL_TERMS = ("rgb", "norm_rgb", "depth", "semseg")
@@ -198,7 +197,7 @@ def pretrain_diagnostics(pretrain_dir: str, n_images: int = DIAG_IMAGES) -> dict
     net = M.MaskMentor(M.ModelConfig.from_dict(ckpt["model_config"]))
     net.load_state_dict(ckpt["model"])
     net.eval()
-    ocfg = train.objective_config(train.TrainConfig(**ckpt["config"]), sttp.Runtime())
+    ocfg = train.objective_config(train.TrainConfig(**ckpt["config"]))
     mcfg = ocfg.masking
     test = data.build_dataset("synthetic", None, "test", image_size=net.cfg.image_size,
                               cues=ckpt["config"].get("cues", 0.0))
@@ -211,24 +210,33 @@ def pretrain_diagnostics(pretrain_dir: str, n_images: int = DIAG_IMAGES) -> dict
         for cond, keep in vis.RECON_CONDITIONS.items():
             kept = torch.tensor([keep is None or m in keep for m in net.inputs]).expand(B, K)
             plan = masking.plan_masking(B, K, N, mcfg, False, torch.Generator().manual_seed(0), keep=kept)
-            preds, _, masked = net(inputs, plan)
-            recon[cond] = {k: float(v) for k, v in sttp.pixel_losses(preds, inputs, masked.mask, net).items()}
+            recon[cond] = {k: float(v.value()) for k, v in _forward(net, inputs, plan, "all").losses.items()}
     g = torch.Generator().manual_seed(1)
-    targets = sttp.teacher_targets(net, inputs, ocfg, g)       # "last_teacher_step": a teacher pass, no step
-    student = sttp._forward(net, inputs, ocfg, True, g)
-    tokens = token_agreement({m: t.detach() for m, t in student.tokens.items()}, targets)
+    # The run's own target (a fresh forward: "last_teacher_step" is a teacher pass without its step)
+    with torch.no_grad():
+        target = _forward(net, inputs, sttp.input_plan(sttp.fresh_target(ocfg), B, K, N, ocfg, g, "cpu"), "all")
+    it = sttp.student_iteration(target.tokens, ocfg)
+    student = _forward(net, inputs, sttp.input_plan(it, B, K, N, ocfg, g, "cpu"), ocfg.token_positions)
+    tokens = token_agreement({m: student.tokens[m].detach() for m in it.targets}, it.targets)
     encoder = [p for n, p in net.named_parameters() if n.startswith(("encoder.", "input_adapters.", "global_tokens"))]
     norm = lambda loss: float(torch.cat([g.flatten() for g in torch.autograd.grad(
         loss, encoder, retain_graph=True, allow_unused=True) if g is not None]).norm())
-    pixel = norm(sum(student.losses.values()))
-    tokens["grad_share"] = norm(ocfg.token_weight * sttp._student_token_loss(student, targets, net.inputs, ocfg)) / pixel
+    pixel = norm(sum(m.value() for m in student.losses.values()))
+    token = it.loss(student, it.targets)["token"]
+    tokens["grad_share"] = norm(token.weight * token.value()) / pixel
     batches = ckpt["config"]["subset"] // ckpt["config"]["batch_size"]       # the loader drops the last
     return {"train_log": loss_log(os.path.join(pretrain_dir, "log.jsonl"), batches), "reconstruction": recon,
             "tokens": tokens}
 
 
+def _forward(net: M.MaskMentor, inputs: dict, plan, token_positions: str) -> sttp.Pass:
+    """One forward of a pre-training network on one process, as util/runtime.py runs it."""
+    weights = sttp.loss_weights(net, inputs, masking.hidden_mask(plan), plan.keep, token_positions)
+    return sttp.masked_forward(net, inputs, plan, weights, net.cfg.patch_size)
+
+
 # -----------------------------------------------------------------------------
-# The synthetic rooms' cross-modal cues (rooms.py, "Cross-modal cues"): what the knob does,
+# The synthetic rooms' cross-modal cues (util/rooms.py, "Cross-modal cues"): what the knob does,
 # measured before anything is trained: per class, how well a small regressor predicts one
 # modality from a neighbourhood of the other.
 

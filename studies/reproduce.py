@@ -1,8 +1,8 @@
-"""reproduce.py — the paper's ablations (Tables 3 and 4) at toy scale, with seeds, equal
+"""studies/reproduce.py — the paper's ablations (Tables 3 and 4) at toy scale, with seeds, equal
 budgets, the cost of each pre-training, and a robustness table the paper does not have.
 
-    python reproduce.py             # 6 variants x 3 seeds on the synthetic rooms (~43 min on 2 cores)
-    python reproduce.py --quick     # a miniature of everything (~2 min): checks the machinery, not the ordering
+    python studies/reproduce.py             # 6 variants x 3 seeds on the synthetic rooms (~43 min on 2 cores)
+    python studies/reproduce.py --quick     # a miniature of everything (~2 min): checks the machinery, not the ordering
 
 The paper's claim is an ordering (docs/method.md §8): on missing-modality input M²IM beats plain
 multi-modal MIM, and STTP's self-teaching beats both, while costing less than a separately
@@ -36,8 +36,8 @@ the checks to make before believing, or tuning, the tables.
 
 This file runs experiments: it builds each run's flags, runs and counts them, and hands the
 results on. What a run is measured with (the input conditions and degradations, the
-diagnostics, the cue probe) is diagnostics.py; the tables and charts are written by
-report.py (drawn by charts.py); the cost table's timing is bench.median_times.
+diagnostics, the cue probe) is studies/diagnostics.py; the tables and charts are written by
+studies/report.py (drawn by util/charts.py); the cost table's timing is bench.median_times.
 
 Outputs in --out_dir (default results/): ablation.md (tables laid out like the paper's, its
 NYU numbers beside ours, the diagnostics), ablation.json (everything, per seed), ablation.png (grouped bars
@@ -61,21 +61,20 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from tqdm import tqdm
 
-import bench
 import data
-import diagnostics
 import evaluate
 import finetune
 import masking
 import model as M
-import report
-import rooms
 import sttp
 import train
-from checkpoints import load_checkpoint
-from cli import UserError, arg, check_numbers, parse_config, run_cli
-from engine import Subset
-from report import (DEFAULT_VARIANTS, REFERENCE_MODE, ROBUST_VARIANTS, VARIANT_FLAGS, VARIANTS,
+from studies import bench, diagnostics, report
+from util import rooms
+from util.checkpoints import load_checkpoint
+from util.cli import UserError, arg, check_numbers, parse_config, run_cli
+from util.runs import Subset
+from util.runtime import Runtime
+from studies.report import (DEFAULT_VARIANTS, REFERENCE_MODE, ROBUST_VARIANTS, VARIANT_FLAGS, VARIANTS,
                     ordering_checks, steps_per_batch, summarise, summarise_diagnostics, teacher_variant,
                     variant_epochs, write_markdown)
 
@@ -106,7 +105,7 @@ class ReproConfig:
                                tuple(sttp.TOKEN_POSITIONS))
     token_norm: str = arg("standardize", "their token normalisation (train.py --token_norm)",
                           tuple(sttp.TOKEN_NORMS))
-    cues: float = arg(0.0, "the synthetic rooms' cue level for every run (rooms.py; 0 = the rooms without cues)")
+    cues: float = arg(0.0, "the synthetic rooms' cue level for every run (util/rooms.py; 0 = the rooms without cues)")
     study: str = arg("", "instead of the ablation: 'token', the one-factor study of the token target, positions "
                      "and normalisation (results/token_study/); 'cues', MIM, M²IM and MaskMentor at cue levels "
                      "0, 0.5 and 1 (results/cues/); 'regime', from scratch against adapting a foundation, "
@@ -514,7 +513,9 @@ def _measure_cost(cfg: ReproConfig, repeats: int) -> dict:
     # "sttp <target>": STTP with that --token_target (the default, last_teacher_step, is "sttp")
     runs = {"mim": ocfg, "sttp": ocfg, "kd": ocfg,
             **{f"sttp {t}": dataclasses.replace(ocfg, token_target=t) for t in list(sttp.TOKEN_TARGETS)[1:]}}
-    one_batch = lambda name: lambda: sttp.OBJECTIVES[name.split()[0]](net, opt, batch, runs[name], g, teacher)
+    rt = Runtime(torch.device("cpu"))
+    one_batch = lambda name: lambda: rt.run_objective(sttp.OBJECTIVES[name.split()[0]], net, opt, batch, runs[name],
+                                                      g, teacher)
     times = bench.median_times([one_batch(m) for m in runs], torch.device("cpu"), repeats, warmup=1)
     per_batch = dict(zip(runs, times))
     batches = cfg.pretrain_images // cfg.batch_size

@@ -1,4 +1,4 @@
-"""bench.py — how much faster the fused mask_gather op (csrc/) is than the reference, and
+"""studies/bench.py — how much faster the fused mask_gather op (csrc/) is than the reference, and
 what the paper's training steps cost.
 
 Times torch.ops.maskmentor.mask_gather against masking.mask_gather_reference on the same
@@ -16,10 +16,10 @@ reference alternate within a repetition, so that a noisy machine slows both alik
 CUDA the forward's achieved bandwidth (bytes read + written / time) is also reported, as
 a fraction of the GPU's peak (queried, or --peak_gbps).
 
-    python bench.py                      # CPU
-    python bench.py --device cuda --reps 200
-    python bench.py --threads 1          # single-threaded CPU kernels
-    python bench.py --steps none         # skip the end-to-end pre-training steps
+    python studies/bench.py                      # CPU
+    python studies/bench.py --device cuda --reps 200
+    python studies/bench.py --threads 1          # single-threaded CPU kernels
+    python studies/bench.py --steps none         # skip the end-to-end pre-training steps
 
 Then, end to end: one pre-training step (sttp.mim: masking, forward, the pixel losses,
 backward, AdamW) of the `tiny` and `base` models with the op and with the reference,
@@ -35,15 +35,15 @@ code's record_function ranges). From these, an ESTIMATE of the paper's whole sch
 H100-hours at an assumed utilisation (--peak_tflops, --mfu), and the same schedule
 extrapolated from the step times measured here.
 
-    python bench.py --device cuda --cost base
-    python bench.py --cost base --cost_reps 1 --steps none    # CPU: ~20 min, ~18 GB (fine-tuning)
+    python studies/bench.py --device cuda --cost base
+    python studies/bench.py --cost base --cost_reps 1 --steps none    # CPU: ~20 min, ~18 GB (fine-tuning)
 
 With --memory base (or tiny): the peak memory of one fine-tuning step at the preset's sizes
 (base: ViT-B, 640x640, batch 2) as it is, with --grad_ckpt, with --accum_steps 2 and with
 both, each in a fresh process (a process's peak RSS never goes down), beside the memory
 held before the step (weights, optimiser state, the batch), and the step's time.
 
-    python bench.py --memory base --steps none     # CPU: ~10 min, up to ~17 GB
+    python studies/bench.py --memory base --steps none     # CPU: ~10 min, up to ~17 GB
 
 --gpu_check is the ready check for a machine with a GPU, one command under 10 minutes:
 it builds the CUDA op in place, runs `pytest -m gpu`, the op benchmark (forward bandwidth
@@ -51,9 +51,9 @@ as a fraction of the device's peak), one bfloat16 pre-training batch of each obj
 one fine-tuning step of the base preset (images/s, peak memory), the --memory table, and,
 with two or more GPUs, a 2-process NCCL run of train.py with --stop_after.
 
-    python bench.py --gpu_check
+    python studies/bench.py --gpu_check
 
-With --compile_steps all (or tiny), eager against --compile (runtime.TrainingRuntime: the
+With --compile_steps all (or tiny), eager against --compile (util/runtime.Runtime: the
 whole pass compiled with fullgraph=True) for the tiny preset at its training batch and
 the base preset at batch 4: one MIM step, one STTP batch (3 teacher + 1 student steps) and
 one fine-tuning step (at the pre-training image size), each in a fresh subprocess with
@@ -63,8 +63,8 @@ what is live when it starts (GPU: max allocated; CPU: from a profile_memory trac
 `tensor_memory_peak`), compiled / eager ratios, and the compile time (the first call's
 time minus a step's).
 
-    python bench.py --compile_steps all --steps none --reps 5    # CPU, idle machine
-    python bench.py --compile_steps tiny --compile_quick --compile_reps 2 --steps none --reps 2  # a check
+    python studies/bench.py --compile_steps all --steps none --reps 5    # CPU, idle machine
+    python studies/bench.py --compile_steps tiny --compile_quick --compile_reps 2 --steps none --reps 2  # a check
 
 On CPU, torch allocates with malloc. glibc hands blocks this large (a ViT-B gradient is
 22 MB) back to the kernel when they are freed, or not, depending on the process's
@@ -92,7 +92,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import masking
-import ops
+from util import ops
 
 SHAPES = {
     "tiny": dict(B=32, K=3, N=64, D=128, V=32),
@@ -143,7 +143,7 @@ def timer(device):
 def median_times(fns, device, reps, warmup):
     """Median seconds of each function over `reps` rounds, after `warmup` untimed ones; in
     each round every function runs once, in turn, so that load changes on a noisy machine
-    hit all of them alike. Every timing here and reproduce.py's cost table take it."""
+    hit all of them alike. Every timing here and studies/reproduce.py's cost table take it."""
     run = timer(device)
     for _ in range(warmup):
         for fn in fns:
@@ -217,10 +217,10 @@ def main():
         return compile_worker(*args.compile_worker, args)
 
     if not ops.LOADED:
-        raise SystemExit(f"bench.py: the fused op is not available: {ops.backend()}")
+        raise SystemExit(f"studies/bench.py: the fused op is not available: {ops.backend()}")
     device = torch.device(args.device)
     if device.type == "cuda" and not ops.CUDA:
-        raise SystemExit("bench.py: maskmentor_C was built without its CUDA kernels; rebuild with nvcc on PATH")
+        raise SystemExit("studies/bench.py: maskmentor_C was built without its CUDA kernels; rebuild with nvcc on PATH")
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc = "malloc defaults" if args.raw_malloc or device.type != "cpu" else keep_freed_memory()
@@ -293,6 +293,7 @@ def bench_pretrain_steps(presets, device, args):
 
     import model as M
     import sttp
+    from util.runtime import Runtime
 
     print(f"{'pre-training step (sttp.mim)':30} {'reference s':>12} {'op s':>9} {'ref/op':>7}")
     for name in presets:
@@ -307,10 +308,12 @@ def bench_pretrain_steps(presets, device, args):
                  "depth": torch.rand(B, 1, H, H, device=device) * 5 + 0.5,
                  "semseg": torch.randint(0, 40, (B, H, H), device=device)}
 
+        rt = Runtime(device)
+
         def step(fused):
             def run():
                 with contextlib.nullcontext() if fused else ops.reference_only():
-                    sttp.mim(net, opt, batch, cfg, g)
+                    rt.run_objective(sttp.OBJECTIVES["mim"], net, opt, batch, cfg, g)
             return run
 
         reps = s["reps"] if args.step_reps is None else args.step_reps
@@ -350,9 +353,9 @@ def compile_worker(preset: str, step: str, mode: str, args) -> None:
 
     import finetune
     import model as M
-    import runtime
     import sttp
     import train
+    from util import runtime
 
     device = torch.device(args.device)
     if args.threads:
@@ -369,18 +372,19 @@ def compile_worker(preset: str, step: str, mode: str, args) -> None:
     batch = {"rgb": torch.randn(B, 3, H, H, device=device),
              "depth": torch.rand(B, 1, H, H, device=device) * 5 + 0.5,
              "semseg": torch.randint(0, 40, (B, H, H), device=device)}
-    rt = runtime.TrainingRuntime(device, compile=mode == "compiled")
+    rt = runtime.Runtime(device, compile=mode == "compiled")
     model_cfg = dataclasses.replace(M.PRESETS[preset], image_size=H, num_classes=40)
     if step == "finetune":
         net = M.Segmenter(model_cfg).to(device)
         fcfg = finetune.FinetuneConfig(config=preset, image_size=H, batch_size=B)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-5, **rt.optimizer_options())
-        fn = lambda: finetune.train_step(net, opt, batch, fcfg, g, rt)
+        model = rt.wrap(net)
+        fn = lambda: finetune.train_step(model, opt, batch, fcfg, g, rt)
     else:
         net = M.MaskMentor(model_cfg).to(device)
-        ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=budget), runtime=rt)
+        ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=budget))
         opt = torch.optim.AdamW(net.parameters(), lr=1e-5, betas=(0.9, 0.95), **rt.optimizer_options())
-        fn = lambda: sttp.OBJECTIVES[step](net, opt, batch, ocfg, g)
+        fn = lambda: rt.run_objective(sttp.OBJECTIVES[step], net, opt, batch, ocfg, g)
     net.train()
     first = timer(device)(fn)                # compiles, with --compile
     (median,) = median_times([fn], device, args.compile_reps, warmup=0)
@@ -407,7 +411,7 @@ def bench_compile_steps(presets, args):
         common += ["--threads", str(args.threads)]
     if args.raw_malloc:
         common.append("--raw_malloc")
-    print(f"eager vs --compile (whole pass, fullgraph=True; runtime.TrainingRuntime), {args.device}: median of "
+    print(f"eager vs --compile (whole pass, fullgraph=True; util/runtime.Runtime), {args.device}: median of "
           f"{args.compile_reps} steps after the first; peak tensor memory of a step above its start; "
           f"compile s = first call - a step" + ("" if args.compile_quick else ", inductor caches off"))
     head = (f"{'preset':14} {'step':9} {'eager s':>9} {'compiled s':>10} {'c/e':>6} {'eager MB':>9} "
@@ -421,7 +425,7 @@ def bench_compile_steps(presets, args):
                 cmd = [sys.executable, os.path.abspath(__file__), "--compile_worker", preset, step, mode] + common
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if out.returncode != 0:
-                    raise SystemExit(f"bench.py: {preset} {step} {mode} failed:\n{out.stderr[-3000:]}")
+                    raise SystemExit(f"studies/bench.py: {preset} {step} {mode} failed:\n{out.stderr[-3000:]}")
                 r[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             e, c = r["eager"], r["compiled"]
             name = f"{preset} B={e['batch']} {e['size']}px"
@@ -484,16 +488,16 @@ def bench_paper_steps(name, device, args):
     at batch 2 on 640 crops): one MIM, one M²IM and one STTP batch (3 teacher + 1 student
     steps) with the fused op and with the reference, and one fine-tuning step (no masking,
     so one backend). Batches come from the synthetic rooms rendered at the training size,
-    through engine.fetch (the loop's "data" range)."""
+    through util/engine.fetch (the loop's "data" range)."""
     import dataclasses
 
     import data
-    import engine
     import finetune
     import model as M
-    import runtime
     import sttp
     import train
+    from util import engine, runtime
+    from util.lr_sched import param_groups
 
     pre, ft = train.TRAIN_PRESETS[name], finetune.FINETUNE_PRESETS[name]
     classes = data.num_classes("nyu")                       # the paper's 40 classes, for the FLOPs
@@ -507,25 +511,26 @@ def bench_paper_steps(name, device, args):
 
     g = torch.Generator(device=device).manual_seed(0)
     # Its profiler labels split the time; --dtype: autocast as train.py --dtype does.
-    rt = runtime.TrainingRuntime(device, runtime.DTYPES[args.dtype])
+    rt = runtime.Runtime(device, runtime.DTYPES[args.dtype])
 
     def pretraining():
         """(name, images, one batch's function) for mim, m2im and sttp."""
         torch.manual_seed(0)
         net = M.MaskMentor(dataclasses.replace(M.PRESETS[name], image_size=pre["image_size"],
                                                num_classes=classes)).to(device)
-        opt = torch.optim.AdamW(engine.param_groups(net, 0.05), lr=pre["lr"], betas=(0.9, 0.95))
-        ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=pre["budget"]), runtime=rt)
+        opt = torch.optim.AdamW(param_groups(net, 0.05), lr=pre["lr"], betas=(0.9, 0.95))
+        ocfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=pre["budget"]))
         loader = batches(pre["image_size"], pre["batch_size"])
         for mode in ("mim", "m2im", "sttp"):
-            yield mode, pre["batch_size"], lambda mode=mode: sttp.OBJECTIVES[mode](net, opt, next(loader), ocfg, g)
+            yield mode, pre["batch_size"], lambda mode=mode: rt.run_objective(sttp.OBJECTIVES[mode], net, opt,
+                                                                              next(loader), ocfg, g)
 
     def finetuning():
         """The same for one fine-tuning step, built once the pre-training steps are measured."""
         fcfg = finetune.FinetuneConfig(config=name, **ft)
         seg = M.Segmenter(dataclasses.replace(M.PRESETS[name], image_size=ft["image_size"], num_classes=classes,
                                               drop_path=ft["drop_path"])).to(device)
-        opt = torch.optim.AdamW(engine.param_groups(seg, fcfg.weight_decay, fcfg.layer_decay), lr=ft["lr"])
+        opt = torch.optim.AdamW(param_groups(seg, fcfg.weight_decay, fcfg.layer_decay), lr=ft["lr"])
         loader = batches(ft["image_size"], ft["batch_size"])
         yield "finetune", ft["batch_size"], lambda: finetune.train_step(seg, opt, next(loader), fcfg, g, rt)
 
@@ -582,10 +587,10 @@ def _memory_child(name: str, device: str, dtype: str, grad_ckpt: bool, accum: in
     import dataclasses
 
     import data
-    import engine
     import finetune
     import model as M
-    import runtime
+    from util import engine, runtime
+    from util.lr_sched import param_groups
 
     if threads:
         torch.set_num_threads(threads)
@@ -596,10 +601,10 @@ def _memory_child(name: str, device: str, dtype: str, grad_ckpt: bool, accum: in
     seg = M.Segmenter(dataclasses.replace(M.PRESETS[name], image_size=ft["image_size"],
                                           num_classes=data.num_classes("nyu"), drop_path=ft["drop_path"])).to(device)
     seg.grad_ckpt = grad_ckpt
-    opt = torch.optim.AdamW(engine.param_groups(seg, fcfg.weight_decay, fcfg.layer_decay), lr=ft["lr"])
+    opt = torch.optim.AdamW(param_groups(seg, fcfg.weight_decay, fcfg.layer_decay), lr=ft["lr"])
     ds = data.build_dataset("synthetic", None, "train", train=True, image_size=ft["image_size"])
     batch = engine.to_device(data.collate([ds[i] for i in range(ft["batch_size"])]), device)
-    rt = runtime.TrainingRuntime(device, runtime.DTYPES[dtype], accum_steps=accum)
+    rt = runtime.Runtime(device, runtime.DTYPES[dtype], accum_steps=accum)
     model = rt.wrap(seg)
     g = torch.Generator(device=device).manual_seed(0)
     finetune.train_step(model, opt, batch, fcfg, g, rt)
@@ -650,22 +655,22 @@ def gpu_check():
     import sys
 
     if not torch.cuda.is_available():
-        raise SystemExit("bench.py --gpu_check: no CUDA device visible (torch.cuda.is_available() is False)")
-    here = os.path.dirname(os.path.abspath(__file__))
+        raise SystemExit("studies/bench.py --gpu_check: no CUDA device visible (torch.cuda.is_available() is False)")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))       # the project's root
     py = sys.executable
     gpus = torch.cuda.device_count()
     print(f"gpu check: {torch.cuda.get_device_name(0)} x {gpus}, torch {torch.__version__}, CUDA {torch.version.cuda}",
           flush=True)
     steps = [("build the CUDA op", [py, "setup.py", "build_ext", "--inplace"], 300),
-             ("the op has its CUDA kernels", [py, "-c", "import ops, sys; print(ops.backend()); "
-                                              "sys.exit(0 if ops.CUDA else 1)"], 60),
+             ("the op has its CUDA kernels", [py, "-c", "from util import ops; import sys; "
+                                              "print(ops.backend()); sys.exit(0 if ops.CUDA else 1)"], 60),
              ("pytest -m gpu", [py, "-m", "pytest", "-q", "-m", "gpu"], 300),
-             ("op benchmark (bandwidth of peak)", [py, "bench.py", "--device", "cuda", "--reps", "50",
+             ("op benchmark (bandwidth of peak)", [py, "studies/bench.py", "--device", "cuda", "--reps", "50",
                                                    "--steps", "none"], 120),
-             ("base preset, bfloat16 steps", [py, "bench.py", "--device", "cuda", "--reps", "3", "--steps", "none",
-                                              "--cost", "base", "--cost_reps", "3", "--dtype", "bfloat16"], 300),
-             ("fine-tuning memory", [py, "bench.py", "--device", "cuda", "--reps", "3", "--steps", "none",
-                                     "--memory", "base", "--dtype", "bfloat16"], 300)]
+             ("base preset, bfloat16 steps", [py, "studies/bench.py", "--device", "cuda", "--reps", "3",
+                                              "--steps", "none", "--cost", "base", "--cost_reps", "3", "--dtype", "bfloat16"], 300),
+             ("fine-tuning memory", [py, "studies/bench.py", "--device", "cuda", "--reps", "3", "--steps",
+                                     "none", "--memory", "base", "--dtype", "bfloat16"], 300)]
     if gpus >= 2:
         out = os.path.join(here, "out", "gpu_check_nccl")
         steps.append(("2-process NCCL run", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",

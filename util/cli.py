@@ -1,4 +1,4 @@
-"""cli.py — command lines: every flag is a field of a config dataclass, every user error one line.
+"""util/cli.py — command lines: every flag is a field of a config dataclass, every user error one line.
 
     @dataclass
     class TrainConfig:
@@ -8,10 +8,10 @@
     check_not_input([("--out", out)], [("--rgb", rgb)])    # an output never replaces an input
     write_atomic(path, lambda f: f.write(data))            # whole or not at all; a full disk: one line
 
-The scripts (train.py, finetune.py, evaluate.py, reproduce.py, prepare_nyu.py) build their
-command lines with this; docs/cli.md lists every flag (a test keeps it in step with the
-dataclasses). write_atomic writes the checkpoints and every output of evaluate.py and
-prepare_nyu.py. Nothing here knows about models or data.
+The scripts (train.py, finetune.py, evaluate.py, studies/reproduce.py, tools/prepare_nyu.py)
+build their command lines with this; docs/cli.md lists every flag (a test keeps it in step
+with the dataclasses). write_atomic writes the checkpoints and every output of evaluate.py
+and tools/prepare_nyu.py. Nothing here knows about models or data; everything else imports it.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from dataclasses import field, fields
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
@@ -89,14 +90,34 @@ def one_line(e: UserError) -> str:
 
 def run_cli(main):
     """Run a script's main(); a UserError is printed as one line, exit status 2. When main()
-    has returned, the process ends torchrun's process group (runtime.close_distributed)."""
+    has returned, the process ends torchrun's process group (close_distributed)."""
     try:
         main()
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    from runtime import close_distributed      # here, not at the top: runtime imports cli
     close_distributed()
+
+
+def close_distributed() -> None:
+    """The end of a torchrun process (util/runtime.init_distributed joined the group), once its
+    main() has returned and its DDP network is gone: every process waits until all have
+    finished their last collective, then the process group is destroyed here, on the main
+    thread, while the interpreter is whole. It must be gone before the interpreter finalises
+    (issue 20): Gloo runs each collective on a worker thread, which lets go of the
+    collective's tensors only after waking the caller, and freeing a tensor made in Python
+    takes the GIL; a worker that gets there once finalisation has begun is ended by Python
+    with pthread_exit, whose unwinding through a C++ destructor aborts the process
+    ("terminate called without an active exception", exit -6). Destroying the group joins
+    its workers, the GIL released. Whatever still holds the group keeps it, and its threads,
+    alive past destroy_process_group: the DDP network (hence after main()), and
+    torch.distributed.nn.functional's default arguments (init_distributed imports it before
+    the group exists). A main() that raised leaves the group alone: a peer may be inside a
+    collective, and torchrun stops the others when this process exits with an error.
+    Nothing without torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,21 +1,21 @@
-"""report.py — the ablation's rows and how its results are written: the variants of the
+"""studies/report.py — the ablation's rows and how its results are written: the variants of the
 paper's Tables 3 and 4 with the paper's NYUDepthV2 numbers, and the writers of
 results/ablation.md (tables laid out like the paper's, ordering checks, cost, robustness,
 diagnostics) and ablation.png (grouped bars, ± 1 std), and of the studies' results (token
 study, cue sweep, regime study).
 
-reproduce.py runs the variants and hands its result dicts here; nothing in this file
-trains or evaluates anything, and nothing here draws: the charts' numbers go to charts.py.
+studies/reproduce.py runs the variants and hands its result dicts here; nothing in this file
+trains or evaluates anything, and nothing here draws: the charts' numbers go to util/charts.py.
 """
 from __future__ import annotations
 
 import math
 import statistics
 
-import charts
 import modalities
-import rooms
 import sttp
+from util import charts, rooms
+from util.lr_sched import lr_at
 
 # -----------------------------------------------------------------------------
 # The variants, and the paper's NYUDepthV2 numbers for them (Tables 3 and 4; mIoU, mAcc)
@@ -52,7 +52,7 @@ REFERENCE_MODE = "sttp"
 
 def steps_per_batch(mode: str) -> int:
     """Optimiser steps per batch of a --mode, at the objectives' default settings (the
-    teacher iterations reproduce.py runs with): sttp.OBJECTIVES says."""
+    teacher iterations studies/reproduce.py runs with): sttp.OBJECTIVES says."""
     return sttp.OBJECTIVES[mode].steps_per_batch(sttp.ObjectiveConfig())
 
 
@@ -242,7 +242,7 @@ def ordering_checks(summary: dict) -> list:
 
 def write_markdown(cfg, summary: dict, cost: dict, meta: dict, path: str, diag: dict = None) -> None:
     n, S = cfg.seeds, steps_per_batch(REFERENCE_MODE)
-    L = [f"# MaskMentor ablations at toy scale (`python reproduce.py{' --quick' if cfg.quick else ''}`)", "",
+    L = [f"# MaskMentor ablations at toy scale (`python studies/reproduce.py{' --quick' if cfg.quick else ''}`)", "",
          f"Synthetic RGB-D rooms (data.py), tiny model, {n} seed(s), mean ± std (sample std over seeds) of mIoU / "
          f"mAcc on {cfg.test_images} test images. Pre-training: {cfg.pretrain_images} images, batch {cfg.batch_size}, "
          f"{cfg.warmup_epochs} MIM warm-up epoch(s) + {cfg.main_epochs} STTP epochs, or {S}x that many epochs of a "
@@ -305,7 +305,7 @@ def ablation_chart(summary: dict, path: str, title: str) -> None:
 
 
 # -----------------------------------------------------------------------------
-# The token study (reproduce.py --study token): one factor at a time, chosen on validation
+# The token study (studies/reproduce.py --study token): one factor at a time, chosen on validation
 
 
 def study_score(run: dict) -> float:
@@ -359,7 +359,7 @@ def write_token_study(study: dict, path: str) -> None:
     first = "maskmentor"
     names = list(pc)
     L = ["# The STTP token target, positions and normalisation: one factor at a time "
-         "(`python reproduce.py --study token`)", "",
+         "(`python studies/reproduce.py --study token`)", "",
          f"MaskMentor (STTP) at the ablation's recipe: {cfg['pretrain_images']} pre-training images, batch "
          f"{cfg['batch_size']}, {cfg['warmup_epochs']} MIM warm-up epoch(s) + {cfg['main_epochs']} STTP epochs "
          f"(equal optimiser steps for every configuration), {cfg['finetune_epochs']} fine-tuning epochs; "
@@ -398,7 +398,7 @@ def write_token_study(study: dict, path: str) -> None:
 
 
 # -----------------------------------------------------------------------------
-# The cue sweep (reproduce.py --study cues): does M²IM help when the rooms have cues?
+# The cue sweep (studies/reproduce.py --study cues): does M²IM help when the rooms have cues?
 
 # The classes that differ from their surroundings by one modality only (rooms.SYNTHETIC_CUE),
 # and the modality each lacks without cues.
@@ -418,7 +418,7 @@ def write_cues(sweep: dict, path: str, png: str) -> None:
     levels, cfg = sweep["levels"], sweep["config"]
     n = cfg["seeds"]
     classes = list(rooms.SYNTHETIC_CLASSES)
-    L = ["# Cross-modal cues in the synthetic rooms (`python reproduce.py --study cues`)", "",
+    L = ["# Cross-modal cues in the synthetic rooms (`python studies/reproduce.py --study cues`)", "",
          f"MIM, M²IM and MaskMentor (token settings: {cfg['token_target']}, {cfg['token_positions']}, "
          f"{cfg['token_norm']}) pre-trained, fine-tuned and evaluated on rooms at cue levels "
          f"{', '.join(levels)}; {n} seeds; the ablation's recipe and counted budgets ({cfg['pretrain_images']} "
@@ -471,7 +471,7 @@ def write_cues(sweep: dict, path: str, png: str) -> None:
 
 
 # -----------------------------------------------------------------------------
-# The regime study (reproduce.py --study regime): scratch against adapting a foundation
+# The regime study (studies/reproduce.py --study regime): scratch against adapting a foundation
 
 
 def regime_score(run: dict) -> float:
@@ -499,12 +499,11 @@ def pilot_scores(results: list, lrs) -> dict:
 def integrated_lr(mode: str, warmup_epochs: int, epochs: int, batches: int, lr: float, min_lr: float,
                   lr_warmup_epochs: float, schedule: str) -> dict:
     """What a pre-training's learning-rate schedule gives it, computed from the schedule
-    (engine.Loop's two clocks) and the objective's declared steps (sttp.OBJECTIVES): the
+    (util/engine.Loop's two clocks) and the objective's declared steps (sttp.OBJECTIVES): the
     optimiser steps and the sum of their lr, over all steps and over the steps that see
     Algorithm 1 input. `schedule` "batches": lr_at of the batch position; "steps": of the
-    optimiser step position (train.py --lr_schedule). reproduce.py's BudgetCounter counts the
+    optimiser step position (train.py --lr_schedule). studies/reproduce.py's BudgetCounter counts the
     same during the runs."""
-    import engine
     cfg = sttp.ObjectiveConfig()
     per = lambda e: 1 if e < warmup_epochs else sttp.OBJECTIVES[mode].steps_per_batch(cfg)
     missing = lambda e: () if e < warmup_epochs else sttp.OBJECTIVES[mode].missing_modality_steps(cfg)
@@ -517,7 +516,7 @@ def integrated_lr(mode: str, warmup_epochs: int, epochs: int, batches: int, lr: 
     for e in range(epochs):
         for b in range(batches):
             for k in range(per(e)):
-                x = engine.lr_at(position(e, b) + k if by_steps else e * batches + b, total, warm, lr, min_lr)
+                x = lr_at(position(e, b) + k if by_steps else e * batches + b, total, warm, lr, min_lr)
                 out["steps"] += 1
                 out["lr"] += x
                 if k in missing(e):
@@ -577,7 +576,7 @@ def write_regime(study: dict, path: str, png: str) -> None:
     regimes = {"adapt": dict(regime="adapt", lr=lr_a), "scratch": dict(regime="scratch", lr=0.0)}
     variant = lambda v, reg, **kw: runs_of(R, variant=v, **({**regimes[reg], "lr": 0.0} if v == "baseline"
                                                             else regimes[reg]), **kw)
-    L = ["# Scratch against adaptation, joint against dedicated (`python reproduce.py --study regime`)", "",
+    L = ["# Scratch against adaptation, joint against dedicated (`python studies/reproduce.py --study regime`)", "",
          f"Protocol, written before the first run: [PROTOCOL.md](PROTOCOL.md). Synthetic rooms, tiny model; "
          f"pre-training {cfg['pretrain_images']} images, batch {cfg['batch_size']}, {cfg['warmup_epochs']} MIM warm-up "
          f"epoch(s) + {cfg['main_epochs']} STTP-sized epochs for every variant, the lr schedule indexed by optimiser "

@@ -1,4 +1,4 @@
-"""rooms.py — the synthetic RGB-D rooms: the embedded default dataset (no download).
+"""util/rooms.py — the synthetic RGB-D rooms: the embedded default dataset (no download).
 
 Each sample is a procedurally rendered room seen by a pinhole camera: an rgb image, a
 depth map in metres with sensor noise and holes, and a class map. Scenes are a function
@@ -43,7 +43,7 @@ SYNTHETIC_CLASSES = ("floor", "wall", "ceiling", "rug", "poster", "pillar", "bal
 #   box      coloured shaded cuboid on the floor               both
 #   table    wooden slab on four legs                          both
 #
-# The last column as data, for reproduce.py's complementarity check: what segmenting the class
+# The last column as data, for studies/reproduce.py's complementarity check: what segmenting the class
 # from ONE modality can rely on. The disc needs both: rgb to see it on the wall (depth shows
 # only the wall), depth to tell it from a ball (rgb shows a ball's colours).
 SYNTHETIC_CUE = {"floor": "either", "wall": "either", "ceiling": "either", "rug": "rgb", "poster": "rgb",
@@ -583,7 +583,7 @@ def synthetic_cue_rng(split: str, index: int) -> np.random.Generator:
 
 
 # Rendering one 64x64 scene takes ~2 ms, a third of a tiny training step (~6.5 ms with
-# cues > 0, mostly the contact shadows' distance probes). reproduce.py,
+# cues > 0, mostly the contact shadows' distance probes). studies/reproduce.py,
 # which trains dozens of models on the same scenes in one process, sets this to {} so each
 # scene is rendered once; None (the default) keeps no renders.
 render_cache: Optional[dict] = None

@@ -1,4 +1,4 @@
-"""vis.py — pictures: what the model sees, reconstructs and predicts (the paper's Figures 3 and 4).
+"""util/vis.py — pictures: what the model sees, reconstructs and predicts (the paper's Figures 3 and 4).
 
     colours       depth_colours (a rainbow for metres, black = missing), label_colours (the
                   dataset's palette, black = void)

@@ -1,4 +1,4 @@
-"""checkpoints.py — files of weights: the project's checkpoints written and read, third-party
+"""util/checkpoints.py — files of weights: the project's checkpoints written and read, third-party
 ViT weights read for --init, a model shared as .safetensors + .json.
 
     save_checkpoint(ckpt, "out/pretrain/ckpt.pt")        # atomic; a full disk is one line
@@ -6,10 +6,10 @@ ViT weights read for --init, a model shared as .safetensors + .json.
     report = init_encoder(net, "mae_pretrain_vit_base.pth")   # --init
     export_safetensors(ckpt, "model.safetensors")        # + model.json
 
-The loop (engine.py) calls save_checkpoint; train.py, finetune.py, evaluate.py and
-reproduce.py read through load_checkpoint, --init through init_encoder. The method
-(masking.py, model.py, sttp.py) never reads a file: model.py maps the keys of a state dict
-this module has read (model.load_encoder_weights).
+The loop (util/engine.py) calls save_checkpoint; train.py, finetune.py, evaluate.py and
+the studies read through load_checkpoint, --init through init_encoder. The method
+(masking.py, model.py, sttp.py) never reads a file: util/vit_weights.py maps the keys of a
+state dict this module has read.
 
 Loading a file never runs code. A .pth file is a pickle, and a pickle may call any function
 (os.system, open) while it loads. torch.load(weights_only=True) rebuilds only tensors and
@@ -33,13 +33,14 @@ import numpy as np
 import torch
 
 import model as M
-from cli import UserError, write_atomic
+from util.cli import UserError, write_atomic
+from util.vit_weights import InitReport, load_encoder_weights
 
 # What each script writes: kind -> (how messages name it, the script that writes it).
 KINDS = {"pretrain": ("pre-training", "train.py"), "finetune": ("fine-tuned", "finetune.py")}
 # The keys the readers of every checkpoint use, with their types ...
 NEEDED = {"model": dict, "config": dict, "model_config": dict, "kind": str}
-# ... and those --resume (engine.Loop.resume) and reproduce.py's step count use.
+# ... and those --resume (util/engine.Loop.resume) and studies/reproduce.py's step count use.
 RESUME_NEEDED = {"optimizer": dict, "rng_state": dict, "epoch": int, "batch": int, "history": list}
 # What a .safetensors export keeps beside its tensors (in its .json): what the tensors are
 # (kind, model_config), how the model was trained (config; finetune.py reads its preset),
@@ -192,6 +193,22 @@ def load_weights(net: torch.nn.Module, ckpt: dict, path: str) -> None:
     net.load_state_dict(state)
 
 
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """The checkpoint's hyperparameters and moments, this invocation's implementation:
+    torch's load_state_dict also restores each group's "fused"/"foreach" flags, but --compile
+    (which picks the fused kernel: util/runtime.Runtime.optimizer_options) is run-control,
+    so a resume may switch it. The fused kernel wants its step counts as float32 on the
+    parameters' device; the others keep them on the CPU."""
+    chosen = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, chosen):
+        group.update(flags)
+        for p in group["params"]:
+            s = optimizer.state.get(p, {})
+            if torch.is_tensor(s.get("step")):
+                s["step"] = s["step"].to(device=p.device if flags["fused"] else "cpu", dtype=torch.float32)
+
+
 def _check_plain(obj, where: str = "checkpoint") -> None:
     """Raise TypeError unless obj is what torch.load(weights_only=True) rebuilds without an
     allow-list: tensors, and dicts, lists and tuples of str, int, float, bool and None.
@@ -209,7 +226,7 @@ def _check_plain(obj, where: str = "checkpoint") -> None:
 
 
 def save_checkpoint(obj: dict, path: str) -> None:
-    """Write a checkpoint atomically (cli.write_atomic); it must hold plain data only, so that
+    """Write a checkpoint atomically (util/cli.write_atomic); it must hold plain data only, so that
     load_checkpoint reads it back without an allow-list."""
     _check_plain(obj)
     # A file object, not a name: a full disk is then an OSError(ENOSPC) from f.write, which
@@ -235,16 +252,16 @@ def export_safetensors(ckpt: dict, path: str) -> list:
 # Third-party weights (--init)
 
 
-def init_encoder(net: M.MultiViT, path: str) -> M.InitReport:
+def init_encoder(net: M.MultiViT, path: str) -> InitReport:
     """--init: read a ViT-B checkpoint (MultiMAE, MAE or timm; .pth or .safetensors), load it
-    into net's encoder in place (model.load_encoder_weights maps the keys), and print what was
+    into net's encoder in place (util/vit_weights.py maps the keys), and print what was
     loaded, what stays random, what was ignored."""
     name = f"--init {path}"
     if not os.path.isfile(path):
         raise UserError(f"{name}: no such file")
     state = _load_tensors(path, name) if path.endswith(".safetensors") else _torch_load(path, name)
     try:
-        report = M.load_encoder_weights(net, state)
+        report = load_encoder_weights(net, state)
     except ValueError as e:
         raise UserError(f"{name}: {e}") from None
     print(f"encoder initialised from {path}:")

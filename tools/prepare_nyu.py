@@ -1,6 +1,6 @@
-"""prepare_nyu.py — convert the official labelled NYU Depth V2 file into data/nyu.
+"""tools/prepare_nyu.py — convert the official labelled NYU Depth V2 file into data/nyu.
 
-  python prepare_nyu.py --mat nyu_depth_v2_labeled.mat [--out data/nyu]
+  python tools/prepare_nyu.py --mat nyu_depth_v2_labeled.mat [--out data/nyu]
 
 writes data/nyu/{train,test}/{rgb,depth,labels}/NNNN.png (the layout table in data.py): NNNN is the
 official 1-based index of the image among the 1449 (so test/rgb/0001.png is image #1,
@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from cli import UserError, arg, check_not_input, check_output, parse_config, run_cli, write_png
+from util.cli import UserError, arg, check_not_input, check_output, parse_config, run_cli, write_png
 from data import default_root
 from modalities import IGNORE_INDEX
 
@@ -173,7 +173,7 @@ def prepare_nyu(mat: str, out: str = "data/nyu", splits: Optional[str] = None, m
 
 @dataclass
 class PrepareConfig:
-    """Convert nyu_depth_v2_labeled.mat into data/nyu (see the top of prepare_nyu.py)."""
+    """Convert nyu_depth_v2_labeled.mat into data/nyu (see the top of tools/prepare_nyu.py)."""
     mat: str = arg("", "the official nyu_depth_v2_labeled.mat (MATLAB v7.3); required")
     splits: str = arg("", "splits.mat ('': the official split, embedded here)")
     mapping: str = arg("", "classMapping40.mat ('': the official mapping, embedded here)")

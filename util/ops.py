@@ -1,17 +1,19 @@
-"""ops.py — loads the fused masking op built from csrc/ and registers what torch.compile
-needs from Python: the op's fake (shape-only) implementations.
+"""util/ops.py — the fused masking op's Python side: what torch.compile needs from it, which
+implementation runs, and the switch to the pure-PyTorch reference.
 
-Importing the compiled module `maskmentor_C` (setup.py builds it from csrc/: C++ always,
-CUDA kernels too when a CUDA toolkit and a CUDA build of torch are there) registers
+setup.py builds csrc/ into the extension module `maskmentor_C` (C++ always, CUDA kernels too
+when a CUDA toolkit and a CUDA build of torch are there). masking.py imports it, which
+registers
 
     torch.ops.maskmentor.mask_gather           (x, noise, num_visible) -> (visible, ids_keep, mask)
     torch.ops.maskmentor.mask_gather_backward  (grad_visible, ids_keep, num_tokens) -> grad_x
 
 (`TORCH_LIBRARY` schemas, per-device kernels and, at the Autograd key, the gradient
-formulas: csrc/README.md). What the op computes is
-defined by masking.mask_gather_reference; masking.mask_gather calls the op when
-`available(x.device)`, the reference otherwise. Nothing else in the project imports the
-extension. Set MASKMENTOR_REFERENCE=1 to run the reference everywhere.
+formulas: csrc/README.md). What the op computes is defined by
+masking.mask_gather_reference, which masking.mask_gather runs where the op has no kernel.
+Importing this module adds the op's fake (shape-only) implementations, which torch.compile
+and opcheck trace with; every script imports it. Set MASKMENTOR_REFERENCE=1 to run the
+reference everywhere.
 """
 from __future__ import annotations
 
@@ -20,28 +22,11 @@ import os
 
 import torch
 
-LOADED = False          # maskmentor_C imported: schemas and CPU kernels registered
-CUDA = False            # ... and built with its CUDA kernels
-WHY = "not tried"       # why not, when not LOADED
-_disabled = False       # `reference_only()` in force
+import masking
 
-
-def _load() -> None:
-    global LOADED, CUDA, WHY
-    if os.environ.get("MASKMENTOR_REFERENCE", "") not in ("", "0"):
-        WHY = "MASKMENTOR_REFERENCE is set"
-        return
-    try:
-        import maskmentor_C  # registers the schemas and the kernels
-    except ImportError as e:
-        WHY = f"extension not built ({e.msg})"
-        return
-    # Registering twice is an error, and this module may be imported again (reload, a
-    # second name); the extension module lives once per process, so it holds the flag.
-    if not getattr(maskmentor_C, "python_parts_registered", False):
-        _register_fake()
-        maskmentor_C.python_parts_registered = True
-    LOADED, CUDA, WHY = True, bool(maskmentor_C.cuda), ""
+LOADED = masking.maskmentor_C is not None        # schemas and CPU kernels registered
+CUDA = LOADED and bool(masking.maskmentor_C.cuda)  # ... and built with its CUDA kernels
+WHY = "" if LOADED else "extension not built (no module named 'maskmentor_C')"
 
 
 def _register_fake() -> None:
@@ -70,23 +55,29 @@ def _register_fake() -> None:
         return grad_visible.new_empty(B, num_tokens, D)
 
 
-_load()
+# Registering twice is an error, and this module may be imported again (reload, a second
+# name); the extension module lives once per process, so it holds the flag.
+if LOADED and not getattr(masking.maskmentor_C, "python_parts_registered", False):
+    _register_fake()
+    masking.maskmentor_C.python_parts_registered = True
+if os.environ.get("MASKMENTOR_REFERENCE", "") not in ("", "0"):
+    masking.FUSED = LOADED = CUDA = False
+    WHY = "MASKMENTOR_REFERENCE is set"
 
 
 def available(device: torch.device) -> bool:
     """Whether the op has a kernel for this device (and is not switched off)."""
-    return LOADED and not _disabled and (device.type == "cpu" or (device.type == "cuda" and CUDA))
+    return masking.fused_kernel(device)
 
 
 @contextlib.contextmanager
 def reference_only():
-    """Run the pure-PyTorch reference inside the block (bench.py's side-by-side timings)."""
-    global _disabled
-    before, _disabled = _disabled, True
+    """Run the pure-PyTorch reference inside the block (studies/bench.py's side-by-side timings)."""
+    before, masking.FUSED = masking.FUSED, False
     try:
         yield
     finally:
-        _disabled = before
+        masking.FUSED = before
 
 
 def backend() -> str:

@@ -1,5 +1,5 @@
-"""charts.py — every chart the project draws, with PIL (no plotting library): a run's loss
-curve (engine.Loop writes loss_curve.png) and the results' charts (report.py writes
+"""util/charts.py — every chart the project draws, with PIL (no plotting library): a run's loss
+curve (engine.Loop writes loss_curve.png) and the results' charts (studies/report.py writes
 results/ablation.png, results/cues/cues.png and results/regime/regime.png).
 
 Each chart is one function that takes numbers and labels and writes a PNG; what they
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from cli import write_png
+from util.cli import write_png
 
 # The colours of series 0, 1, 2, ... in every chart (matplotlib's tab10 without its olive).
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
