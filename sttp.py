@@ -27,6 +27,10 @@ targets, detached, so no gradient reaches the teacher through them.
     kd     a separately pre-trained, frozen teacher gives the tokens;
            the student learns pixel + token loss, one iteration       (Table 4, "KD + M²IM")
 
+and two controls that take STTP's schedule apart (results/schedule/): `m2im_x4`, its
+repetition (four M²IM steps on each batch), and `mix25`, its dilution (one step a batch,
+M²IM one time in four, else MIM).
+
 The teacher and the student are the same network (self-teaching): "teacher" and "student"
 are only two ways of masking its input. Read top to bottom: the configuration, the
 objectives, what an iteration is, the registry (what each objective is, declared once), the
@@ -116,6 +120,32 @@ def kd(cfg: ObjectiveConfig, generator=None):
     target = yield fresh_target(cfg, teacher=True)
     student = yield student_iteration(target.tokens, cfg)
     return _student_logs(student.logs)
+
+
+# The schedule study's arms (results/schedule/): STTP's schedule taken apart. STTP makes
+# teacher_iters + 1 optimiser steps on each batch, one of them on Algorithm 1 input; these
+# two keep one of those facts each, without a token loss. Not the paper's: controls.
+
+
+def m2im_x4(cfg: ObjectiveConfig, generator=None):
+    """M²IM on each batch as many times as STTP steps on it (teacher_iters + 1 = 4): the
+    repetition of STTP's schedule without its dilution (results/schedule/)."""
+    logs, n = {}, cfg.teacher_iters + 1
+    for _ in range(n):
+        p = yield Iteration(drop_modalities=True, loss=pixel_loss)
+        for k, v in _on_missing_input(p.logs).items():
+            logs[k] = logs.get(k, 0.0) + v / n
+    return logs
+
+
+def mix25(cfg: ObjectiveConfig, generator=None):
+    """One step per batch, fresh batches: M²IM with probability 1 / (teacher_iters + 1) (1 in 4,
+    drawn from the masking generator), else MIM: the dilution of STTP's schedule without its
+    repetition (results/schedule/)."""
+    device = generator.device if generator is not None else None
+    if float(torch.rand((), generator=generator, device=device)) < 1 / (cfg.teacher_iters + 1):
+        return (yield from m2im(cfg, generator))
+    return (yield from mim(cfg, generator))
 
 
 def student_iteration(tokens: dict, cfg: ObjectiveConfig, pixel: bool = True) -> Iteration:
@@ -254,6 +284,9 @@ OBJECTIVES = {
     # out_proj) nor the norm_rgb head (tests/test_distributed.py checks that DDP is told).
     "token": Objective(token, _teacher_and_student, _the_student, token_loss=True, unused_parameters=True),
     "kd": Objective(kd, missing_modality_steps=_every_step, token_loss=True, teacher="mim"),
+    "m2im_x4": Objective(m2im_x4, _teacher_and_student, lambda cfg: tuple(range(cfg.teacher_iters + 1))),
+    # Its Algorithm-1 steps are drawn: declared as "may", counted in the runs (studies/).
+    "mix25": Objective(mix25, missing_modality_steps=_every_step),
 }
 
 

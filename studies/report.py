@@ -35,8 +35,23 @@ VARIANTS = {
     # foundation every "adapt" run starts from (MIM on the rooms' pool split). No paper rows.
     "tw0": ("sttp", "STTP, token weight 0", None),
     "foundation": ("mim", "the foundation (MIM on the pool)", None),
+    # The schedule study's (results/schedule/PROTOCOL.md): STTP's schedule taken apart, its
+    # token target undiluted and unrepeated, the label shortcut, the dose.
+    "m2im_x4": ("m2im_x4", "M²IM x4 per batch (repetition)", None),
+    "mix25": ("mix25", "M²IM 1 step in 4, else MIM (dilution)", None),
+    "kd_foundation": ("kd", "M²IM + token loss to the frozen foundation", None),
+    "self_fresh": ("sttp", "M²IM + token loss to its own complete forward", None),
+    "mim_rgbd": ("mim", "MIM without label maps", None),
+    "m2im_rgbd": ("m2im", "M²IM without label maps", None),
+    "maskmentor_ti1": ("sttp", "MaskMentor, 1 teacher step", None),
+    "tw0_ti1": ("sttp", "STTP token weight 0, 1 teacher step", None),
 }
-VARIANT_FLAGS = {"tw0": ("--token_weight", "0")}      # train.py flags a variant adds to its mode
+# train.py flags a variant adds to its mode (and which the equal-step budget reads: --teacher_iters)
+VARIANT_FLAGS = {"tw0": ("--token_weight", "0"), "self_fresh": ("--teacher_iters", "0"),
+                 "mim_rgbd": ("--modalities", "rgb,depth"), "m2im_rgbd": ("--modalities", "rgb,depth"),
+                 "maskmentor_ti1": ("--teacher_iters", "1"), "tw0_ti1": ("--teacher_iters", "1", "--token_weight", "0")}
+# A variant whose frozen teacher is not the first default variant of its objective's `teacher` mode.
+VARIANT_TEACHER = {"kd_foundation": "foundation"}
 DEFAULT_VARIANTS = ("baseline", "mim", "m2im", "maskmentor", "token", "kd")
 EQUAL_EPOCHS = ("maskmentor_epochs",)             # the variants outside the equal-step budget
 TABLE3 = ("baseline", "mim", "m2im", "maskmentor", "maskmentor_epochs")
@@ -50,16 +65,24 @@ DIAG_IMAGES = 256          # held-out (test-split) images for the pre-training d
 REFERENCE_MODE = "sttp"
 
 
-def steps_per_batch(mode: str) -> int:
+def steps_per_batch(mode: str, teacher_iters: int | None = None) -> int:
     """Optimiser steps per batch of a --mode, at the objectives' default settings (the
-    teacher iterations studies/reproduce.py runs with): sttp.OBJECTIVES says."""
-    return sttp.OBJECTIVES[mode].steps_per_batch(sttp.ObjectiveConfig())
+    teacher iterations reproduce.py runs with) unless `teacher_iters` is given:
+    sttp.OBJECTIVES says."""
+    cfg = sttp.ObjectiveConfig() if teacher_iters is None else sttp.ObjectiveConfig(teacher_iters=teacher_iters)
+    return sttp.OBJECTIVES[mode].steps_per_batch(cfg)
 
 
-def pretrain_epochs(mode: str, warmup: int, main: int) -> int:
+def variant_teacher_iters(variant: str):
+    """The --teacher_iters a variant's flags set (VARIANT_FLAGS), else None (the default)."""
+    flags = VARIANT_FLAGS.get(variant, ())
+    return int(flags[flags.index("--teacher_iters") + 1]) if "--teacher_iters" in flags else None
+
+
+def pretrain_epochs(mode: str, warmup: int, main: int, teacher_iters: int | None = None) -> int:
     """Total epochs of a variant so that all make the same optimiser steps: the warm-up
     (plain MIM, one step a batch) plus `main` epochs of REFERENCE_MODE-sized work."""
-    steps, per_batch = main * steps_per_batch(REFERENCE_MODE), steps_per_batch(mode)
+    steps, per_batch = main * steps_per_batch(REFERENCE_MODE), steps_per_batch(mode, teacher_iters)
     if steps % per_batch:
         raise ValueError(f"--mode {mode} makes {per_batch} optimiser steps a batch: {main} {REFERENCE_MODE} "
                          f"epoch(s) ({steps} steps a batch-epoch) are no whole number of its epochs")
@@ -68,12 +91,17 @@ def pretrain_epochs(mode: str, warmup: int, main: int) -> int:
 
 def variant_epochs(variant: str, warmup: int, main: int) -> int:
     """A variant's pre-training epochs: the equal-step budget, except for EQUAL_EPOCHS."""
-    return pretrain_epochs("m2im" if variant in EQUAL_EPOCHS else VARIANTS[variant][0], warmup, main)
+    if variant in EQUAL_EPOCHS:
+        return pretrain_epochs("m2im", warmup, main)
+    return pretrain_epochs(VARIANTS[variant][0], warmup, main, variant_teacher_iters(variant))
 
 
 def teacher_variant(variant: str):
     """The variant whose pre-training is `variant`'s frozen teacher (kd: the mim run of the
-    same seed), or None: the first default variant run with the objective's `teacher` mode."""
+    same seed; VARIANT_TEACHER's), or None: the first default variant run with the
+    objective's `teacher` mode."""
+    if variant in VARIANT_TEACHER:
+        return VARIANT_TEACHER[variant]
     mode = VARIANTS[variant][0]
     wanted = mode and sttp.OBJECTIVES[mode].teacher
     return next((v for v in DEFAULT_VARIANTS if wanted and VARIANTS[v][0] == wanted), None)
@@ -548,9 +576,20 @@ def paired(a: dict, b: dict, setting: str) -> dict:
     """Per-seed differences a − b of test mIoU (the seeds both have), their mean ± sd, the
     half-width of the mean's 95 % confidence interval (Student t, n − 1 degrees of freedom)
     and whether that interval excludes 0 (the protocol's "clear")."""
+    return contrast([(1, a), (-1, b)], setting)
+
+
+def test_miou(run: dict, setting: str) -> float:
+    return run["clean"][setting]["miou"]
+
+
+def contrast(terms: list, setting: str, value=test_miou) -> dict:
+    """paired() for any signed sum of arms: terms [(sign, {seed: run}), ...], per seed
+    Σ sign · value(run, setting) over the seeds every arm has (e.g. an interaction
+    a − b − c + d)."""
     from scipy.stats import t
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s]["clean"][setting]["miou"] - b[s]["clean"][setting]["miou"] for s in seeds]
+    seeds = sorted(set.intersection(*(set(runs) for _, runs in terms)))
+    diffs = [sum(sign * value(runs[s], setting) for sign, runs in terms) for s in seeds]
     m, sd = mean_std(diffs) if diffs else (math.nan, math.nan)
     half = float(t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
     return {"seeds": seeds, "diffs": diffs, "mean": m, "sd": sd, "ci95": half, "clear": abs(m) > half}
@@ -656,3 +695,151 @@ def write_regime(study: dict, path: str, png: str) -> None:
         f.write("\n".join(L) + "\n")
     charts.dot_chart({"adapting the foundation": panels["adapt"], "from scratch": panels["scratch"],
                       "near-frozen fine-tuning": panels["frozen"]}, [label[s] for s in settings], png)
+
+
+# -----------------------------------------------------------------------------
+# The schedule study (results/schedule/PROTOCOL.md)
+
+# (name, [(sign, arm), ...]) per group of the protocol; an arm is a VARIANTS key.
+SCHEDULE_CONTRASTS = {
+    "A: the schedule's 2 x 2, no token loss": [
+        ("dilution: mix25 − M²IM", [(1, "mix25"), (-1, "m2im")]),
+        ("repetition: M²IM x4 − M²IM", [(1, "m2im_x4"), (-1, "m2im")]),
+        ("both: tw0 − M²IM", [(1, "tw0"), (-1, "m2im")]),
+        ("interaction: tw0 − mix25 − M²IM x4 + M²IM", [(1, "tw0"), (-1, "mix25"), (-1, "m2im_x4"), (1, "m2im")])],
+    "B: the token target undiluted, unrepeated": [
+        ("frozen foundation: KD − M²IM", [(1, "kd_foundation"), (-1, "m2im")]),
+        ("own complete forward − M²IM", [(1, "self_fresh"), (-1, "m2im")]),
+        ("in STTP: MaskMentor − tw0", [(1, "maskmentor"), (-1, "tw0")]),
+        ("MaskMentor − M²IM", [(1, "maskmentor"), (-1, "m2im")])],
+    "C: the label shortcut": [
+        ("with label maps: M²IM − MIM", [(1, "m2im"), (-1, "mim")]),
+        ("without: M²IM − MIM (rgb, depth)", [(1, "m2im_rgbd"), (-1, "mim_rgbd")]),
+        ("with − without", [(1, "m2im"), (-1, "mim"), (-1, "m2im_rgbd"), (1, "mim_rgbd")])],
+    "D: the dose (1 teacher step)": [
+        ("token loss: MaskMentor − tw0, 1 teacher step", [(1, "maskmentor_ti1"), (-1, "tw0_ti1")]),
+        ("tw0 1 teacher step − M²IM", [(1, "tw0_ti1"), (-1, "m2im")]),
+        ("tw0 1 teacher step − tw0 3", [(1, "tw0_ti1"), (-1, "tw0")])],
+}
+SCHEDULE_ARMS = ("mim", "m2im", "maskmentor", "tw0", "m2im_x4", "mix25", "kd_foundation", "self_fresh",
+                 "mim_rgbd", "m2im_rgbd", "maskmentor_ti1", "tw0_ti1")
+CUE_GROUPS = ("either", "rgb", "depth", "both")       # rooms.SYNTHETIC_CUE: what a class needs
+
+
+def group_iou(run: dict, setting: str, group: str) -> float:
+    """A run's mean test IoU over the classes that need `group` (rooms.SYNTHETIC_CUE)."""
+    ious = run["clean"][setting]["per_class_iou"]
+    vals = [ious[i] for i, c in enumerate(rooms.SYNTHETIC_CLASSES)
+            if rooms.SYNTHETIC_CUE[c] == group and not math.isnan(ious[i])]
+    return statistics.fmean(vals) if vals else math.nan
+
+
+def write_schedule(study: dict, path: str, png: str) -> None:
+    """results/schedule/schedule.md and schedule.png: the lr pilot and its choice, the arms,
+    every contrast of the protocol paired by seed, the decomposition, the label shortcut by
+    class group, the diagnostics and budgets, every run."""
+    R, cfg, lr = study["runs"], study["config"], study["chosen_lr"]
+    arm = lambda v, lr=lr: runs_of(R, variant=v, regime="adapt", lr=lr)
+    settings = ("rgb", "depth", "rgbd")
+    L = ["# Why STTP does not help here (`python studies/reproduce.py --study schedule`)", "",
+         f"Protocol, written before the first run: [PROTOCOL.md](PROTOCOL.md). The adapt regime of "
+         f"[results/regime](../regime/regime.md): each seed's foundation (MIM on {cfg['foundation_images']} pool "
+         f"scenes, batch {cfg['foundation_batch']}, {cfg['foundation_epochs']} epochs) adapted on "
+         f"{cfg['pretrain_images']} training images, batch {cfg['batch_size']}, {cfg['warmup_epochs']} MIM warm-up "
+         f"epoch(s) + {cfg['main_epochs']} STTP-sized epochs for every arm (the same counted optimiser steps), the lr "
+         f"indexed by optimiser steps; fine-tuning {cfg['finetune_images']} images, {cfg['finetune_epochs']} epochs; "
+         f"test = the first {cfg['test_images']} test images, validation = the first {cfg['val_images']} val "
+         f"images. Differences are paired by seed: mean ± sd over seeds; **clear** = the 95 % confidence interval "
+         f"of the mean (Student t, n − 1 degrees of freedom) excludes 0. Primary readout: rgb only.", "",
+         "## Step 0: the pre-training lr, chosen on validation (seeds 0 and 1)", "",
+         "| lr | mim: val mIoU (mean of the 3 conditions) | m2im | score |", "|---|---|---|---|"]
+    for k, sc in study.get("regime_pilot", {}).items():
+        L.append(f"| {k} (the regime study's, quoted) | | | {sc:.2f} |")
+    scores = pilot_scores([r for r in R if r["seed"] < 2], study["pilot_lrs"])
+    for p in study["pilot_lrs"]:
+        cells = [_pm(mean_std([regime_score(r) for s, r in arm(v, p).items() if s < 2])) for v in ("mim", "m2im")]
+        L.append(f"| {p:g}{' (chosen)' if p == lr else ''} | {cells[0]} | {cells[1]} | {scores[p]:.2f} |")
+    L += ["", "## The arms", "", "Test mIoU, mean ± sd over seeds; the held-out reconstruction of depth from rgb "
+          "only (L1 on standardised depth, 256 test images); the token loss of the arms that have one against "
+          "the matched and a wrong image's target (raw cosine), and its gradient's share of the pixel loss's on "
+          "the encoder; the counted Algorithm-1 steps and all optimiser steps of each run.", "",
+          "| arm | " + " | ".join(CONDITION_NAMES[s] for s in settings) +
+          " | depth from rgb L1 | token: matched / other image | token grad share | Algorithm-1 steps |",
+          "|---|---|---|---|---|---|---|---|"]
+    for v in SCHEDULE_ARMS:
+        runs = arm(v)
+        if not runs:
+            continue
+        diag = [r["diagnostics"]["pretrain"] for r in runs.values() if r["diagnostics"]["pretrain"]]
+        recon = _pm3(mean_std([d["reconstruction"]["rgb only"]["depth"] for d in diag])) if diag else "—"
+        tok = grad = "—"
+        if diag and has_token_loss(v):
+            tok = f"{statistics.fmean(d['tokens']['raw_matched'] for d in diag):.3f} / " \
+                  f"{statistics.fmean(d['tokens']['raw_other_image'] for d in diag):.3f}"
+            grad = f"{statistics.fmean(d['tokens']['grad_share'] for d in diag):.2f}"
+        miss = sorted({r["pretrain"]["missing_modality_steps"] for r in runs.values()})
+        steps = sorted({r["pretrain"]["optimizer_steps"] for r in runs.values()})
+        L.append(f"| {VARIANTS[v][1]} | " + " | ".join(_miou_cell(runs, s) for s in settings) +
+                 f" | {recon} | {tok} | {grad} | {', '.join(map(str, miss))} (steps: {', '.join(map(str, steps))}) |")
+    panels = {}
+    ci95 = lambda d: (d["mean"], d["ci95"]) if len(d["diffs"]) > 1 else None
+    for group, rows in SCHEDULE_CONTRASTS.items():
+        L += ["", f"## {group}", "", "| paired difference | " + " | ".join(CONDITION_NAMES[s] for s in settings) +
+              " | n |", "|---|---|---|---|---|"]
+        panels[group.split(":")[0]] = {}
+        for name, terms in rows:
+            ds = [contrast([(sign, arm(v)) for sign, v in terms], s) for s in settings]
+            panels[group.split(":")[0]][name.split(":")[0]] = [ci95(d) for d in ds]
+            L.append(f"| {name} | " + " | ".join(_diff_cell(d) for d in ds) + f" | {len(ds[0]['diffs'])} |")
+    # The decomposition, per seed (rgb only)
+    L += ["", "## The decomposition, per seed (rgb only)", "",
+          "| seed | tw0 − M²IM | mix25 − M²IM | M²IM x4 − M²IM | their sum |", "|---|---|---|---|---|"]
+    parts = {k: contrast(t, "rgb") for k, t in (("both", [(1, arm("tw0")), (-1, arm("m2im"))]),
+                                                 ("dilution", [(1, arm("mix25")), (-1, arm("m2im"))]),
+                                                 ("repetition", [(1, arm("m2im_x4")), (-1, arm("m2im"))]))}
+    common = sorted(set(parts["both"]["seeds"]) & set(parts["dilution"]["seeds"]) & set(parts["repetition"]["seeds"]))
+    for s in common:
+        x = {k: p["diffs"][p["seeds"].index(s)] for k, p in parts.items()}
+        L.append(f"| {s} | {x['both']:+.2f} | {x['dilution']:+.2f} | {x['repetition']:+.2f} | "
+                 f"{x['dilution'] + x['repetition']:+.2f} |")
+    # The label shortcut by class group
+    L += ["", "## M²IM − MIM by the cue a class needs (test IoU, rgb only and depth only)", "",
+          "Classes grouped by rooms.SYNTHETIC_CUE (either: floor, wall, ceiling; rgb: rug, poster; depth: pillar, "
+          "ball; both: disc, box, table); per seed the mean IoU over the group's classes.", "",
+          "| group | input | with label maps | without | with − without |", "|---|---|---|---|---|"]
+    for g in CUE_GROUPS:
+        for s in ("rgb", "depth"):
+            val = lambda run, st, g=g: group_iou(run, st, g)
+            w = contrast([(1, arm("m2im")), (-1, arm("mim"))], s, val)
+            wo = contrast([(1, arm("m2im_rgbd")), (-1, arm("mim_rgbd"))], s, val)
+            dd = contrast([(1, arm("m2im")), (-1, arm("mim")), (-1, arm("m2im_rgbd")), (1, arm("mim_rgbd"))], s, val)
+            L.append(f"| {g} | {CONDITION_NAMES[s]} | {_diff_cell(w)} | {_diff_cell(wo)} | {_diff_cell(dd)} |")
+    L += ["", "## The foundations: their MIM loss", "",
+          "| seed | pixel loss, first → last epoch | last epoch's drop |", "|---|---|---|"]
+    for s, f in enumerate(study["foundation"]):
+        L.append(f"| {s} | {f['first']:.3f} → {f['last']:.3f} | {100 * f['last_epoch_drop']:.1f} % |")
+    L += ["", "## Every run (test mIoU rgb+depth / rgb only / depth only; validation the same; counted budget)", "",
+          "| arm | lr | seed | test | validation | steps | images | Σ lr | Algorithm-1 steps | Σ lr on them |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(R, key=lambda r: (r["variant"], r["lr"], r["seed"])):
+        cell = lambda d: " / ".join(f"{d[s]['miou']:.2f}" if s in d else "—" for s in ("rgbd", "rgb", "depth"))
+        b = r["pretrain"] or {}
+        L.append(f"| {r['variant']} | {r['lr']:g} | {r['seed']} | {cell(r['clean'])} | {cell(r['val'])} | "
+                 f"{b.get('optimizer_steps', '—')} | {b.get('images', '—')} | {b.get('integrated_lr', math.nan):.3f} | "
+                 f"{b.get('missing_modality_steps', '—')} | {b.get('missing_modality_lr', math.nan):.3f} |")
+    meta = study["meta"]
+    L += ["", f"{meta['runs']} runs of the study; their own time summed: {meta['run_minutes']:.0f} min of one "
+          f"thread each ({meta['machine']}); this invocation's wall time {meta['wall_minutes']:.1f} min (finished "
+          f"runs are reused, not rerun).", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+    charts.dot_chart(panels, [CONDITION_NAMES[s] for s in settings], png)
+
+
+def _pm3(ms: tuple) -> str:
+    return f"{ms[0]:.3f} ± {ms[1]:.3f}"
+
+
+def has_token_loss(variant: str) -> bool:
+    mode = VARIANTS[variant][0]
+    return mode is not None and sttp.OBJECTIVES[mode].token_loss

@@ -74,7 +74,7 @@ from util.checkpoints import load_checkpoint
 from util.cli import UserError, arg, check_numbers, parse_config, run_cli
 from util.runs import Subset
 from util.runtime import Runtime
-from studies.report import (DEFAULT_VARIANTS, REFERENCE_MODE, ROBUST_VARIANTS, VARIANT_FLAGS, VARIANTS,
+from studies.report import (DEFAULT_VARIANTS, has_token_loss, REFERENCE_MODE, ROBUST_VARIANTS, VARIANT_FLAGS, VARIANTS,
                     ordering_checks, steps_per_batch, summarise, summarise_diagnostics, teacher_variant,
                     variant_epochs, write_markdown)
 
@@ -109,7 +109,9 @@ class ReproConfig:
     study: str = arg("", "instead of the ablation: 'token', the one-factor study of the token target, positions "
                      "and normalisation (results/token_study/); 'cues', MIM, M²IM and MaskMentor at cue levels "
                      "0, 0.5 and 1 (results/cues/); 'regime', from scratch against adapting a foundation, "
-                     "dedicated against joint models (results/regime/)", ("", "token", "cues", "regime"))
+                     "dedicated against joint models (results/regime/); 'schedule', why STTP does not help: its "
+                     "dilution, its repetition, its token target, and M²IM's label shortcut (results/schedule/)",
+                     ("", "token", "cues", "regime", "schedule"))
     foundation_images: int = arg(8000, "--study regime: pool images the foundation is pre-trained on")
     foundation_epochs: int = arg(8, "--study regime: the foundation's epochs of MIM")
     foundation_batch: int = arg(16, "--study regime: the foundation's batch size")
@@ -125,7 +127,7 @@ QUICK = dict(seeds=2, pretrain_images=64, finetune_images=64, test_images=32, va
 # Where each study writes, unless --out_dir says otherwise; the regime study's key contrasts
 # want 5 seeds (results/regime/PROTOCOL.md).
 STUDY_DEFAULTS = {"token": dict(out_dir="results/token_study"), "cues": dict(out_dir="results/cues"),
-                  "regime": dict(out_dir="results/regime", seeds=5)}
+                  "regime": dict(out_dir="results/regime", seeds=5), "schedule": dict(out_dir="results/schedule", seeds=5)}
 
 
 def parse(argv=None) -> ReproConfig:
@@ -159,11 +161,6 @@ def parse(argv=None) -> ReproConfig:
 
 TOKEN_FLAGS = ("token_target", "token_positions", "token_norm")
 FIRST_READING = sttp.FIRST_READING     # D4-D6 as first read; runs are named relative to it
-
-
-def has_token_loss(variant: str) -> bool:
-    mode = VARIANTS[variant][0]
-    return mode is not None and sttp.OBJECTIVES[mode].token_loss
 
 
 @dataclass(frozen=True)
@@ -664,6 +661,79 @@ def regime_study(cfg: ReproConfig) -> dict:
     return out
 
 
+SCHEDULE_LRS = (1e-3, 3e-3)              # the regime study's choice and one step above it
+SCHEDULE_NEXT_LR = 1e-2                   # tried only if 3e-3 wins (results/schedule/PROTOCOL.md)
+# The arms (PROTOCOL.md), in the order their seeds are kept when time runs short: the last
+# groups lose seeds first.
+SCHEDULE_KEY = ("mim", "m2im", "maskmentor", "tw0")
+SCHEDULE_B = ("kd_foundation", "self_fresh")
+SCHEDULE_D = ("maskmentor_ti1", "tw0_ti1")
+SCHEDULE_A = ("m2im_x4", "mix25")
+SCHEDULE_C = ("mim_rgbd", "m2im_rgbd")
+FRESH_TARGET = ("teacher_complete", "all", "standardize")     # the B arms' token target
+
+
+def schedule_specs(cfg: ReproConfig, lr: float) -> list:
+    """(spec, seed) of every arm of the schedule study at the pre-training lr `lr`, in the
+    order of the protocol's priorities (key arms, B, D, A, C), seeds per arm as it says."""
+    token = tuple(getattr(cfg, f) for f in TOKEN_FLAGS)
+    spec = lambda v: Spec(v, FRESH_TARGET if v in SCHEDULE_B else token, regime="adapt", lr=lr, schedule="steps")
+    few = range(min(3, cfg.seeds))
+    return [(spec(v), s) for group, seeds in ((SCHEDULE_KEY, range(cfg.seeds)), (SCHEDULE_B, range(cfg.seeds)),
+                                             (SCHEDULE_D, few), (SCHEDULE_A, range(cfg.seeds)),
+                                             (SCHEDULE_C, range(cfg.seeds)))
+            for v in group for s in seeds]
+
+
+def regime_pilot(cfg: ReproConfig) -> dict:
+    """The regime study's pilot scores of the lrs below SCHEDULE_LRS (quoted, not rerun), from
+    its regime.json beside --out_dir; {} when it is not there."""
+    path = os.path.join(os.path.dirname(os.path.abspath(cfg.out_dir)), "regime", "regime.json")
+    if not os.path.isfile(path):
+        return {}
+    regime = json.load(open(path))
+    lower = [lr for lr in regime["pilot_lrs"] if lr < min(SCHEDULE_LRS)]
+    pilot = [r for r in regime["runs"] if r["seed"] < 2]          # the pilot's seeds, as the rule used them
+    return {f"{lr:g}": sc for lr, sc in report.pilot_scores(pilot, lower).items()}
+
+
+def schedule_study(cfg: ReproConfig) -> dict:
+    """`--study schedule` (results/schedule/PROTOCOL.md, written before the first run): in the
+    regime study's adapt regime, the pre-training lr one step further on validation (mim and
+    m2im, seeds 0 and 1), then STTP's schedule taken apart (A: dilution x repetition without
+    the token loss), the token target undiluted and unrepeated (B), M²IM without label maps (C)
+    and one teacher step (D), paired by seed; written to schedule.md, .json and .png."""
+    t0 = time.time()
+    adapt = lambda v, lr: Spec(v, tuple(getattr(cfg, f) for f in TOKEN_FLAGS), regime="adapt", lr=lr,
+                               schedule="steps")
+    pilot_seeds = range(min(2, cfg.seeds))
+    lrs = list(SCHEDULE_LRS)
+    print(f"schedule study: {cfg.seeds} seed(s) for the key arms; runs in {cfg.work_dir}, results in {cfg.out_dir}")
+    results = run_all(cfg, [(adapt(v, lr), s) for lr in lrs for v in ("mim", "m2im") for s in pilot_seeds])
+    lr = report.choose_pilot_lr(results, lrs)
+    if lr == lrs[-1]:
+        lrs.append(SCHEDULE_NEXT_LR)
+        results += run_all(cfg, [(adapt(v, SCHEDULE_NEXT_LR), s) for v in ("mim", "m2im") for s in pilot_seeds])
+        lr = report.choose_pilot_lr(results, lrs)
+    print(f"chosen on validation: pre-training lr {lr:g}")
+    rows = schedule_specs(cfg, lr)
+    done = {(r["name"], r["seed"]) for r in results}
+    results += run_all(cfg, [(sp, s) for sp, s in rows if (sp.name, s) not in done])
+    run_seconds = sum(r[st]["seconds"] for r in results for st in ("pretrain", "finetune") if r[st]) + \
+        sum(r["eval_seconds"] for r in results)
+    meta = {"wall_minutes": (time.time() - t0) / 60, "run_minutes": run_seconds / 60,
+            "runs": count_runs(cfg, rows)[0], "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
+    foundation = [diagnostics.loss_log(os.path.join(run_dir(cfg, FOUNDATION, s), "pretrain", "log.jsonl"),
+                                       cfg.foundation_images // cfg.foundation_batch) for s in range(cfg.seeds)]
+    out = {"config": dataclasses.asdict(cfg), "meta": meta, "pilot_lrs": lrs, "chosen_lr": lr,
+           "regime_pilot": regime_pilot(cfg), "foundation": foundation, "runs": results}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    _write_json(out, os.path.join(cfg.out_dir, "schedule.json"))
+    report.write_schedule(out, os.path.join(cfg.out_dir, "schedule.md"), os.path.join(cfg.out_dir, "schedule.png"))
+    print(f"wrote {cfg.out_dir}/schedule.md, schedule.json, schedule.png in {meta['wall_minutes']:.1f} min")
+    return out
+
+
 def main(argv=None) -> dict:
     cfg = parse(argv)
     if cfg.study == "token":
@@ -672,6 +742,8 @@ def main(argv=None) -> dict:
         return cue_study(cfg)
     if cfg.study == "regime":
         return regime_study(cfg)
+    if cfg.study == "schedule":
+        return schedule_study(cfg)
     t0 = time.time()
     n_runs, before = count_runs(cfg, each_seed(cfg, specs(cfg)))
     print(f"reproduce: {cfg.variants} x {cfg.seeds} seed(s), {cfg.jobs} job(s) of {cfg.threads} thread(s); "

@@ -105,7 +105,7 @@ def test_a_new_objective_gets_the_equal_step_budget(toy, tmp_path):
     assert "--token_norm" not in reproduce.pretrain_argv(cfg, reproduce.Spec("toy"), 0)   # no token loss
     # A budget the objective can't meet in whole epochs is refused, not rounded.
     with pytest.raises(ValueError, match="no whole number"), \
-            mock.patch.object(report, "steps_per_batch", lambda mode: 3 if mode == "sttp" else 2):
+            mock.patch.object(report, "steps_per_batch", lambda mode, ti=None: 3 if mode == "sttp" else 2):
         report.pretrain_epochs("twice", 1, 1)
 
 
@@ -133,3 +133,23 @@ def test_a_new_objective_runs_on_two_processes(toy, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     load = lambda d: torch.load(tmp_path / d / "ckpt.pt", map_location="cpu", weights_only=False)
     assert_same_run(load("one"), load("two"))
+
+
+def test_the_schedule_controls_do_what_they_declare(monkeypatch):
+    """m2im_x4: STTP's steps on each batch, all on Algorithm 1 input; mix25: one step per batch,
+    on Algorithm 1 input one time in four (drawn from the masking generator), else MIM's."""
+    torch.manual_seed(0)
+    net = M.MaskMentor(dataclasses.replace(M.PRESETS["tiny"], num_classes=7))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    cfg = sttp.ObjectiveConfig(masking=masking.MaskingConfig(budget=32))
+    drops, real = [], masking.plan_masking
+    monkeypatch.setattr(masking, "plan_masking", lambda *a, **k: drops.append(a[4]) or real(*a, **k))
+    rt, g = Runtime(torch.device("cpu")), torch.Generator().manual_seed(0)
+    logs = rt.run_objective(sttp.OBJECTIVES["m2im_x4"], net, opt, smooth_batch(), cfg, g)
+    assert drops == [True] * 4 and opt.state[net.global_tokens]["step"].item() == 4
+    assert set(logs) == {"loss", "m2im_rgb", "m2im_norm_rgb", "m2im_depth", "m2im_semseg"}
+    # mix25's first iteration, for 4000 batches: Algorithm 1 one time in four
+    picks = [next(sttp.OBJECTIVES["mix25"](cfg, g)).drop_modalities for _ in range(4000)]
+    assert abs(sum(picks) / 4000 - 0.25) < 0.025              # binomial sd 0.0068: 3.6 sd
+    logs = rt.run_objective(sttp.OBJECTIVES["mix25"], net, opt, smooth_batch(), cfg, g)
+    assert opt.state[net.global_tokens]["step"].item() == 5     # one step

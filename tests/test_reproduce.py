@@ -293,3 +293,30 @@ def test_the_regime_study_chooses_its_lr_on_validation_then_runs_every_row(tmp_p
     md = (tmp_path / "res" / "regime.md").read_text()
     assert "| 0.0003 (chosen) |" in md and "| M²IM − MIM | **+1.00 ± 0.00**" in md
     assert (tmp_path / "res" / "regime.png").is_file() and (tmp_path / "res" / "regime.json").is_file()
+
+
+def test_the_schedule_study_arms_get_equal_budgets():
+    """Every arm of results/schedule/PROTOCOL.md: the same optimiser steps (epochs x steps per
+    batch at its --teacher_iters), the flags the protocol names, the seeds it gives it."""
+    cfg = R.parse(["--study", "schedule"])
+    specs = R.schedule_specs(cfg, 1e-3)
+    steps = {}
+    for sp, seed in specs:
+        argv = R.pretrain_argv(cfg, sp, seed)
+        ti = int(argv[len(argv) - argv[::-1].index("--teacher_iters")])      # the last one given
+        epochs, warm = int(argv[argv.index("--epochs") + 1]), int(argv[argv.index("--warmup_epochs") + 1])
+        steps[sp.variant] = warm + (epochs - warm) * report.steps_per_batch(report.VARIANTS[sp.variant][0], ti)
+        assert "--init" in argv and argv[argv.index("--lr") + 1] == "0.001"
+    assert len(set(steps.values())) == 1, steps
+    argv = lambda v: R.pretrain_argv(cfg, next(sp for sp, _ in specs if sp.variant == v), 0)
+    assert argv("kd_foundation")[argv("kd_foundation").index("--teacher") + 1] == R.foundation_ckpt(cfg, 0)
+    last = lambda a, flag: a[len(a) - a[::-1].index(flag)]             # the value of its last occurrence
+    assert last(argv("self_fresh"), "--teacher_iters") == "0" and last(argv("self_fresh"), "--token_target") == \
+        "teacher_complete"
+    assert last(argv("tw0_ti1"), "--teacher_iters") == "1" and last(argv("tw0_ti1"), "--token_weight") == "0"
+    assert "rgb,depth" in argv("mim_rgbd") and "--token_target" not in argv("mim_rgbd")
+    seeds = {}
+    for sp, s in specs:
+        seeds.setdefault(sp.variant, set()).add(s)
+    assert all(len(seeds[v]) == 5 for v in R.SCHEDULE_KEY + R.SCHEDULE_A + R.SCHEDULE_B + R.SCHEDULE_C)
+    assert all(len(seeds[v]) == 3 for v in R.SCHEDULE_D)

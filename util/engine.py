@@ -106,8 +106,9 @@ class Loop:
             if not math.isfinite(logs["loss"]):
                 raise UserError(f"the loss became {logs['loss']} at epoch {self.epoch + 1}, "
                                 f"batch {self.batch}; try a lower --lr")
+            counts = sums.setdefault("_count", {})       # an objective may log a term in some batches only
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
             sums["_n"] = sums.get("_n", 0) + 1
             self.batch, self.done_here = self.batch + 1, self.done_here + 1
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
@@ -281,15 +282,17 @@ class Loop:
         """The epoch's sums of the logged numbers so far: a resumed partial epoch's, else none."""
         last = self.history[-1] if self.history else None
         if last and last["epoch"] == self.epoch + 1 and self.batch > 0:
-            return dict(last["_sums"])
+            return {**last["_sums"], "_count": dict(last["_sums"].get("_count", {}))}
         return {}
 
     def _record(self, name: str, sums: dict, partial: bool) -> dict:
-        """Per-epoch means of the logged numbers; a partial epoch keeps its running sums."""
-        n = max(1, sums.get("_n", 1))
-        entry = {"epoch": self.epoch + 1, "mode": name, **{k: v / n for k, v in sums.items() if k != "_n"}}
+        """Per-epoch means of the logged numbers, each over the batches that logged it; a partial
+        epoch keeps its running sums."""
+        n, counts = max(1, sums.get("_n", 1)), sums.get("_count", {})
+        entry = {"epoch": self.epoch + 1, "mode": name,
+                 **{k: v / counts.get(k, n) for k, v in sums.items() if not k.startswith("_")}}
         if partial:
-            entry["_sums"] = dict(sums)
+            entry["_sums"] = {**sums, "_count": dict(counts)}
         self.history = [h for h in self.history if h["epoch"] != self.epoch + 1] + [entry]
         return entry
 
