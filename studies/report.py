@@ -626,10 +626,11 @@ def write_regime(study: dict, path: str, png: str) -> None:
          f"95 % confidence interval of the mean (Student t, n − 1 degrees of freedom) excludes 0.", "",
          "## Step 0: the adapt regime's pre-training lr, chosen on validation", "",
          "| lr | mim: val mIoU (mean of the 3 conditions) | m2im | score |", "|---|---|---|---|"]
-    scores = pilot_scores(R, study["pilot_lrs"])
+    pilot_seeds = 2                            # the protocol's pilot: seeds 0 and 1, as the rule used them
+    scores = pilot_scores([r for r in R if r["seed"] < pilot_seeds], study["pilot_lrs"])
     for lr in study["pilot_lrs"]:
-        cells = [_pm(mean_std([regime_score(r) for r in runs_of(R, variant=v, regime="adapt", lr=lr).values()]))
-                 for v in ("mim", "m2im")]
+        cells = [_pm(mean_std([regime_score(r) for s, r in runs_of(R, variant=v, regime="adapt", lr=lr).items()
+                               if s < pilot_seeds])) for v in ("mim", "m2im")]
         L.append(f"| {lr:g}{' (chosen)' if lr == lr_a else ''} | {cells[0]} | {cells[1]} | {scores[lr]:.2f} |")
     L += ["", "## The foundation: its MIM loss", "",
           "| seed | pixel loss, first → last epoch | last epoch's drop |", "|---|---|---|"]
@@ -687,10 +688,15 @@ def write_regime(study: dict, path: str, png: str) -> None:
           "| regime | variant | lr | inputs | layer decay | seed | test | validation |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(R, key=lambda r: (r["regime"], r["variant"], r["lr"], r["inputs"], r["layer_decay"], r["seed"])):
         cell = lambda d: " / ".join(f"{d[s]['miou']:.2f}" if s in d else "—" for s in ("rgbd", "rgb", "depth"))
-        L.append(f"| {r['regime']} | {r['variant']} | {r['lr']:g} | {r['inputs']} | {r['layer_decay'] or '—'} | "
+        lr = "—" if r["variant"] == "baseline" else f"{r['lr'] or study['scratch_lr']:g}"   # 0: train.py's default
+        L.append(f"| {r['regime']} | {r['variant']} | {lr} | {r['inputs']} | {r['layer_decay'] or '—'} | "
                  f"{r['seed']} | {cell(r['clean'])} | {cell(r['val'])} |")
     meta = study["meta"]
-    L += ["", f"Wall time {meta['wall_minutes']:.1f} min for {meta['runs']} runs ({meta['machine']}).", ""]
+    own = sum(r[st]["seconds"] for r in R for st in ("pretrain", "finetune") if r[st]) + \
+        sum(r["eval_seconds"] for r in R)
+    L += ["", f"{meta['runs']} runs; their own time summed: {own / 60:.0f} min of one thread each "
+          f"({meta['machine']}); the last invocation's wall time {meta['wall_minutes']:.1f} min (finished runs "
+          f"are reused, not rerun).", ""]
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
     charts.dot_chart({"adapting the foundation": panels["adapt"], "from scratch": panels["scratch"],
