@@ -446,3 +446,14 @@ def augment_pretrain(sample: dict, rng: np.random.Generator, size: int, scale=PR
         x = resample(m, sample[m][..., y0:y0 + h, x0:x0 + w], size, size)
         out[m] = (x.flip(-1) if flip else x).contiguous()
     return out
+
+
+if __name__ == "__main__":       # a module, not a command: say so rather than exit 0 having done nothing
+    import sys
+    convert = "python tools/prepare_nyu.py --mat nyu_depth_v2_labeled.mat (docs/guide.md, \"Real data\")"
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        print(f"usage: data.py is imported by train.py, finetune.py and evaluate.py, not run; the NYU converter "
+              f"is {convert}; see its --help")
+        sys.exit(0)
+    print(f"error: data.py is a module, not a command: the NYU converter is {convert}", file=sys.stderr)
+    sys.exit(2)

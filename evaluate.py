@@ -52,7 +52,7 @@ import data
 import model as M
 import modalities
 from util import vis
-from util.checkpoints import export_safetensors, json_path, load_checkpoint, load_weights
+from util.checkpoints import export_safetensors, is_safetensors, json_path, load_checkpoint, load_weights
 from util.cli import (UserError, arg, check_not_input, check_numbers, check_output, one_line, parse_config, pick_device,
                  run_cli, write_atomic, write_png)
 from util.engine import to_device
@@ -120,6 +120,7 @@ class EvalConfig:
     export_onnx: str = arg("", "write one ONNX graph per input condition into this folder, check them, and stop")
     export_safetensors: str = arg("", "write the --ckpt's weights (fine-tuned or pre-training) to this .safetensors "
                                       "file and what they need to be used to the .json beside it, and stop")
+    overwrite: bool = arg(False, "--export_safetensors: replace its .safetensors and .json if they exist")
     workers: int = arg(0, "DataLoader worker processes")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
 
@@ -156,12 +157,7 @@ def conventions(ckpt: dict, net: M.Segmenter, path: str, dataset: str = "") -> C
     if d is None:
         conv = Conventions(ckpt["dataset"], data.CLASS_NAMES[ckpt["dataset"]], net.cfg.image_size,
                            data.RGB_MEAN, data.RGB_STD)
-    else:
-        keys = ("dataset", "classes", "image_size", "rgb_mean", "rgb_std", "depth_unit")
-        if not isinstance(d, dict) or any(k not in d for k in keys):
-            raise UserError(f"{path}: ckpt['data'] must be a dict with {', '.join(keys)}")
-        if d["depth_unit"] != "metres":
-            raise UserError(f"{path}: the model expects depth in {d['depth_unit']}; this version reads metres")
+    else:                 # its types and ranges checked by util/checkpoints.load_checkpoint
         conv = Conventions(d["dataset"], tuple(d["classes"]), int(d["image_size"]),
                            tuple(d["rgb_mean"]), tuple(d["rgb_std"]))
     if dataset and dataset != conv.dataset:
@@ -263,13 +259,25 @@ def read_inputs(rgb_path: str, depth_path: str, depth_scale: float, conv: Conven
         rgb = read_rgb(rgb_path)
         x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)   # as data.normalize_rgb
         mean, std = torch.tensor(conv.rgb_mean).view(3, 1, 1), torch.tensor(conv.rgb_std).view(3, 1, 1)
-        batch["rgb"] = ((x - mean) / std)[None]
+        batch["rgb"] = x.sub_(mean).div_(std)[None]          # in place: a large photo is not held twice
     if depth_path:
         depth = read_depth_file(depth_path, depth_scale)
         if rgb_path:
             check_same_size(rgb_path, rgb, {depth_path: depth})
         batch["depth"] = torch.from_numpy(depth)[None, None]
     return batch
+
+
+def stored_size(path: str):
+    """(H, W) of an image or .npy depth file from its header, without decoding it; None if
+    the header cannot be read (reading the file then says what is wrong with it)."""
+    try:
+        if path.lower().endswith(".npy"):
+            return tuple(np.load(path, mmap_mode="r").shape[:2])
+        with Image.open(path) as img:
+            return img.size[::-1]
+    except Exception:
+        return None
 
 
 def working_size(H: int, W: int, crop: int) -> tuple[int, int]:
@@ -337,10 +345,12 @@ def input_setting(cfg) -> str:
 def segment_one_image(cfg, net: M.Segmenter, conv: Conventions, device) -> dict:
     """--rgb and/or --depth files in, a palette PNG of class ids out."""
     out = cfg.out or "seg.png"
-    batch = read_inputs(cfg.rgb, cfg.depth, cfg.depth_scale, conv)
     setting = input_setting(cfg)
-    H, W = next(iter(batch.values())).shape[-2:]
+    size = stored_size(cfg.rgb or cfg.depth)           # said before the (large) image is decoded
+    batch = None if size else read_inputs(cfg.rgb, cfg.depth, cfg.depth_scale, conv)
+    H, W = size or next(iter(batch.values())).shape[-2:]
     print(f"segmenting {cfg.rgb or cfg.depth} ({setting} input, {size_note(H, W, conv.image_size)}) on {device}")
+    batch = batch or read_inputs(cfg.rgb, cfg.depth, cfg.depth_scale, conv)
     pred = segment(net, batch, setting, conv.image_size, device)
     write_class_map(pred, out, conv.palette())
     names = conv.classes
@@ -384,17 +394,20 @@ def folder_pairs(rgb_dir: str, depth_dir: str) -> list:
 
 def segment_folder(cfg, net: M.Segmenter, conv: Conventions, device) -> dict:
     """Every image of --rgb and/or --depth folders -> <--out>/<name>.png."""
-    out = cfg.out or "seg"
+    out = os.path.join(cfg.out or "seg", "")           # one trailing separator, however --out ends
     pairs = folder_pairs(cfg.rgb, cfg.depth)
     setting = input_setting(cfg)
-    print(f"segmenting {len(pairs)} image(s) of {cfg.rgb or cfg.depth} ({setting} input) into {out}/ on "
+    print(f"segmenting {len(pairs)} image(s) of {cfg.rgb or cfg.depth} ({setting} input) into {out} on "
           f"{device}; a long side over {MAX_SIDE * conv.image_size} px is segmented at that size")
     palette, written = conv.palette(), []
     for name, rgb, depth in tqdm(pairs, desc="segmenting", unit="image", dynamic_ncols=True, disable=None):
+        size = stored_size(rgb or depth)
+        if size and working_size(*size, conv.image_size) != size:
+            tqdm.write(f"{rgb or depth}: {size_note(*size, conv.image_size)}")
         batch = read_inputs(rgb, depth, cfg.depth_scale, conv)
         written.append(os.path.join(out, name + ".png"))
         write_class_map(segment(net, batch, setting, conv.image_size, device), written[-1], palette)
-    print(f"wrote {len(written)} class map(s) to {out}/ (pixel value = {conv.dataset} class id)")
+    print(f"wrote {len(written)} class map(s) to {out} (pixel value = {conv.dataset} class id)")
     return {"setting": setting, "written": written}
 
 
@@ -564,13 +577,13 @@ def check_request(cfg) -> str:
     if cfg.cues != -1 and not 0 <= cfg.cues <= 1:
         raise UserError(f"--cues must be in [0, 1], or -1 for the checkpoint's level, got {cfg.cues}")
     inputs = [("--ckpt", cfg.ckpt)]
-    if cfg.ckpt.endswith(".safetensors"):
+    if is_safetensors(cfg.ckpt):
         inputs.append(("--ckpt's .json", json_path(cfg.ckpt)))
     if cfg.export_safetensors:
         if cfg.export_onnx or cfg.rgb or cfg.depth:
             raise UserError("--export_safetensors writes the weights and stops; export ONNX or segment images "
                             "(--export_onnx, --rgb, --depth) in another run")
-        if not cfg.export_safetensors.endswith(".safetensors"):
+        if not is_safetensors(cfg.export_safetensors):
             raise UserError(f"--export_safetensors {cfg.export_safetensors}: the name must end in .safetensors "
                             f"(its .json goes beside it)")
         outputs = [("--export_safetensors", cfg.export_safetensors),
@@ -578,7 +591,11 @@ def check_request(cfg) -> str:
         check_not_input(outputs, inputs)
         for flag, p in outputs:
             check_output(p, flag, "file")
+            if os.path.exists(p) and not cfg.overwrite:      # the pair is one output: neither half is replaced unasked
+                raise UserError(f"{flag} {p}: exists; pass --overwrite to replace it, or give another name")
         return "safetensors"
+    if cfg.overwrite:
+        raise UserError("--overwrite replaces an existing --export_safetensors pair; it does nothing here")
     if cfg.export_onnx:
         if cfg.rgb or cfg.depth:
             raise UserError("--export_onnx exports the model; segment images (--rgb, --depth) in another run")

@@ -223,8 +223,9 @@ def main(argv=None):
     # (--mode token: sttp.OBJECTIVES says which objectives do; tests/test_distributed.py).
     model = runtime.wrap(net, find_unused_parameters=sttp.OBJECTIVES[cfg.mode].unused_parameters)
 
+    split = f" {cfg.split} split" if cfg.split != "train" else ""        # e.g. the foundation pool
     print(f"pre-training {cfg.config} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters) "
-          f"on {cfg.dataset} ({len(dataset)} images) on {device}; {ops.backend()}")
+          f"on {cfg.dataset}{split} ({len(dataset)} images) on {device}; {ops.backend()}")
     print(f"schedule: {cfg.warmup_epochs} MIM warm-up epoch(s), then {cfg.epochs - cfg.warmup_epochs} "
           f"epoch(s) of {cfg.mode}; the lr per {'optimiser step' if cfg.lr_schedule == 'steps' else 'batch'}; "
           f"output in {cfg.out_dir}")

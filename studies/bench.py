@@ -173,7 +173,7 @@ def peak_gbps(device, override):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--reps", type=int, default=50, help="timed repetitions of each op measurement (median)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed repetitions before them")

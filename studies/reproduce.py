@@ -72,6 +72,7 @@ from studies import bench, diagnostics, report
 from util import rooms
 from util.checkpoints import load_checkpoint
 from util.cli import UserError, arg, check_numbers, parse_config, run_cli
+from util import runs
 from util.runs import Subset
 from util.runtime import Runtime
 from studies.report import (DEFAULT_VARIANTS, has_token_loss, REFERENCE_MODE, ROBUST_VARIANTS, VARIANT_FLAGS, VARIANTS,
@@ -362,6 +363,8 @@ def _stage(out_dir: str, main, argv: list) -> dict:
                                  f"or delete that folder")
         return info
     resume = os.path.isfile(os.path.join(out_dir, "ckpt.pt"))
+    if runs.stale_lock(out_dir):          # this study's own run, killed: its folder is free again
+        os.remove(os.path.join(out_dir, runs.LOCK))
     t0 = time.time()
     with _logged(os.path.join(out_dir, "output.txt")), BudgetCounter() as count:
         main(argv + (["--resume"] if resume else []))

@@ -298,3 +298,125 @@ def test_export_checks_its_output_before_any_work(tmp_path):
         with pytest.raises(UserError) as e:
             evaluate.main(missing + flags)
         one_line_error(e, words)
+
+
+# --- what a loaded file holds: fields and tensors (issue 28) --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_model(tmp_path_factory):
+    """A tiny fine-tuned model exported as .safetensors + .json; returns (folder, its json)."""
+    d = tmp_path_factory.mktemp("shared")
+    from conftest import finetuned
+    import data
+    finetuned(d / "ckpt.pt", conventions=data.conventions("synthetic", 64))
+    evaluate.main(["--ckpt", str(d / "ckpt.pt"), "--export_safetensors", str(d / "m.safetensors")])
+    import json
+    return d, json.load(open(d / "m.json"))
+
+
+@pytest.mark.parametrize("where,value,words", [
+    (("data", "image_size"), "big", "data.image_size must be a positive integer, got 'big'"),
+    (("data", "classes"), None, "data.classes must be a list of 10 class names"),
+    (("data", "classes"), ["a"] * 3, "data.classes must be a list of 10 class names"),
+    (("data", "rgb_std"), [0, 0, 0], "data.rgb_std must be a list of 3 positive finite numbers"),
+    (("data", "rgb_mean"), [0.5, "x", 0.3], "data.rgb_mean must be a list of 3 finite numbers"),
+    (("data", "depth_unit"), "inches", "data.depth_unit must be 'metres'"),
+    (("data", "dataset"), "kitti", "data.dataset must be one of synthetic, nyu, sun"),
+    (("model_config", "image_size"), "big", "model_config.image_size must be a positive integer"),
+    (("model_config", "num_heads"), 3, "model_config.width 128 must be a multiple of 4 and of num_heads 3"),
+    (("model_config", "drop_path"), 2.0, "drop_path must be in [0, 1)"),
+    (("model_config",), [1, 2], "its model_config is a list, not a dict"),
+])
+def test_every_field_of_a_shared_models_json_is_checked(shared_model, tmp_path, where, value, words):
+    import json
+    d, meta = shared_model
+    meta = json.loads(json.dumps(meta))
+    target = meta
+    for k in where[:-1]:
+        target = target[k]
+    target[where[-1]] = value
+    shutil_copy = __import__("shutil").copy
+    shutil_copy(d / "m.safetensors", tmp_path / "m.safetensors")
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError) as e:
+        evaluate.main(["--ckpt", str(tmp_path / "m.safetensors"), "--save_vis", "", "--out_json",
+                       str(tmp_path / "r.json")])
+    one_line_error(e, str(tmp_path / "m.json"), words)
+    assert not (tmp_path / "r.json").exists()
+
+
+def _weights(path, change):
+    """A tiny fine-tuned checkpoint whose state dict went through `change` (key, tensor) -> tensor."""
+    cfg = tiny()
+    state = {k: change(k, v) for k, v in M.Segmenter(cfg).state_dict().items()}
+    torch.save({"model": state, "config": {"config": "tiny"}, "kind": "finetune",
+                "model_config": dataclasses.asdict(cfg), "dataset": "synthetic"}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda k, v: v.to(torch.int32) if k.endswith("weight") else v, "torch.int32, not floating point"),
+    (lambda k, v: v.to(torch.complex64) if k.endswith("qkv.weight") else v, "torch.complex64, not floating point"),
+    (lambda k, v: torch.full_like(v, float("nan")), "holds NaN or infinite values"),
+    (lambda k, v: v.masked_fill(v.abs() >= 0, float("inf")) if k == "global_tokens" else v, "NaN or infinite"),
+])
+def test_weights_of_the_wrong_kind_are_refused(tmp_path, change, words):
+    path = _weights(tmp_path / "w.pt", change)
+    with pytest.raises(UserError) as e:
+        evaluate.main(["--ckpt", path, "--rgb", fixture_path("nyu_0001", "rgb.jpg"), "--out", str(tmp_path / "s.png")])
+    one_line_error(e, "w.pt", words)
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_a_view_claiming_more_than_its_storage_is_refused_before_it_is_materialised(tmp_path):
+    # 100000 x 100000 float32 values (40 GB) claimed by a stride-0 view of one number
+    huge = torch.zeros(1).as_strided((100000, 100000), (0, 0))
+    path = _weights(tmp_path / "v.pt", lambda k, v: huge if k == "global_tokens" else v)
+    for argv in (["--ckpt", path, "--export_safetensors", str(tmp_path / "x.safetensors")],
+                 ["--ckpt", path, "--save_vis", "", "--out_json", str(tmp_path / "r.json")]):
+        with pytest.raises(UserError) as e:
+            evaluate.main(argv)
+        one_line_error(e, "v.pt", "global_tokens claims (100000, 100000)", "a crafted view, refused")
+    assert not (tmp_path / "x.safetensors").exists()
+    torch.save({"blocks.0.norm1.weight": huge}, tmp_path / "vit.pth")               # through --init too
+    with pytest.raises(UserError) as e:
+        train.main(PRE + ["--init", str(tmp_path / "vit.pth"), "--out_dir", str(tmp_path / "run")])
+    one_line_error(e, "--init", "vit.pth", "a crafted view, refused")
+
+
+def test_init_refuses_integer_weights_it_would_load(tmp_path):
+    import timm
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    state = {k: (v.to(torch.int64) if k == "blocks.0.attn.qkv.weight" else v) for k, v in vit.state_dict().items()}
+    torch.save(state, tmp_path / "vit.pth")
+    net = M.MaskMentor(M.PRESETS["base"])
+    with pytest.raises(UserError) as e:
+        checkpoints.init_encoder(net, str(tmp_path / "vit.pth"))
+    one_line_error(e, "--init", "encoder.0.attn.qkv.weight is torch.int64, not floating point")
+
+
+def test_an_export_never_replaces_an_existing_file_unasked(tmp_path, shared_model):
+    d, _ = shared_model
+    (tmp_path / "m.json").write_text("{}")                                   # only the .json is there
+    with pytest.raises(UserError) as e:
+        evaluate.main(["--ckpt", str(d / "ckpt.pt"), "--export_safetensors", str(tmp_path / "m.safetensors")])
+    one_line_error(e, "m.json: exists", "--overwrite")
+    assert (tmp_path / "m.json").read_text() == "{}" and not (tmp_path / "m.safetensors").exists()
+    evaluate.main(["--ckpt", str(d / "ckpt.pt"), "--export_safetensors", str(tmp_path / "m.safetensors"),
+                   "--overwrite"])
+    assert (tmp_path / "m.json").read_text() != "{}"
+    with pytest.raises(UserError, match="--overwrite replaces an existing --export_safetensors pair"):
+        evaluate.main(["--ckpt", str(d / "ckpt.pt"), "--overwrite"])
+
+
+def test_the_extension_is_read_in_any_case(tmp_path, shared_model):
+    d, _ = shared_model
+    import shutil
+    shutil.copy(d / "m.safetensors", tmp_path / "M.SAFETENSORS")
+    shutil.copy(d / "m.json", tmp_path / "M.json")
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "M.SAFETENSORS"), "finetune")
+    same = checkpoints.load_checkpoint(str(d / "m.safetensors"), "finetune")
+    assert all(torch.equal(ckpt["model"][k], same["model"][k]) for k in same["model"])
+    evaluate.main(["--ckpt", str(d / "ckpt.pt"), "--export_safetensors", str(tmp_path / "out.SafeTensors")])
+    assert (tmp_path / "out.json").exists()

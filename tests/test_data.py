@@ -397,7 +397,7 @@ def test_prepare_nyu_bad_inputs(nyu_mat, tmp_path):
     one_line_error(e, junk, "HDF5")
     with pytest.raises(data.UserError) as e:
         prepare_nyu.prepare_nyu(str(tmp_path / "none.mat"), str(tmp_path / "o"), progress=False)
-    one_line_error(e, "none.mat", "not found")
+    one_line_error(e, "none.mat", "not found", "https://cs.nyu.edu/", "docs/guide.md")   # says where to get it
     with h5py.File(tmp_path / "other.mat", "w") as f:
         f["something"] = np.zeros(3)
     with pytest.raises(data.UserError) as e:
@@ -410,7 +410,7 @@ def test_prepare_nyu_bad_inputs(nyu_mat, tmp_path):
 
 def test_prepare_nyu_flags_are_one_line_errors(tmp_path):
     """cli.parse_config's rules: no abbreviated flags, --mat required, choices checked."""
-    for argv, words in ((["--ma", "x.mat"], "unrecognized arguments: --ma"), ([], "--mat is required"),
+    for argv, words in ((["--ma", "x.mat"], "unrecognized arguments: --ma"), ([], "--mat is required: the official"),
                         (["--mat", "x.mat", "--depth", "holes"], "invalid choice: 'holes'")):
         with pytest.raises(data.UserError) as e:
             prepare_nyu.main(argv + ["--out", str(tmp_path / "o")])

@@ -187,6 +187,21 @@ def test_a_large_image_is_segmented_at_a_bounded_size(tmp_path, monkeypatch, cap
     expected = torch.nn.functional.interpolate(pred[:, None], (900, 1200), mode="nearest-exact")[0, 0]
     out = np.asarray(Image.open(tmp_path / "seg.png"))
     assert out.shape == (900, 1200) and np.array_equal(out, expected.numpy())
+    # The note comes before the image is decoded; in a folder, a line for each such image.
+    decoded = []
+    real_read = evaluate.read_rgb
+    monkeypatch.setattr(evaluate, "read_rgb", lambda p: decoded.append(capsys.readouterr().out) or real_read(p))
+    evaluate.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--rgb", str(tmp_path / "big.png"),
+                   "--out", str(tmp_path / "seg.png")])
+    assert "segmented at 192x144" in decoded[0], decoded
+    monkeypatch.setattr(evaluate, "read_rgb", real_read)
+    os.makedirs(tmp_path / "imgs")
+    Image.fromarray(big).save(tmp_path / "imgs" / "a.png")
+    Image.fromarray(rgb[:100, :100]).save(tmp_path / "imgs" / "b.png")
+    capsys.readouterr()
+    evaluate.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--rgb", str(tmp_path / "imgs"), "--out", str(tmp_path / "segs/")])
+    out = capsys.readouterr().out
+    assert "a.png: 1200x900" in out and "b.png" not in out and "segs//" not in out and "segs/ " in out, out
 
 
 # --- ONNX ----------------------------------------------------------------------------------

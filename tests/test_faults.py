@@ -5,6 +5,7 @@ replace its inputs, and a full disk under any of them is one line that leaves no
 file."""
 import copy
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -369,3 +370,66 @@ def test_a_full_disk_under_an_onnx_export_is_one_line(tmp_path, capsys):
     one_line_error(e, f"{tmp_path / 'onnx' / 'rgb.onnx'}: no space left on device")
     assert "exporter failed" not in capsys.readouterr().out           # no second exporter tried on a full disk
     assert os.listdir(tmp_path / "onnx") == ["rgb.onnx"] and os.path.islink(tmp_path / "onnx" / "rgb.onnx")
+
+
+# --- one run per folder (issue 28) ----------------------------------------------------------------
+
+HOLD = """import sys, time
+sys.path.insert(0, {root!r})
+from util import runs
+runs.claim_out_dir({out!r})
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_folder_another_run_holds_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(root=ROOT, out=out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--overwrite"]):
+            with pytest.raises(UserError) as e:
+                train.main(PRE + extra + ["--out_dir", out])
+            one_line_error(e, f"another run (process {holder.pid}) is using it", os.path.join(out, runs.LOCK))
+        with pytest.raises(UserError, match="is using it"):
+            finetune.main(["--pretrained", "none", "--subset", "32", "--out_dir", out])
+        assert os.listdir(out) == [runs.LOCK]                     # nothing written, the holder's lock kept
+    finally:
+        holder.kill()
+        holder.wait()
+    # its holder killed (kill -9 leaves the lock): named, with what to do
+    with pytest.raises(UserError) as e:
+        train.main(PRE + ["--out_dir", out])
+    one_line_error(e, f"left by process {holder.pid}, which is no longer running", f"remove {out}")
+    os.remove(os.path.join(out, runs.LOCK))
+    train.main(PRE + ["--out_dir", out, "--epochs", "1"])
+    assert runs.LOCK not in os.listdir(out)                       # the run let it go at its end
+
+
+def test_a_run_lets_its_folder_go_however_it_ends(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="the loss became nan"):
+        train.main(PRE + ["--out_dir", str(out), "--lr", "1e30"])
+    assert runs.LOCK not in os.listdir(out)
+    with pytest.raises(UserError, match="holds a run"):            # refused: nothing left either
+        train.main(PRE + ["--out_dir", str(out)])
+    assert runs.LOCK not in os.listdir(out)
+    with pytest.raises(UserError):                                 # refused at its checks: no folder made
+        train.main(PRE + ["--out_dir", str(tmp_path / "new"), "--resume"])
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_into_one_folder(tmp_path):
+    out = str(tmp_path / "run")
+    cmd = lambda seed: [sys.executable, "train.py", *PRE, "--epochs", "1", "--seed", str(seed), "--out_dir", out]
+    procs = [subprocess.Popen(cmd(s), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s in (1, 2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    refused = next(err for rc, err in results if rc == 2)
+    assert re.search(r"is using it|holds a run", refused) and refused.count("\n") == 1, refused
+    winner = 1 + [rc for rc, _ in results].index(0)
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["seed"] == winner
+    assert runs.LOCK not in os.listdir(out)

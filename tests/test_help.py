@@ -26,3 +26,17 @@ def test_help_works(script):
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("usage:") and "--help" in p.stdout
     assert "Traceback" not in p.stderr
+
+
+def test_a_help_description_is_whole_sentences():
+    p = subprocess.run([sys.executable, "studies/bench.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    description = " ".join(p.stdout.split("\n\n")[1].split())
+    assert description.endswith(".") and "than the reference, and what" in description, description
+
+
+def test_a_module_run_as_a_command_says_what_to_run():
+    """data.py once had a prepare-nyu command; it is a module: one line naming the converter, exit 2."""
+    p = subprocess.run([sys.executable, "data.py", "prepare-nyu", "--mat", "x.mat"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "python tools/prepare_nyu.py" in p.stderr, p.stderr

@@ -170,3 +170,10 @@ def test_dedicated_models(tmp_path, monkeypatch, capsys):
         evaluate.main(["--ckpt", str(tmp_path / "rgb" / "ckpt.pt"), "--only", "depth"])
     with pytest.raises(UserError, match="--p_missing chooses the inputs of --inputs any"):
         finetune.main(base + ["--inputs", "depth", "--p_missing", "0.5", "--out_dir", str(tmp_path / "d")])
+
+
+def test_the_first_line_names_the_split_it_trains_on(tmp_path, capsys):
+    train.main(["--split", "pool", "--subset", "16", "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "1",
+                "--vis_every", "0", "--stop_after", "1", "--out_dir", str(tmp_path / "run")])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "on synthetic pool split (16 images)" in first, first

@@ -63,6 +63,10 @@ _NYU_TRAIN_BITS = (
 )
 NYU_LABELLED = 1449
 
+# Where the official file is, for the messages that need it.
+WHERE = ('(2.8 GB: the "Labeled dataset" of https://cs.nyu.edu/~fergus/datasets/nyu_depth_v2.html; '
+         'docs/guide.md, "Real data")')
+
 
 def _loadmat(path: str, key: str) -> np.ndarray:
     import scipy.io
@@ -133,7 +137,7 @@ def prepare_nyu(mat: str, out: str = "data/nyu", splits: Optional[str] = None, m
     try:
         f = h5py.File(mat, "r")
     except FileNotFoundError:
-        raise UserError(f"{mat}: file not found (download nyu_depth_v2_labeled.mat, see README)") from None
+        raise UserError(f"{mat}: file not found: download nyu_depth_v2_labeled.mat {WHERE}") from None
     except OSError as e:
         raise UserError(f"{mat}: not a MATLAB v7.3 / HDF5 file ({e})".splitlines()[0]) from None
     counts = {"written": 0, "skipped": 0}
@@ -184,7 +188,7 @@ class PrepareConfig:
 def main(argv=None) -> dict:
     cfg, _ = parse_config(PrepareConfig, argv)
     if not cfg.mat:
-        raise UserError("--mat is required: the official nyu_depth_v2_labeled.mat (see README)")
+        raise UserError(f"--mat is required: the official nyu_depth_v2_labeled.mat {WHERE}")
     check_not_input([("--out", cfg.out)], [(f"--{k}", getattr(cfg, k)) for k in ("mat", "splits", "mapping")])
     check_output(cfg.out, "--out")            # before reading 2.8 GB
     counts = prepare_nyu(cfg.mat, cfg.out, cfg.splits or None, cfg.mapping or None, cfg.depth)

@@ -29,9 +29,13 @@ import os
 import pickle
 import re
 
+import dataclasses
+import math
+
 import numpy as np
 import torch
 
+import data
 import model as M
 from util.cli import UserError, write_atomic
 from util.vit_weights import InitReport, load_encoder_weights
@@ -111,6 +115,11 @@ def _load_tensors(path: str, name: str) -> dict:
         raise UserError(f"{name}: not a readable .safetensors file ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
+def is_safetensors(path: str) -> bool:
+    """Whether a file name says .safetensors (in any case: M.SAFETENSORS too)."""
+    return path.lower().endswith(".safetensors")
+
+
 def json_path(path: str) -> str:
     """The .json beside a .safetensors file: model.safetensors -> model.json."""
     return os.path.splitext(path)[0] + ".json"
@@ -146,7 +155,7 @@ def load_checkpoint(path: str, kind: str | None = None, resume: bool = False) ->
     noun, script = KINDS[kind] if kind else ("MaskMentor", "train.py or finetune.py")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no {noun} checkpoint there")
-    ckpt = _load_shared(path) if path.endswith(".safetensors") else _torch_load(path, path)
+    ckpt = _load_shared(path) if is_safetensors(path) else _torch_load(path, path)
     what = f"not a MaskMentor {'' if kind is None else noun + ' '}checkpoint"
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: {what} (a {type(ckpt).__name__}, not a dict of model, config, ...)")
@@ -161,17 +170,120 @@ def load_checkpoint(path: str, kind: str | None = None, resume: bool = False) ->
         raise UserError(f"{path}: {what}: it lacks {', '.join(missing)}{hint}")
     for k, typ in needed.items():
         if not isinstance(ckpt[k], typ) or isinstance(ckpt[k], bool) and typ is int:
-            raise UserError(f"{path}: {what}: its {k} is a {type(ckpt[k]).__name__}, not a {typ.__name__}")
+            where = json_path(path) if is_safetensors(path) and k != "model" else path    # the field's file
+            raise UserError(f"{where}: {what}: its {k} is a {type(ckpt[k]).__name__}, not a {typ.__name__}")
     if ckpt["kind"] not in KINDS:
         raise UserError(f"{path}: {what}: its kind is {ckpt['kind']!r}, not one of {', '.join(KINDS)}")
     bad = next((k for k, v in ckpt["model"].items() if not torch.is_tensor(v)), None)
     if bad is not None:
         raise UserError(f"{path}: {what}: its model[{bad!r}] is a {type(ckpt['model'][bad]).__name__}, not a tensor")
-    try:
-        M.ModelConfig.from_dict(ckpt["model_config"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: its model_config does not fit this version ({e})") from None
+    meta = json_path(path) if is_safetensors(path) else path        # where the fields were read from
+    model_cfg = check_model_config(ckpt["model_config"], meta)
+    if "data" in ckpt:
+        check_conventions(ckpt["data"], model_cfg, meta)
+    if "dataset" in ckpt and ckpt["dataset"] not in data.DATASETS:
+        raise UserError(f"{meta}: dataset must be one of {', '.join(data.DATASETS)}, got {ckpt['dataset']!r}")
+    check_tensors(ckpt, path, values=False)                      # every tensor: no crafted views
+    check_tensors(ckpt["model"], path)                           # the weights: floating point, finite
     return ckpt
+
+
+# -----------------------------------------------------------------------------
+# What a loaded file holds, checked before anything uses it
+
+
+def check_tensors(tree, name: str, values: bool = True) -> None:
+    """The tensors in `tree` (dicts and lists looked into), before anything uses them.
+    Always: a tensor must not claim more values than the storage it views holds (a stride-0
+    view of one number can claim 10^10: .contiguous() or any arithmetic would allocate them
+    all). With `values`, they are weights for a network's float parameters: floating point
+    (an integer tensor would be cast into them silently, a complex one lose its imaginary
+    part) and finite (NaN weights give a constant class map). One line naming the file
+    and the tensor."""
+    for key, t in _tensors(tree):
+        have, claim = t.untyped_storage().nbytes(), t.numel() * t.element_size()
+        if claim > have:
+            raise UserError(f"{name}: {key} claims {tuple(t.shape)} = {t.numel()} values ({claim} bytes) on a "
+                            f"storage of {have} bytes: a crafted view, refused")
+        if values and not t.is_floating_point():
+            raise UserError(f"{name}: {key} is {t.dtype}, not floating point; weights are floats (an integer or "
+                            f"complex tensor would be converted without a word)")
+        if values and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{name}: {key} holds NaN or infinite values")
+
+
+def _tensors(tree, prefix: str = ""):
+    if torch.is_tensor(tree):
+        yield prefix or "tensor", tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _tensors(v, f"{prefix}[{i}]")
+
+
+def check_model_config(d, name: str) -> M.ModelConfig:
+    """ckpt["model_config"] (a .json's "model_config") as a ModelConfig, every field of the
+    type and range the network needs: sizes positive integers, widths divisible by their
+    heads, ratios positive, drop path in [0, 1), modalities rows of the table. One line
+    naming the file and the field."""
+    if not isinstance(d, dict):
+        raise UserError(f"{name}: model_config must be a JSON object / dict, got {type(d).__name__}")
+    try:
+        cfg = M.ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{name}: its model_config does not fit this version ({e})") from None
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        bad = None
+        if f.type == "int" and (type(v) is not int or v <= 0):
+            bad = "a positive integer"
+        elif f.type == "float" and (type(v) not in (int, float) or not math.isfinite(v) or v < 0):
+            bad = "a finite number >= 0"
+        elif f.type == "bool" and type(v) is not bool:
+            bad = "true or false"
+        if bad:
+            raise UserError(f"{name}: model_config.{f.name} must be {bad}, got {v!r}")
+    if not 0 <= cfg.drop_path < 1 or cfg.mlp_ratio <= 0:
+        raise UserError(f"{name}: model_config: drop_path must be in [0, 1) and mlp_ratio > 0, "
+                        f"got {cfg.drop_path!r}, {cfg.mlp_ratio!r}")
+    for width, heads in (("width", "num_heads"), ("dec_width", "dec_heads")):
+        if getattr(cfg, width) % getattr(cfg, heads) or getattr(cfg, width) % 4:
+            raise UserError(f"{name}: model_config.{width} {getattr(cfg, width)} must be a multiple of 4 and of "
+                            f"{heads} {getattr(cfg, heads)}")
+    if cfg.patch_size % 4 or cfg.image_size % cfg.patch_size:
+        raise UserError(f"{name}: model_config.patch_size {cfg.patch_size} must be a multiple of 4 that divides "
+                        f"image_size {cfg.image_size}")
+    return cfg
+
+
+def check_conventions(d, cfg: M.ModelConfig, name: str) -> None:
+    """ckpt["data"] (data.conventions: what the inputs and outputs mean), every value of the
+    type and range inference needs: a known dataset, one class name per output of the head,
+    a positive crop, three finite rgb means and three positive finite stds, depth in metres.
+    One line naming the file and the field."""
+    if not isinstance(d, dict):
+        raise UserError(f"{name}: data must be a JSON object / dict, got {type(d).__name__}")
+    missing = [k for k in ("dataset", "classes", "image_size", "rgb_mean", "rgb_std", "depth_unit") if k not in d]
+    if missing:
+        raise UserError(f"{name}: data lacks {', '.join(missing)}")
+    number = lambda x: type(x) in (int, float) and math.isfinite(x)
+    checks = [("dataset", d["dataset"] in data.DATASETS, f"one of {', '.join(data.DATASETS)}"),
+              ("classes", isinstance(d["classes"], list) and all(isinstance(c, str) for c in d["classes"])
+               and len(d["classes"]) == cfg.num_classes,
+               f"a list of {cfg.num_classes} class names (one per output of the head)"),
+              ("image_size", type(d["image_size"]) is int and d["image_size"] > 0, "a positive integer"),
+              ("rgb_mean", isinstance(d["rgb_mean"], list) and len(d["rgb_mean"]) == 3
+               and all(number(x) for x in d["rgb_mean"]), "a list of 3 finite numbers"),
+              ("rgb_std", isinstance(d["rgb_std"], list) and len(d["rgb_std"]) == 3
+               and all(number(x) and x > 0 for x in d["rgb_std"]), "a list of 3 positive finite numbers"),
+              ("depth_unit", d["depth_unit"] == "metres", "'metres' (the unit this version reads depth in)")]
+    if "cues" in d:
+        checks.append(("cues", number(d["cues"]) and 0 <= d["cues"] <= 1, "a number in [0, 1]"))
+    for field, ok, what in checks:
+        if not ok:
+            raise UserError(f"{name}: data.{field} must be {what}, got {d[field]!r}")
 
 
 def load_weights(net: torch.nn.Module, ckpt: dict, path: str) -> None:
@@ -259,9 +371,10 @@ def init_encoder(net: M.MultiViT, path: str) -> InitReport:
     name = f"--init {path}"
     if not os.path.isfile(path):
         raise UserError(f"{name}: no such file")
-    state = _load_tensors(path, name) if path.endswith(".safetensors") else _torch_load(path, name)
+    state = _load_tensors(path, name) if is_safetensors(path) else _torch_load(path, name)
+    check_tensors(state, name, values=False)          # no crafted view is materialised by the mapping
     try:
-        report = load_encoder_weights(net, state)
+        report = load_encoder_weights(net, state, check=lambda mapped: check_tensors(mapped, name))
     except ValueError as e:
         raise UserError(f"{name}: {e}") from None
     print(f"encoder initialised from {path}:")

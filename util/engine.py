@@ -41,7 +41,7 @@ from util import charts
 from util.checkpoints import load_optimizer_state, load_weights, save_checkpoint
 from util.cli import UserError
 from util.lr_sched import lr_at, set_lr
-from util.runs import discard_previous_run, prepare_out_dir, restore_previous_run, write_log
+from util.runs import discard_previous_run, prepare_out_dir, release_out_dir, restore_previous_run, write_log
 from util.runtime import rank_and_world
 
 VERSION = 1
@@ -87,11 +87,14 @@ class Loop:
         """step(batch on device, epoch) does one batch's optimiser step(s) and returns a dict
         of numbers, "loss" among them; phase(epoch) names the epoch's stage for the logs;
         after_epoch(epochs done) runs on rank 0 after each epoch's checkpoint (pictures)."""
-        with self._previous_run_kept(), self._lr_every_step(), GracefulStop() as stop:
-            self._begin()
-            while self.epoch < self.cfg.epochs:
-                if not self.train_one_epoch(step, phase(self.epoch), after_epoch, stop):
-                    return
+        try:
+            with self._previous_run_kept(), self._lr_every_step(), GracefulStop() as stop:
+                self._begin()
+                while self.epoch < self.cfg.epochs:
+                    if not self.train_one_epoch(step, phase(self.epoch), after_epoch, stop):
+                        return
+        finally:
+            release_out_dir(self.cfg.out_dir)         # the run folder's lock (util/runs.claim_out_dir)
         agree = f" (the {self.world} processes' weights were equal at every checkpoint)" if self.world > 1 else ""
         print(f"done: {self.path}{agree}")
 

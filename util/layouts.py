@@ -339,7 +339,8 @@ def detect_layout(name: str, root: str, split: str):
     """(layout, items) for the dataset under root, or a UserError that lists what was
     found and what each layout expects."""
     if not os.path.isdir(root):
-        how = ("run `python tools/prepare_nyu.py --mat nyu_depth_v2_labeled.mat` (see README)" if name == "nyu"
+        how = ("download nyu_depth_v2_labeled.mat (docs/guide.md, \"Real data\") and run `python "
+               "tools/prepare_nyu.py --mat nyu_depth_v2_labeled.mat`" if name == "nyu"
                else "put SUN RGB-D there in the RGB/ Depth/ Label/ + train.txt/test.txt layout (see README)")
         raise UserError(f"{root} not found: {how}, or pass --data_root")
     if name == "nyu":

@@ -6,14 +6,17 @@ A run folder (--out_dir) holds ckpt.pt, log.jsonl, loss_curve.png (and train.py'
 recon_epoch*.png). Before any work: a folder that holds a run is refused unless this
 invocation --resume's it or --overwrite's it; --overwrite keeps the old run aside in
 .previous_run/ until the new run's first checkpoint, and puts it back if the new run ends
-before that (util/engine.py calls restore_previous_run).
+before that (util/engine.py calls restore_previous_run). From its checks to its end a run
+holds the folder with a lock file (claim_out_dir), so two runs never share one.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
 import shutil
+import socket
 from typing import Optional
 
 import torch
@@ -22,6 +25,7 @@ import data
 import model as M
 from util.checkpoints import load_checkpoint
 from util.cli import UserError, check_numbers, check_output, parse_config, write_atomic
+from util.runtime import rank_and_world
 
 # Flags that belong to one invocation, not to the run: --resume may change them. (out_dir
 # too: a run folder that was moved or copied resumes where it is now.)
@@ -31,6 +35,9 @@ RUN_CONTROL = {"stop_after", "ckpt_every", "workers", "device", "resume", "compi
 # in PREVIOUS_RUN inside it until the new run's first checkpoint (check_out_dir).
 RUN_FILES = ("ckpt.pt", "log.jsonl", "loss_curve.png")
 PREVIOUS_RUN = ".previous_run"
+# A run holds its folder with this file (created exclusively: "<pid> <host>") from its last
+# check to its end, so that a second run into the same folder is refused (claim_out_dir).
+LOCK = ".lock"
 
 
 class Subset(torch.utils.data.Dataset):
@@ -108,15 +115,116 @@ def check_out_dir(cfg) -> None:
     --overwrite goes on, keeping it aside until its own first checkpoint. Beside a new
     ckpt.pt the folder is a leftover of a replaced run, removed by prepare_out_dir."""
     check_output(cfg.out_dir, "--out_dir")
-    if cfg.overwrite:
+    claim_out_dir(cfg.out_dir)           # from here on no other run can pass these checks
+    try:
+        if cfg.overwrite:
+            return
+        unresumable = without_checkpoint(cfg.out_dir)
+        if unresumable:
+            raise UserError(unresumable)
+        held = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+        if held and not cfg.resume:
+            raise UserError(f"--out_dir {cfg.out_dir} holds a run ({', '.join(held)}); pass --resume to continue "
+                            f"it, --overwrite to replace it, or another --out_dir")
+    except BaseException:
+        release_out_dir(cfg.out_dir, refused=True)
+        raise
+
+
+_claimed = {}          # lock path -> whether claim_out_dir created the folder
+
+
+def claim_out_dir(out_dir: str) -> None:
+    """Hold the run folder for this process: create <out_dir>/.lock exclusively (O_EXCL: of
+    two runs started together exactly one gets it), holding this process's id and host.
+    A lock held by a running process, or by one that has died (a kill -9 leaves it), is one
+    line naming it and what to do. Under torchrun rank 0 holds it for all the processes.
+    release_out_dir ends the hold (util/engine.Loop.run at the end of the run; at the exit of
+    the process, whatever happened before the loop)."""
+    if rank_and_world()[0] != 0:
         return
-    unresumable = without_checkpoint(cfg.out_dir)
-    if unresumable:
-        raise UserError(unresumable)
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
-    if held and not cfg.resume:
-        raise UserError(f"--out_dir {cfg.out_dir} holds a run ({', '.join(held)}); pass --resume to continue it, "
-                        f"--overwrite to replace it, or another --out_dir")
+    existed = os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.abspath(os.path.join(out_dir, LOCK))
+    me = f"{os.getpid()} {socket.gethostname()}"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        if _read_lock(path) != me:                 # this process's own lock (a run that ended by an error)
+            raise UserError(lock_refusal(out_dir)) from None
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+    if path not in _claimed:
+        _claimed[path] = not existed
+        if len(_claimed) == 1:
+            atexit.register(_release_all)
+
+
+def release_out_dir(out_dir: str, refused: bool = False) -> None:
+    """End this process's hold of the folder: its lock, and, when the run was `refused`
+    before any work, the folder if the claim made it."""
+    path = os.path.abspath(os.path.join(out_dir, LOCK))
+    if path not in _claimed:
+        return
+    if _read_lock(path) == f"{os.getpid()} {socket.gethostname()}":
+        os.remove(path)
+    if _claimed.pop(path) and refused and os.path.isdir(out_dir) and not os.listdir(out_dir):
+        os.rmdir(out_dir)
+
+
+def _release_all() -> None:
+    for path in list(_claimed):
+        release_out_dir(os.path.dirname(path))
+
+
+def _read_lock(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def stale_lock(out_dir: str) -> bool:
+    """Whether <out_dir>/.lock was left by a process of this host that no longer runs."""
+    pid, host = _lock_owner(os.path.join(out_dir, LOCK))
+    return pid is not None and host == socket.gethostname() and not _alive(pid)
+
+
+def lock_refusal(out_dir: str) -> str:
+    """Why <out_dir> cannot be claimed: who holds its lock, and what to do."""
+    path = os.path.join(out_dir, LOCK)
+    pid, host = _lock_owner(path)
+    if pid is None:
+        return (f"--out_dir {out_dir}: another run is claiming it right now ({path}); give another --out_dir, or "
+                f"wait and look again")
+    if host != socket.gethostname():
+        return (f"--out_dir {out_dir}: a run of process {pid} on host {host} holds it ({path}); if that run has "
+                f"ended, remove {path} and run again")
+    if _alive(pid):
+        return (f"--out_dir {out_dir}: another run (process {pid}) is using it ({path}); wait for it to end, or "
+                f"give another --out_dir")
+    return (f"--out_dir {out_dir}: {path} was left by process {pid}, which is no longer running (killed?); if "
+            f"no run uses this folder, remove {path} and run again (--resume continues from its last checkpoint)")
+
+
+def _lock_owner(path: str) -> tuple:
+    text = _read_lock(path) or ""
+    parts = text.split()
+    if len(parts) != 2 or not parts[0].isdigit():
+        return None, None
+    return int(parts[0]), parts[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # somebody else's process
+        return True
+    return True
 
 
 def without_checkpoint(out_dir: str) -> Optional[str]:

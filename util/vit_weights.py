@@ -220,9 +220,11 @@ def encoder_state_from_checkpoint(state: dict, model: "MultiViT"):
     return mapped, report
 
 
-def load_encoder_weights(model: "MultiViT", state: dict) -> InitReport:
-    """encoder_state_from_checkpoint, then load it into `model` (in place)."""
+def load_encoder_weights(model: "MultiViT", state: dict, check=lambda mapped: None) -> InitReport:
+    """encoder_state_from_checkpoint, then load it into `model` (in place); `check(mapped)`
+    sees the tensors that will be loaded first (util/checkpoints.py: dtypes, finiteness)."""
     mapped, report = encoder_state_from_checkpoint(state, model)
+    check(mapped)
     result = model.load_state_dict(mapped, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys   # the mapping names only our keys
     return report
