@@ -608,6 +608,12 @@ def _miou_cell(runs: dict, setting: str) -> str:
     return _pm(mean_std(values)) + f" (n={len(values)})" if values else "—"
 
 
+def run_seconds(runs: list) -> float:
+    """The runs' own time, summed: pre-training (none for the baseline), fine-tuning, evaluation."""
+    return sum(r[st]["seconds"] for r in runs for st in ("pretrain", "finetune") if r[st]) + \
+        sum(r["eval_seconds"] for r in runs)
+
+
 def write_regime(study: dict, path: str, png: str) -> None:
     """results/regime/regime.md and regime.png: the pilot and its choice, the foundation, then
     each row of the protocol with paired differences per seed, the integrated lr, every run."""
@@ -692,8 +698,7 @@ def write_regime(study: dict, path: str, png: str) -> None:
         L.append(f"| {r['regime']} | {r['variant']} | {lr} | {r['inputs']} | {r['layer_decay'] or '—'} | "
                  f"{r['seed']} | {cell(r['clean'])} | {cell(r['val'])} |")
     meta = study["meta"]
-    own = sum(r[st]["seconds"] for r in R for st in ("pretrain", "finetune") if r[st]) + \
-        sum(r["eval_seconds"] for r in R)
+    own = run_seconds(R)
     L += ["", f"{meta['runs']} runs; their own time summed: {own / 60:.0f} min of one thread each "
           f"({meta['machine']}); the last invocation's wall time {meta['wall_minutes']:.1f} min (finished runs "
           f"are reused, not rerun).", ""]

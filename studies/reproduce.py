@@ -722,8 +722,7 @@ def schedule_study(cfg: ReproConfig) -> dict:
     rows = schedule_specs(cfg, lr)
     done = {(r["name"], r["seed"]) for r in results}
     results += run_all(cfg, [(sp, s) for sp, s in rows if (sp.name, s) not in done])
-    run_seconds = sum(r[st]["seconds"] for r in results for st in ("pretrain", "finetune") if r[st]) + \
-        sum(r["eval_seconds"] for r in results)
+    run_seconds = report.run_seconds(results)
     meta = {"wall_minutes": (time.time() - t0) / 60, "run_minutes": run_seconds / 60,
             "runs": count_runs(cfg, rows)[0], "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
     foundation = [diagnostics.loss_log(os.path.join(run_dir(cfg, FOUNDATION, s), "pretrain", "log.jsonl"),
@@ -757,8 +756,7 @@ def main(argv=None) -> dict:
     results = run_all(cfg, each_seed(cfg, specs(cfg)))
     summary = summarise(results)
     diag = summarise_diagnostics(results)
-    run_seconds = sum(r[st]["seconds"] for r in results for st in ("pretrain", "finetune") if r[st]) + \
-        sum(r["eval_seconds"] for r in results)
+    run_seconds = report.run_seconds(results)
     meta = {"wall_minutes": (time.time() - t0) / 60, "runs": n_runs, "runs_reused": before,
             "run_minutes": run_seconds / 60,
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}

@@ -189,6 +189,7 @@ def fake_result(spec, seed, rgb, depth):
     val = {"rgbd": {"miou": 60.0}, "rgb": {"miou": rgb + 0.1 * seed}, "depth": {"miou": depth - 0.1 * seed}}
     tokens = {"grad_share": 0.1, "centred_matched": 0.5, "centred_other_image": 1.0}
     return {"variant": spec.variant, "name": spec.name, "seed": seed, "val": val, "clean": clean,
+            "pretrain": {"seconds": 60.0}, "finetune": {"seconds": 30.0}, "eval_seconds": 5.0,
             "diagnostics": {"pretrain": {"tokens": tokens, "train_log": {"token_last": 0.1}}}}
 
 
@@ -270,7 +271,7 @@ def test_the_regime_study_chooses_its_lr_on_validation_then_runs_every_row(tmp_p
             r = fake_result(sp, s, 40 + bump, 50 + bump)
             r["clean"] = {c: {"miou": 60.0 + bump + s} for c in R.evaluate.SETTINGS}
             r.update({f: getattr(sp, f) for f in ("regime", "lr", "schedule", "inputs", "layer_decay")})
-            r["pretrain"] = {"integrated_lr": 0.5, "missing_modality_lr": 0.1, "missing_modality_steps": 3}
+            r["pretrain"].update(integrated_lr=0.5, missing_modality_lr=0.1, missing_modality_steps=3)
             out.append(r)
         return out
 
@@ -292,6 +293,8 @@ def test_the_regime_study_chooses_its_lr_on_validation_then_runs_every_row(tmp_p
     assert seeds(variant="m2im", regime="scratch") == [0, 1, 2]
     md = (tmp_path / "res" / "regime.md").read_text()
     assert "| 0.0003 (chosen) |" in md and "| M²IM − MIM | **+1.00 ± 0.00**" in md
+    n = len(out["runs"])   # each fake run: 60 s pre-training + 30 s fine-tuning + 5 s evaluation
+    assert f"runs; their own time summed: {n * 95 / 60:.0f} min" in md
     assert (tmp_path / "res" / "regime.png").is_file() and (tmp_path / "res" / "regime.json").is_file()
 
 
