@@ -720,17 +720,17 @@ SCHEDULE_CONTRASTS = {
         ("interaction: tw0 − mix25 − M²IM x4 + M²IM", [(1, "tw0"), (-1, "mix25"), (-1, "m2im_x4"), (1, "m2im")])],
     "B: the token target undiluted, unrepeated": [
         ("frozen foundation: KD − M²IM", [(1, "kd_foundation"), (-1, "m2im")]),
-        ("own complete forward − M²IM", [(1, "self_fresh"), (-1, "m2im")]),
-        ("in STTP: MaskMentor − tw0", [(1, "maskmentor"), (-1, "tw0")]),
-        ("MaskMentor − M²IM", [(1, "maskmentor"), (-1, "m2im")])],
+        ("fresh target: own complete forward − M²IM", [(1, "self_fresh"), (-1, "m2im")]),
+        ("token in STTP: MaskMentor − tw0", [(1, "maskmentor"), (-1, "tw0")]),
+        ("MaskMentor: MaskMentor − M²IM", [(1, "maskmentor"), (-1, "m2im")])],
     "C: the label shortcut": [
         ("with label maps: M²IM − MIM", [(1, "m2im"), (-1, "mim")]),
         ("without: M²IM − MIM (rgb, depth)", [(1, "m2im_rgbd"), (-1, "mim_rgbd")]),
         ("with − without", [(1, "m2im"), (-1, "mim"), (-1, "m2im_rgbd"), (1, "mim_rgbd")])],
     "D: the dose (1 teacher step)": [
         ("token loss: MaskMentor − tw0, 1 teacher step", [(1, "maskmentor_ti1"), (-1, "tw0_ti1")]),
-        ("tw0 1 teacher step − M²IM", [(1, "tw0_ti1"), (-1, "m2im")]),
-        ("tw0 1 teacher step − tw0 3", [(1, "tw0_ti1"), (-1, "tw0")])],
+        ("1 in 2: tw0 1 teacher step − M²IM", [(1, "tw0_ti1"), (-1, "m2im")]),
+        ("dose: tw0 1 teacher step − tw0 3", [(1, "tw0_ti1"), (-1, "tw0")])],
 }
 SCHEDULE_ARMS = ("mim", "m2im", "maskmentor", "tw0", "m2im_x4", "mix25", "kd_foundation", "self_fresh",
                  "mim_rgbd", "m2im_rgbd", "maskmentor_ti1", "tw0_ti1")
@@ -743,6 +743,52 @@ def group_iou(run: dict, setting: str, group: str) -> float:
     vals = [ious[i] for i, c in enumerate(rooms.SYNTHETIC_CLASSES)
             if rooms.SYNTHETIC_CUE[c] == group and not math.isnan(ious[i])]
     return statistics.fmean(vals) if vals else math.nan
+
+
+def schedule_verdicts(arm) -> list:
+    """results/schedule/PROTOCOL.md's decision rules applied to the contrasts (rgb only unless
+    a rule says otherwise), one line each; `arm(variant)` gives {seed: run}. An arm that was
+    not run is said to be missing, never judged."""
+    d = lambda *terms, s="rgb": contrast([(sign, arm(v)) for sign, v in terms], s)
+    have = lambda *vs: all(arm(v) for v in vs)
+    ci = lambda x: f"{x['mean']:+.2f} (95 % CI ±{x['ci95']:.2f}, n={len(x['diffs'])})"
+    effect = lambda x: ("helps" if x["mean"] > 0 else "harms") if x["clear"] else "no effect detectable at this n"
+    L = []
+    if have("tw0", "mix25", "m2im_x4", "m2im"):
+        both = d((1, "tw0"), (-1, "m2im"))
+        for name, v in (("Dilution", "mix25"), ("Repetition", "m2im_x4")):
+            x = d((1, v), (-1, "m2im"))
+            explains = x["clear"] and both["mean"] < 0 and x["mean"] <= both["mean"] / 2
+            L.append(f"- **{name}** ({v} − M²IM) {ci(x)}: {'explains' if explains else 'does not explain'} "
+                     f"the deficit of STTP without its token loss, tw0 − M²IM {ci(both)} (explains: clear, negative "
+                     f"and at least half of it).")
+        inter = d((1, "tw0"), (-1, "mix25"), (-1, "m2im_x4"), (1, "m2im"))
+        L.append(f"- The two **{'do not add up' if inter['clear'] else 'add up'}**: interaction {ci(inter)}.")
+    for name, v, base in (("from the frozen foundation (KD)", "kd_foundation", "m2im"),
+                          ("from the same network's complete forward", "self_fresh", "m2im"),
+                          ("from an EMA teacher", "ema", "m2im"),
+                          ("in STTP, diluted and repeated (MaskMentor − tw0)", "maskmentor", "tw0"),
+                          ("at one teacher step (MaskMentor − tw0, 1 teacher step)", "maskmentor_ti1", "tw0_ti1")):
+        x = d((1, v), (-1, base)) if have(v, base) else None
+        L.append(f"- The token target {name}: " + (f"**{effect(x)}**, {ci(x)}." if x else "not run."))
+    if have("m2im", "mim", "m2im_rgbd", "mim_rgbd"):
+        w, wo = d((1, "m2im"), (-1, "mim")), d((1, "m2im_rgbd"), (-1, "mim_rgbd"))
+        dd = d((1, "m2im"), (-1, "mim"), (-1, "m2im_rgbd"), (1, "mim_rgbd"))
+        survives = wo["clear"] and wo["mean"] > 0
+        L.append(f"- M²IM's gain **{'survives' if survives else 'does not survive'} without label maps**: M²IM − MIM "
+                 f"{ci(wo)} without them, {ci(w)} with them; the share that survives {wo['mean'] / w['mean']:.0%}; "
+                 f"with − without {ci(dd)}.")
+    if have("tw0_ti1", "tw0", "m2im"):
+        L.append(f"- The dose: tw0 at one teacher step − M²IM {ci(d((1, 'tw0_ti1'), (-1, 'm2im')))} against "
+                 f"{ci(d((1, 'tw0'), (-1, 'm2im')))} at three.")
+    flagged = [v for v in VARIANTS if has_token_loss(v) and have(v, "m2im") and d((1, v), (-1, "m2im"))["clear"]
+               and d((1, v), (-1, "m2im"))["mean"] > 0
+               and not any(x["clear"] and x["mean"] < 0 for x in (d((1, v), (-1, "m2im"), s=s) for s in ("depth", "rgbd")))]
+    L.append("- A flag: " + (", ".join(VARIANTS[v][1] for v in flagged) + " is clearly above M²IM on rgb only and "
+             "not clearly below it elsewhere: a train.py flag" if flagged else
+             "none; no arm with a token loss is clearly above M²IM on rgb only without being clearly below it on "
+             "depth only or rgb + depth."))
+    return L
 
 
 def write_schedule(study: dict, path: str, png: str) -> None:
@@ -762,6 +808,7 @@ def write_schedule(study: dict, path: str, png: str) -> None:
          f"test = the first {cfg['test_images']} test images, validation = the first {cfg['val_images']} val "
          f"images. Differences are paired by seed: mean ± sd over seeds; **clear** = the 95 % confidence interval "
          f"of the mean (Student t, n − 1 degrees of freedom) excludes 0. Primary readout: rgb only.", "",
+         "## What the protocol's rules say", "", *schedule_verdicts(arm), "",
          "## Step 0: the pre-training lr, chosen on validation (seeds 0 and 1)", "",
          "| lr | mim: val mIoU (mean of the 3 conditions) | m2im | score |", "|---|---|---|---|"]
     for k, sc in study.get("regime_pilot", {}).items():

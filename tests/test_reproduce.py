@@ -323,3 +323,74 @@ def test_the_schedule_study_arms_get_equal_budgets():
         seeds.setdefault(sp.variant, set()).add(s)
     assert all(len(seeds[v]) == 5 for v in R.SCHEDULE_KEY + R.SCHEDULE_A + R.SCHEDULE_B + R.SCHEDULE_C)
     assert all(len(seeds[v]) == 3 for v in R.SCHEDULE_D)
+
+
+def _schedule_runs(effects, seeds=5):
+    """Fake schedule-study runs: per arm a test/val mIoU of 50 + its effect on rgb only (0 on
+    the other inputs) + a per-seed term shared by every arm (what pairing by seed removes) +
+    a small arm-and-seed-specific term, with the diagnostics and budgets real runs carry."""
+    runs = []
+    for a, (v, eff) in enumerate(effects.items()):
+        for s in range(seeds):
+            noise = 0.05 * ((7 * s + 3 * a) % 5 - 2)
+            score = {c: 50.0 + s + (eff + noise if c == "rgb" else 0.0) for c in report.SETTINGS}
+            per_class = [score["rgb"]] * len(report.rooms.SYNTHETIC_CLASSES)
+            clean = {c: {"miou": m, "macc": m, "per_class_iou": per_class} for c, m in score.items()}
+            runs.append({"variant": v, "name": v, "seed": s, "regime": "adapt", "lr": 1e-3, "inputs": "any",
+                         "layer_decay": 0.0, "schedule": "steps", "clean": clean,
+                         "val": {c: {"miou": m} for c, m in score.items()}, "eval_seconds": 5.0,
+                         "finetune": {"seconds": 30.0},
+                         "pretrain": {"seconds": 60.0, "optimizer_steps": 1683, "images": 13464, "integrated_lr": 0.8,
+                                      "missing_modality_steps": 374, "missing_modality_lr": 0.2},
+                         "diagnostics": {"pretrain": {"reconstruction": {"rgb only": {"depth": 0.5}},
+                                                      "tokens": {"raw_matched": 0.1, "raw_other_image": 0.3,
+                                                                 "grad_share": 0.2}}}})
+    return runs
+
+
+def _arms(runs):
+    return lambda v: report.runs_of(runs, variant=v, regime="adapt", lr=1e-3)
+
+
+def test_the_schedule_verdicts_follow_the_protocols_rules():
+    """Made-up effects with known answers: dilution and repetition each half of tw0's deficit
+    and additive; KD clearly helps, the fresh target harms, the STTP token loss is within
+    noise; M²IM's gain halves without label maps; KD above M²IM on rgb only and level
+    elsewhere, so it is the one flagged."""
+    effects = {"m2im": 0.0, "mim": -1.0, "tw0": -1.2, "mix25": -0.6, "m2im_x4": -0.6, "kd_foundation": 1.0,
+               "self_fresh": -1.0, "maskmentor": -1.2, "m2im_rgbd": -1.5, "mim_rgbd": -2.0,
+               "tw0_ti1": -0.6, "maskmentor_ti1": -0.6}
+    text = "\n".join(report.schedule_verdicts(_arms(_schedule_runs(effects))))
+    assert "**Dilution** (mix25 − M²IM) -0.60" in text and text.count(": explains the deficit") == 2
+    assert "The two **add up**" in text
+    assert "frozen foundation (KD): **helps**, +1.00" in text and "complete forward: **harms**, -1.00" in text
+    assert "(MaskMentor − tw0): **no effect detectable at this n**, +0.00" in text
+    assert "EMA teacher: not run." in text
+    assert "**survives without label maps**: M²IM − MIM +0.50" in text and "survives 50%" in text
+    assert "A flag: M²IM + token loss to the frozen foundation is clearly above M²IM" in text
+
+    effects.update(mix25=-0.2, kd_foundation=0.0, m2im_rgbd=-2.0)   # dilution too small; no gain left
+    text = "\n".join(report.schedule_verdicts(_arms(_schedule_runs(effects))))
+    assert "(mix25 − M²IM) -0.20 (95 % CI" in text and text.count(": does not explain") == 1
+    assert "The two **do not add up**" in text
+    assert "**does not survive without label maps**" in text and "A flag: none" in text
+
+
+def test_write_schedule_reports_every_arm_and_run(tmp_path):
+    """The whole report from fake runs: every arm of the protocol has its row, every run its
+    line, the rules' verdicts come first, the chart is written."""
+    effects = {v: 0.0 for v in report.SCHEDULE_ARMS}
+    runs = _schedule_runs(effects, seeds=3)
+    cfg = dataclasses.asdict(R.parse(["--study", "schedule"]))
+    study = {"config": cfg, "runs": runs, "chosen_lr": 1e-3, "pilot_lrs": [1e-3], "regime_pilot": {"0.0003": 60.0},
+             "foundation": [{"first": 3.0, "last": 1.5, "last_epoch_drop": 0.02}] * 3,
+             "meta": {"runs": len(runs), "run_minutes": report.run_seconds(runs) / 60, "wall_minutes": 1.0,
+                      "machine": "test"}}
+    md, png = tmp_path / "schedule.md", tmp_path / "schedule.png"
+    report.write_schedule(study, str(md), str(png))
+    text = md.read_text()
+    assert text.index("## What the protocol's rules say") < text.index("## Step 0")
+    for v in report.SCHEDULE_ARMS:
+        assert f"| {report.VARIANTS[v][1]} | 50.0 " in text or f"| {report.VARIANTS[v][1]} | 51.0 " in text
+    assert sum(line.startswith("| ") and " | 0.001 | " in line for line in text.splitlines()) == len(runs)
+    assert f"their own time summed: {len(runs) * 95 / 60:.0f} min" in text and png.is_file()
