@@ -51,7 +51,8 @@ class FinetuneConfig:
     cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (util/rooms.py)")
     pretrained: str = arg("out/pretrain/ckpt.pt", "pre-training checkpoint (ckpt.pt, or an exported .safetensors "
                           "with its .json), or 'none' for the baseline")
-    init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
+    init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from; third-party "
+                        "weights keep their own licences (MultiMAE's and MAE's: CC BY-NC 4.0, non-commercial)")
     config: str = arg("tiny", "model preset (default: the pre-training checkpoint's)", tuple(M.PRESETS))
     epochs: int = arg(6, "epochs (paper: 500); more on --resume extends the run, its cosine recomputed over the "
                        "new total from the current step")
