@@ -7,6 +7,9 @@
     python evaluate.py --rgb imgs/ --depth depths/ --out segs/     # every image of a folder
     python evaluate.py --export_onnx onnx/  # rgbd.onnx, rgb.onnx, depth.onnx (docs/deploy.md)
     python evaluate.py --export_safetensors model.safetensors   # + model.json: the model to share
+    python evaluate.py --robustness         # + random missing and degraded inputs: table, JSON, chart
+    python evaluate.py --sensor_failure 0.1,0.3                  # the expected mIoU as sensors fail
+    python evaluate.py --flip --scales 0.75,1,1.25               # test-time flip and multi-scale
 
 This is the paper's Tables 1-3 protocol: the *same* network is run with both modalities,
 with rgb alone and with depth alone (the missing modality simply contributes no tokens),
@@ -30,6 +33,13 @@ that is an input (--rgb, --depth, --ckpt) is refused then: nothing the user gave
 replaced. Every file is written whole or not at all (cli.write_atomic): a full disk is one
 line naming the file. A dedicated model (finetune.py --inputs rgb or depth) is run on its
 own input condition only, in every mode.
+
+As a deployed sensor fails (docs/deploy.md, "When a sensor fails"): --robustness adds
+conditions to the same pass over the split, each image missing rgb or depth at random
+(`MIXED`: each sample its own inputs) or with one modality degraded (util/degrade.py, the
+studies' degradations); --sensor_failure turns the three clean conditions into the expected
+mIoU under independent failures; --flip and --scales average the class probabilities of
+several views of every image (`TTA`), wherever evaluate.py predicts.
 """
 from __future__ import annotations
 
@@ -102,7 +112,8 @@ def scores(cm: torch.Tensor) -> dict:
 
 @dataclass
 class EvalConfig:
-    """Evaluate a fine-tuned checkpoint on rgb+depth, rgb only and depth only."""
+    """Evaluate a fine-tuned checkpoint on rgb+depth, rgb only and depth only (and, with
+    --robustness, on random missing and degraded inputs)."""
     ckpt: str = arg("out/finetune/ckpt.pt", "fine-tuned checkpoint (finetune.py's ckpt.pt, or an exported "
                                             ".safetensors with its .json)")
     dataset: str = arg("", "dataset (default: the one the checkpoint was fine-tuned on)", ("",) + data.DATASETS)
@@ -232,6 +243,7 @@ def padded_size(H: int, W: int, crop: int, patch: int) -> tuple[int, int]:
     return -(-max(H, crop) // patch) * patch, -(-max(W, crop) // patch) * patch
 
 
+@torch.no_grad()
 def logits_at(net: M.Segmenter, batch: dict, names: tuple, crop: int, present=None) -> torch.Tensor:
     """Logits [B, C, H, W] from the batch's inputs `names` (normalised rgb [B,3,H,W], depth
     in metres [B,1,H,W]); `present` as Segmenter.forward takes it.
@@ -254,6 +266,7 @@ def logits_at(net: M.Segmenter, batch: dict, names: tuple, crop: int, present=No
     return net({m: inputs[m] for m in names}, present)[..., :H, :W]
 
 
+@torch.no_grad()
 def probabilities(net: M.Segmenter, batch: dict, names: tuple, crop: int, tta: TTA, present=None) -> torch.Tensor:
     """Class probabilities [B, C, H, W] averaged over the views of `tta`, as mmseg's aug_test
     averages them: each view is the batch rescaled by its scale (rgb bilinear, depth
