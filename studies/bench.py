@@ -774,8 +774,10 @@ def bench_deploy(args) -> dict:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     g = torch.Generator().manual_seed(0)
     image = {"rgb": torch.randn(1, 3, H, W, generator=g), "depth": torch.rand(1, 1, H, W, generator=g) * 5 + 0.5}
-    print(f"deployed segmenter: {what}; one {W}x{H} image, run at {Wp}x{Hp} (padded to the {crop} px fine-tuning "
-          f"crop as evaluate.py runs it); torch {torch.__version__}, CPU {torch.get_num_threads()} threads"
+    run_at = (f"run at {Wp}x{Hp} (padded to the {crop} px fine-tuning crop, as evaluate.py runs it)"
+              if (Hp, Wp) != (H, W) else f"run at its size (not below the {crop} px fine-tuning crop: no padding)")
+    print(f"deployed segmenter: {what}; one {W}x{H} image, {run_at}; torch {torch.__version__}, "
+          f"CPU {torch.get_num_threads()} threads"
           + (f", {torch.cuda.get_device_name(0)}" if len(devices) > 1 else ", no CUDA device")
           + f"; latency: median of {args.deploy_reps} after 2 warm-up calls, the inputs in turn")
     head = (f"{'device':6} {'input':6} {'params M':>9} {'GFLOPs':>9} {'latency ms':>11} {'peak MB':>9} "
