@@ -7,6 +7,9 @@
     python evaluate.py --rgb imgs/ --depth depths/ --out segs/     # every image of a folder
     python evaluate.py --export_onnx onnx/  # rgbd.onnx, rgb.onnx, depth.onnx (docs/deploy.md)
     python evaluate.py --export_safetensors model.safetensors   # + model.json: the model to share
+    python evaluate.py --robustness         # + random missing and degraded inputs: table, JSON, chart
+    python evaluate.py --sensor_failure 0.1,0.3                  # the expected mIoU as sensors fail
+    python evaluate.py --flip --scales 0.75,1,1.25               # test-time flip and multi-scale
 
 This is the paper's Tables 1-3 protocol: the *same* network is run with both modalities,
 with rgb alone and with depth alone (the missing modality simply contributes no tokens),
@@ -30,15 +33,24 @@ that is an input (--rgb, --depth, --ckpt) is refused then: nothing the user gave
 replaced. Every file is written whole or not at all (cli.write_atomic): a full disk is one
 line naming the file. A dedicated model (finetune.py --inputs rgb or depth) is run on its
 own input condition only, in every mode.
+
+As a deployed sensor fails (docs/deploy.md, "When a sensor fails"): --robustness adds
+conditions to the same pass over the split, each image missing rgb or depth at random
+(`MIXED`: each sample its own inputs) or with one modality degraded (util/degrade.py, the
+studies' degradations); --sensor_failure turns the three clean conditions into the expected
+mIoU under independent failures; --flip and --scales average the class probabilities of
+several views of every image (`TTA`), wherever evaluate.py predicts.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,10 +63,11 @@ from tqdm import tqdm
 import data
 import model as M
 import modalities
-from util import vis
+from util import charts, vis
 from util.checkpoints import export_safetensors, is_safetensors, json_path, load_checkpoint, load_weights
 from util.cli import (UserError, arg, check_not_input, check_numbers, check_output, one_line, parse_config, pick_device,
                  run_cli, write_atomic, write_png)
+from util.degrade import DEGRADATIONS, KINDS, degrade, sample_present
 from util.engine import to_device
 from util.layouts import check_same_size, read_depth_file, read_rgb
 
@@ -99,7 +112,8 @@ def scores(cm: torch.Tensor) -> dict:
 
 @dataclass
 class EvalConfig:
-    """Evaluate a fine-tuned checkpoint on rgb+depth, rgb only and depth only."""
+    """Evaluate a fine-tuned checkpoint on rgb+depth, rgb only and depth only (and, with
+    --robustness, on random missing and degraded inputs)."""
     ckpt: str = arg("out/finetune/ckpt.pt", "fine-tuned checkpoint (finetune.py's ckpt.pt, or an exported "
                                             ".safetensors with its .json)")
     dataset: str = arg("", "dataset (default: the one the checkpoint was fine-tuned on)", ("",) + data.DATASETS)
@@ -117,6 +131,20 @@ class EvalConfig:
     depth_scale: float = arg(0.001, "--depth: metres per unit of the depth PNGs (0.001 = mm)")
     out: str = arg("", "where class maps go (palette PNG, pixel = class id): a .png file for one image, "
                        "a folder for folders ('' = seg.png or seg/)")
+    robustness: bool = arg(False, "also score random missing inputs (--rates) and degraded inputs (--degradations): "
+                                  "a table, the same numbers in --out_json, a chart (--chart)")
+    rates: str = arg("0.25,0.5,0.75", "--robustness: rates r of random missing inputs, comma-separated: each sample "
+                                      "independently loses rgb with probability r/2 or depth with r/2, never both")
+    degradations: str = arg("all", "--robustness: degradations, each at its levels: all, none, or some of "
+                                   + ",".join(KINDS))
+    seed: int = arg(0, "--robustness: seed of the random missing inputs and the degradations' noise "
+                       "(the same seed, the same numbers)")
+    chart: str = arg("out/eval/robustness.png", "--robustness: where the chart of mIoU per condition and level goes")
+    sensor_failure: str = arg("", "P_RGB,P_DEPTH: also the expected mIoU when rgb fails with probability P_RGB and "
+                                  "depth with P_DEPTH, independently; both failing scores 0 (docs/deploy.md)")
+    flip: bool = arg(False, "test-time augmentation: average the class probabilities with those of the mirrored "
+                            "image (every condition, dataset, images and folders)")
+    scales: str = arg("1", "test-time scales, comma-separated (e.g. 0.75,1,1.25): their class probabilities averaged")
     export_onnx: str = arg("", "write one ONNX graph per input condition into this folder, check them, and stop")
     export_safetensors: str = arg("", "write the --ckpt's weights (fine-tuned or pre-training) to this .safetensors "
                                       "file and what they need to be used to the .json beside it, and stop")
@@ -171,7 +199,33 @@ def conventions(ckpt: dict, net: M.Segmenter, path: str, dataset: str = "") -> C
 
 
 # -----------------------------------------------------------------------------
-# Prediction: every image padded to (at least) the grid fine-tuning saw
+# Prediction: every image padded to (at least) the grid fine-tuning saw; test-time flips and scales
+
+
+MIXED = "mixed"      # a setting beside SETTINGS': each sample its own inputs (predict's `present`)
+
+
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation (--flip, --scales): the views whose class probabilities a
+    prediction averages. The default, one view at scale 1 unmirrored, is the plain prediction."""
+    flip: bool = False
+    scales: tuple = (1.0,)
+
+    def views(self) -> list:
+        """(scale, mirrored) of every view, in the order they are run."""
+        return [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
+
+    @property
+    def plain(self) -> bool:
+        return self.views() == [(1.0, False)]
+
+    def __str__(self) -> str:
+        scales = "single scale" if self.scales == (1.0,) else "scales " + ", ".join(f"{s:g}" for s in self.scales)
+        return f"{scales}, {'flip' if self.flip else 'no flip'}"
+
+
+PLAIN = TTA()
 
 
 def conditions_of(net: M.Segmenter) -> list:
@@ -186,26 +240,70 @@ def padded_size(H: int, W: int, crop: int, patch: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def predict(net: M.Segmenter, batch: dict, settings, crop: int | None = None) -> dict:
-    """{setting: class map Long[B, H, W]} for a batch of normalised rgb [B,3,H,W] and/or
-    depth in metres [B,1,H,W].
+def logits_at(net: M.Segmenter, batch: dict, names: tuple, crop: int, present=None) -> torch.Tensor:
+    """Logits [B, C, H, W] from the batch's inputs `names` (normalised rgb [B,3,H,W], depth
+    in metres [B,1,H,W]); `present` as Segmenter.forward takes it.
 
-    Fine-tuning sees crop x crop windows (`crop`, default net.cfg.image_size; 640 in the
-    paper's setting), so a position table loaded with --init is interpolated to the crop's
-    grid (40x40). Run at 480x640, the same table would be interpolated to 30x40 and every
-    vertical position squeezed by 4/3. So, as MultiMAE does at test time, the batch is
-    padded at the bottom/right to at least the crop in both dimensions (and to a multiple
-    of the patch): the image keeps the positions it was trained with, and the prediction
-    is cropped back. Padding is rgb 0 (the mean colour after normalisation) and depth 0
-    (missing; depth is standardised over valid pixels only, so its statistics don't
-    change) — what the training crops are padded with. A dimension larger than the crop
-    keeps its size (rounded up to the patch). Decision D16 of docs/method.md.
+    Fine-tuning sees crop x crop windows (`crop`: net.cfg.image_size unless the checkpoint
+    says otherwise; 640 in the paper's setting), so a position table loaded with --init is
+    interpolated to the crop's grid (40x40). Run at 480x640, the same table would be
+    interpolated to 30x40 and every vertical position squeezed by 4/3. So, as MultiMAE does
+    at test time, the batch is padded at the bottom/right to at least the crop in both
+    dimensions (and to a multiple of the patch): the image keeps the positions it was
+    trained with, and the logits are cropped back. Padding is rgb 0 (the mean colour after
+    normalisation) and depth 0 (missing; depth is standardised over valid pixels only, so
+    its statistics don't change) — what the training crops are padded with. A dimension
+    larger than the crop keeps its size (rounded up to the patch). Decision D16 of
+    docs/method.md.
     """
-    H, W = next(batch[m] for m in ("rgb", "depth") if m in batch).shape[-2:]
-    Hp, Wp = padded_size(H, W, crop or net.cfg.image_size, net.cfg.patch_size)
-    padded = {m: F.pad(batch[m], (0, Wp - W, 0, Hp - H)) for m in ("rgb", "depth") if m in batch}
-    inputs = modalities.prepare_inputs(padded)
-    return {s: net({m: inputs[m] for m in SETTINGS[s]}).argmax(1)[:, :H, :W] for s in settings}
+    H, W = batch[names[0]].shape[-2:]
+    Hp, Wp = padded_size(H, W, crop, net.cfg.patch_size)
+    inputs = modalities.prepare_inputs({m: F.pad(batch[m], (0, Wp - W, 0, Hp - H)) for m in names})
+    return net({m: inputs[m] for m in names}, present)[..., :H, :W]
+
+
+@torch.no_grad()
+def probabilities(net: M.Segmenter, batch: dict, names: tuple, crop: int, tta: TTA, present=None) -> torch.Tensor:
+    """Class probabilities [B, C, H, W] averaged over the views of `tta`, as mmseg's aug_test
+    averages them: each view is the batch rescaled by its scale (rgb bilinear, depth
+    nearest: `resize`, as data.py rescales each modality) and/or mirrored left-right, run
+    as logits_at runs any image (padded to the fine-tuning grid), its logits mirrored back,
+    resized to H x W (bilinear) and softmaxed there, at full resolution."""
+    H, W = batch[names[0]].shape[-2:]
+    total = 0.0
+    for scale, flip in tta.views():
+        view = {m: batch[m] for m in names}
+        if scale != 1:
+            view = resize(view, max(1, round(H * scale)), max(1, round(W * scale)))
+        if flip:
+            view = {m: x.flip(-1) for m, x in view.items()}
+        logits = logits_at(net, view, names, crop, present)
+        if flip:
+            logits = logits.flip(-1)
+        if logits.shape[-2:] != (H, W):
+            logits = F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)
+        total = total + logits.softmax(1)
+    return total / len(tta.views())
+
+
+@torch.no_grad()
+def predict(net: M.Segmenter, batch: dict, settings, crop: int | None = None, tta: TTA = PLAIN,
+            present: torch.Tensor | None = None) -> dict:
+    """{setting: class map Long[B, H, W]} for a batch of normalised rgb [B,3,H,W] and/or
+    depth in metres [B,1,H,W], every image run on the fine-tuning grid (logits_at; `crop`,
+    default net.cfg.image_size). A setting is a key of SETTINGS (those inputs of every
+    sample), or MIXED: every input given, `present` (Bool[B, len(net.inputs)]) choosing
+    each sample's. With `tta`, the argmax of the views' mean probabilities; without, of the
+    plain logits (no softmax, which could only turn near-ties into ties)."""
+    crop = crop or net.cfg.image_size
+    out = {}
+    for s in settings:
+        if s == MIXED and present is None:
+            raise ValueError("the mixed setting needs `present`: which inputs each sample shows")
+        names, shown = (net.inputs, present) if s == MIXED else (SETTINGS[s], None)
+        out[s] = (logits_at(net, batch, names, crop, shown) if tta.plain else
+                  probabilities(net, batch, names, crop, tta, shown)).argmax(1)
+    return out
 
 
 def batches(loader):
@@ -218,28 +316,102 @@ def batches(loader):
         raise UserError(one_line(e)) from None
 
 
+# -----------------------------------------------------------------------------
+# Evaluation: one pass over the split, under every condition asked for
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What is done to every batch before it is segmented, and the inputs it is then scored
+    on: the clean split, a degradation (util/degrade.py), or inputs missing at random."""
+    name: str                    # "clean", "random missing 25%", a name of DEGRADATIONS
+    settings: tuple              # keys of SETTINGS, or (MIXED,)
+    degradation: str = ""        # a name of DEGRADATIONS, applied first
+    missing: float = 0.0         # MIXED: each sample misses rgb with p missing/2, or depth with p missing/2
+    seed: int = 0                # of the condition's own generator: its draws and nobody else's
+
+
+def condition_seed(seed: int, name: str) -> int:
+    """The seed of a condition's generator under --seed: a function of the seed and the
+    condition's name only, so a condition draws the same whichever others are run with it.
+    32 bits (a CRC of both), as torch's CPU generator keeps only the low 32 bits of a seed."""
+    return zlib.crc32(f"{seed}/{name}".encode())
+
+
+def robustness_conditions(possible: list, rates, kinds, seed: int) -> tuple[list, list]:
+    """--robustness's rows for a model run on `possible` (conditions_of): clean; random
+    missing at each rate (needs both inputs); each degradation of `kinds` at its levels,
+    scored with rgb+depth and with the degraded modality alone (those of them it has).
+    Returns (the conditions, the names of those it cannot score)."""
+    conditions, skipped = [Condition("clean", tuple(possible))], []
+    for r in rates:
+        name = f"random missing {100 * r:g}%"
+        if "rgbd" in possible:
+            conditions.append(Condition(name, (MIXED,), missing=r, seed=condition_seed(seed, name)))
+        else:
+            skipped.append(name)
+    for kind in kinds:
+        for name in KINDS[kind]:
+            settings = tuple(s for s in ("rgbd", DEGRADATIONS[name][0]) if s in possible)
+            if settings:
+                conditions.append(Condition(name, settings, degradation=name, seed=condition_seed(seed, name)))
+            else:
+                skipped.append(name)
+    return conditions, skipped
+
+
 @torch.no_grad()
-def evaluate(net: M.Segmenter, loader, num_classes: int, settings, device) -> dict:
-    """One pass over the loader; every batch is run once per input condition."""
-    cms = {s: torch.zeros(num_classes, num_classes, dtype=torch.long) for s in settings}
+def evaluate(net: M.Segmenter, loader, num_classes: int, conditions: list, device, tta: TTA = PLAIN) -> dict:
+    """{condition name: {setting: scores}} from one pass over the loader. Every batch goes
+    through each condition: its degradation, on the CPU from the condition's own generator
+    (the same corrupted images on any device), then, for MIXED, which inputs each sample
+    keeps (util.degrade.sample_present, the draw fine-tuning trains with, from the same
+    generator), then a prediction per setting; one confusion matrix per (condition,
+    setting) over the whole split."""
+    generators = {c.name: torch.Generator().manual_seed(c.seed) for c in conditions}
+    cms = {(c.name, s): torch.zeros(num_classes, num_classes, dtype=torch.long) for c in conditions for s in c.settings}
     for batch in tqdm(batches(loader), total=len(loader), desc="evaluating", leave=False,
                       dynamic_ncols=True, disable=None):
-        batch = to_device(batch, device)
-        for s, pred in predict(net, batch, settings).items():
-            cms[s] += confusion_matrix(pred, batch["semseg"], num_classes).cpu()
-    return {s: scores(cm) for s, cm in cms.items()}
+        clean = to_device(batch, device)
+        for c in conditions:
+            g = generators[c.name]
+            b = to_device(degrade(batch, c.degradation, g), device) if c.degradation else clean
+            present = None
+            if MIXED in c.settings:
+                B = batch["semseg"].shape[0]
+                present = sample_present(B, len(net.inputs), c.missing, g, "cpu").to(device)
+            for s, pred in predict(net, b, c.settings, tta=tta, present=present).items():
+                cms[c.name, s] += confusion_matrix(pred, b["semseg"], num_classes).cpu()
+    return {c.name: {s: scores(cms[c.name, s]) for s in c.settings} for c in conditions}
 
 
-def save_pictures(net: M.Segmenter, dataset, n: int, folder: str, dataset_name: str, device) -> list:
+def sensor_failure(clean: dict, p_rgb: float, p_depth: float) -> dict:
+    """The expected mIoU of a deployed model whose rgb fails with probability p_rgb and whose
+    depth fails with p_depth, independently (docs/deploy.md): the four outcomes' mIoU
+    (`clean`: the rgbd, rgb and depth results) weighted by their probabilities, the outcome
+    "both failed" scoring 0 (there is nothing to segment from: every labelled pixel is
+    missed). Also the chance of that outcome, and the expectation given at least one input."""
+    chance = {"rgbd": (1 - p_rgb) * (1 - p_depth), "rgb": (1 - p_rgb) * p_depth, "depth": p_rgb * (1 - p_depth),
+              "none": p_rgb * p_depth}
+    miou = {**{s: clean[s]["miou"] for s in SETTINGS}, "none": 0.0}
+    expected = sum(chance[s] * miou[s] for s in chance)
+    return {"p_rgb": p_rgb, "p_depth": p_depth,
+            "outcomes": {s: {"probability": chance[s], "miou": miou[s]} for s in chance},
+            "expected_miou": expected,
+            "expected_miou_given_an_input": expected / (1 - chance["none"]) if chance["none"] < 1 else None}
+
+
+def save_pictures(net: M.Segmenter, dataset, n: int, folder: str, dataset_name: str, device,
+                  tta: TTA = PLAIN) -> list:
     """The paper's Figure 3 for the first n images: rgb | depth | ground truth | the
     prediction with rgb+depth, rgb only and depth only (all three, whatever --only says; a
-    dedicated model's own condition only), one PNG each."""
+    dedicated model's own condition only; with the evaluation's `tta`), one PNG each."""
     names, palette = data.CLASS_NAMES[dataset_name], data.palette(dataset_name)
     paths = []
     for i in range(min(n, len(dataset))):
         sample = dataset[i]
         batch = to_device(data.collate([sample]), device)
-        preds = {s: p[0].cpu() for s, p in predict(net, batch, conditions_of(net)).items()}
+        preds = {s: p[0].cpu() for s, p in predict(net, batch, conditions_of(net), tta=tta).items()}
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.splitext(os.path.basename(str(sample["id"])))[0])
         paths.append(os.path.join(folder, f"{i:03d}_{name}.png"))
         figure = vis.segmentation_figure(sample, preds, names, palette)
@@ -301,7 +473,7 @@ def resize(batch: dict, h: int, w: int) -> dict:
     return out
 
 
-def segment(net: M.Segmenter, batch: dict, setting: str, crop: int, device) -> torch.Tensor:
+def segment(net: M.Segmenter, batch: dict, setting: str, crop: int, device, tta: TTA = PLAIN) -> torch.Tensor:
     """Class map Long[H, W] of one image (a batch of one), whatever its size.
 
     Full-image attention grows with the square of the tokens: a 4000x3000 photo at patch
@@ -310,11 +482,12 @@ def segment(net: M.Segmenter, batch: dict, setting: str, crop: int, device) -> t
     objects are never much larger than at 2x a 640x480 view. So instead of tiling at full
     resolution (each tile would see a few fragments of an object at a scale never trained
     on), the image is scaled down to a long side of MAX_SIDE x crop, segmented whole, and
-    the class map scaled back up with nearest (class ids can't be interpolated)."""
+    the class map scaled back up with nearest (class ids can't be interpolated). `tta`'s
+    views are taken of the image at that size."""
     H, W = next(batch[m] for m in ("rgb", "depth") if m in batch).shape[-2:]
     h, w = working_size(H, W, crop)
     small = batch if (h, w) == (H, W) else resize(batch, h, w)
-    pred = predict(net, to_device(small, device), [setting], crop)[setting].cpu()
+    pred = predict(net, to_device(small, device), [setting], crop, tta)[setting].cpu()
     if (h, w) != (H, W):
         pred = F.interpolate(pred[:, None].float(), (H, W), mode="nearest-exact")[:, 0].long()
     return pred[0]
@@ -349,9 +522,11 @@ def segment_one_image(cfg, net: M.Segmenter, conv: Conventions, device) -> dict:
     size = stored_size(cfg.rgb or cfg.depth)           # said before the (large) image is decoded
     batch = None if size else read_inputs(cfg.rgb, cfg.depth, cfg.depth_scale, conv)
     H, W = size or next(iter(batch.values())).shape[-2:]
-    print(f"segmenting {cfg.rgb or cfg.depth} ({setting} input, {size_note(H, W, conv.image_size)}) on {device}")
+    tta = tta_of(cfg)
+    print(f"segmenting {cfg.rgb or cfg.depth} ({setting} input, {size_note(H, W, conv.image_size)}; {tta}) "
+          f"on {device}")
     batch = batch or read_inputs(cfg.rgb, cfg.depth, cfg.depth_scale, conv)
-    pred = segment(net, batch, setting, conv.image_size, device)
+    pred = segment(net, batch, setting, conv.image_size, device, tta)
     write_class_map(pred, out, conv.palette())
     names = conv.classes
     counts = torch.bincount(pred.flatten(), minlength=len(names)).double() / pred.numel()
@@ -396,8 +571,8 @@ def segment_folder(cfg, net: M.Segmenter, conv: Conventions, device) -> dict:
     """Every image of --rgb and/or --depth folders -> <--out>/<name>.png."""
     out = os.path.join(cfg.out or "seg", "")           # one trailing separator, however --out ends
     pairs = folder_pairs(cfg.rgb, cfg.depth)
-    setting = input_setting(cfg)
-    print(f"segmenting {len(pairs)} image(s) of {cfg.rgb or cfg.depth} ({setting} input) into {out} on "
+    setting, tta = input_setting(cfg), tta_of(cfg)
+    print(f"segmenting {len(pairs)} image(s) of {cfg.rgb or cfg.depth} ({setting} input; {tta}) into {out} on "
           f"{device}; a long side over {MAX_SIDE * conv.image_size} px is segmented at that size")
     palette, written = conv.palette(), []
     for name, rgb, depth in tqdm(pairs, desc="segmenting", unit="image", dynamic_ncols=True, disable=None):
@@ -406,7 +581,7 @@ def segment_folder(cfg, net: M.Segmenter, conv: Conventions, device) -> dict:
             tqdm.write(f"{rgb or depth}: {size_note(*size, conv.image_size)}")
         batch = read_inputs(rgb, depth, cfg.depth_scale, conv)
         written.append(os.path.join(out, name + ".png"))
-        write_class_map(segment(net, batch, setting, conv.image_size, device), written[-1], palette)
+        write_class_map(segment(net, batch, setting, conv.image_size, device, tta), written[-1], palette)
     print(f"wrote {len(written)} class map(s) to {out} (pixel value = {conv.dataset} class id)")
     return {"setting": setting, "written": written}
 
@@ -558,6 +733,101 @@ def export_onnx(net: M.Segmenter, conv: Conventions, folder: str, settings, chec
 
 
 # -----------------------------------------------------------------------------
+# The robustness and test-time flags, read and checked before anything is loaded
+
+# --scales: at most this factor (at 4 a 640x480 image is run at 2560x1920: 19 200 patches per
+# modality, far past the 0.5-2 fine-tuning rescales; more is a typo, not a test-time view).
+MAX_SCALE = 4.0
+ROBUSTNESS_FLAGS = ("rates", "degradations", "seed", "chart")      # what only --robustness reads
+
+
+def number_list(text: str, flag: str, distinct: bool = True) -> tuple:
+    """The finite numbers of a comma-separated flag; one line naming the flag otherwise."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} {text}: give comma-separated numbers") from None
+    for v in values:
+        if not math.isfinite(v):
+            raise UserError(f"{flag} {text}: {v} is not a finite number")
+    if distinct and len(set(values)) < len(values):
+        raise UserError(f"{flag} {text}: a value is listed twice")
+    return values
+
+
+def tta_of(cfg) -> TTA:
+    """--flip and --scales."""
+    scales = number_list(cfg.scales, "--scales")
+    for s in scales:
+        if not 0 < s <= MAX_SCALE:
+            raise UserError(f"--scales {cfg.scales}: every scale must be in (0, {MAX_SCALE:g}], got {s:g}")
+    return TTA(cfg.flip, scales)
+
+
+def rates_of(cfg) -> tuple:
+    """--rates: each in [0, 1]."""
+    rates = number_list(cfg.rates, "--rates")
+    for r in rates:
+        if not 0 <= r <= 1:
+            raise UserError(f"--rates {cfg.rates}: a rate is a probability, in [0, 1], got {r:g}")
+    return rates
+
+
+def kinds_of(cfg) -> list:
+    """--degradations: all, none, or kinds of util/degrade.py (KINDS)."""
+    if cfg.degradations in ("all", "none"):
+        return list(KINDS) if cfg.degradations == "all" else []
+    kinds = cfg.degradations.split(",")
+    for k in kinds:
+        if k not in KINDS:
+            raise UserError(f"--degradations {cfg.degradations}: unknown degradation {k!r}; choose all, none or "
+                            f"some of {','.join(KINDS)}")
+    if len(set(kinds)) < len(kinds):
+        raise UserError(f"--degradations {cfg.degradations}: a degradation is listed twice")
+    return kinds
+
+
+def failure_of(cfg) -> tuple | None:
+    """--sensor_failure P_RGB,P_DEPTH: two probabilities, or None."""
+    if not cfg.sensor_failure:
+        return None
+    p = number_list(cfg.sensor_failure, "--sensor_failure", distinct=False)
+    if len(p) != 2 or not all(0 <= x <= 1 for x in p):
+        raise UserError(f"--sensor_failure {cfg.sensor_failure}: give P_RGB,P_DEPTH, two probabilities in [0, 1]")
+    return p
+
+
+def check_evaluation_flags(cfg, given) -> None:
+    """The values of --robustness's flags, --sensor_failure, --flip and --scales, and their
+    company: what only --robustness reads is refused without it (`given`: the flags on the
+    command line), and --only with the two that need every input condition."""
+    tta_of(cfg)
+    failure_of(cfg)
+    if cfg.robustness:
+        rates_of(cfg), kinds_of(cfg)
+        check_numbers(cfg, non_negative=("seed",))
+        if not cfg.chart.lower().endswith(".png"):
+            raise UserError(f"--chart {cfg.chart}: the chart is a PNG, the name must end in .png")
+    else:
+        unread = [f for f in ROBUSTNESS_FLAGS if f in given]
+        if unread:
+            raise UserError(f"--{unread[0]} is read by --robustness only: add --robustness, or leave it out")
+    for flag, on in (("--robustness", cfg.robustness), ("--sensor_failure", cfg.sensor_failure)):
+        if on and cfg.only:
+            raise UserError(f"{flag} scores every input condition the model has: leave out --only {cfg.only}")
+
+
+def evaluation_only(cfg) -> str:
+    """The first of the flags that change what is predicted (--robustness, --sensor_failure,
+    --flip, --scales) that is given, or ""; an export has no use for them."""
+    for flag, on in (("--robustness", cfg.robustness), ("--sensor_failure", cfg.sensor_failure),
+                     ("--flip", cfg.flip), ("--scales", tta_of(cfg).scales != (1.0,))):
+        if on:
+            return flag
+    return ""
+
+
+# -----------------------------------------------------------------------------
 # Output paths, checked before anything is loaded
 
 
@@ -570,12 +840,19 @@ def check_png(path: str, flag: str) -> None:
     check_output(path, flag, "file")
 
 
-def check_request(cfg) -> str:
-    """Flags and output paths, before the model is loaded. Returns the mode: "safetensors",
-    "export", "folder", "image" or "dataset"."""
+def check_request(cfg, given=()) -> str:
+    """Flags and output paths, before the model is loaded (`given`: the flags on the command
+    line). Returns the mode: "safetensors", "export", "folder", "image" or "dataset"."""
     check_numbers(cfg, positive=("batch_size", "depth_scale"), non_negative=("num_vis", "workers"), finite=("cues",))
     if cfg.cues != -1 and not 0 <= cfg.cues <= 1:
         raise UserError(f"--cues must be in [0, 1], or -1 for the checkpoint's level, got {cfg.cues}")
+    check_evaluation_flags(cfg, given)
+    if (cfg.export_safetensors or cfg.export_onnx) and evaluation_only(cfg):
+        raise UserError(f"{evaluation_only(cfg)} changes what is predicted, not the model: export "
+                        f"(--export_safetensors, --export_onnx) without it")
+    if (cfg.rgb or cfg.depth) and (cfg.robustness or cfg.sensor_failure):
+        raise UserError(f"{'--robustness' if cfg.robustness else '--sensor_failure'} scores a dataset's split: "
+                        f"segment images (--rgb, --depth) in another run")
     inputs = [("--ckpt", cfg.ckpt)]
     if is_safetensors(cfg.ckpt):
         inputs.append(("--ckpt's .json", json_path(cfg.ckpt)))
@@ -625,16 +902,22 @@ def check_request(cfg) -> str:
         check_not_input([("--out", cfg.out or "seg.png")], inputs + given)
         check_png(cfg.out or "seg.png", "--out")
         return "image"
-    check_not_input([("--out_json", cfg.out_json), ("--save_vis", cfg.save_vis)], inputs)
+    check_not_input([("--out_json", cfg.out_json), ("--save_vis", cfg.save_vis)] +
+                    ([("--chart", cfg.chart)] if cfg.robustness else []), inputs)
     check_output(cfg.out_json, "--out_json", "file")
+    if cfg.robustness:
+        check_output(cfg.chart, "--chart", "file")
     if cfg.save_vis and cfg.num_vis:
         check_output(cfg.save_vis, "--save_vis")
     return "dataset"
 
 
-def format_table(results: dict, class_names) -> str:
+SETTING_NAMES = {"rgbd": "rgb + depth", "rgb": "rgb only", "depth": "depth only", MIXED: "random missing, per sample"}
+
+
+def format_table(results: dict, class_names, tta: TTA = PLAIN) -> str:
     settings = list(results)
-    lines = ["input    mIoU   mAcc", *(f"{s:7s} {r['miou']:6.2f} {r['macc']:6.2f}" for s, r in results.items()),
+    lines = [f"input    mIoU   mAcc   ({tta})", *(f"{s:7s} {r['miou']:6.2f} {r['macc']:6.2f}" for s, r in results.items()),
              "", "per-class IoU".ljust(22) + "".join(f"{s:>8s}" for s in settings)]
     for c, name in enumerate(class_names):
         vals = [results[s]["per_class_iou"][c] for s in settings]
@@ -642,9 +925,38 @@ def format_table(results: dict, class_names) -> str:
     return "\n".join(lines)
 
 
+def format_robustness(results: dict, tta: TTA, seed: int) -> str:
+    """--robustness's table: a row per condition and input (MIXED: each sample its own)."""
+    w = max(len("condition"), *map(len, results))
+    lines = [f"robustness ({tta}; seed {seed}; input {MIXED}: each sample its own)",
+             f"{'condition':{w}s}  input    mIoU   mAcc"]
+    lines += [f"{c:{w}s}  {s:6s} {r['miou']:6.2f} {r['macc']:6.2f}" for c, rs in results.items() for s, r in rs.items()]
+    return "\n".join(lines)
+
+
+def format_failure(f: dict, tta: TTA) -> str:
+    """--sensor_failure's table: each outcome's chance and mIoU, then the expectation."""
+    names = {"rgbd": "rgb + depth", "rgb": "rgb only", "depth": "depth only", "none": "neither"}
+    lines = [f"sensor failure: rgb fails with p = {f['p_rgb']:g}, depth with p = {f['p_depth']:g}, independently ({tta})",
+             "outcome        chance   mIoU"]
+    lines += [f"{names[s]:12s} {o['probability']:8.4f} {o['miou']:6.2f}" for s, o in f["outcomes"].items()]
+    given = f["expected_miou_given_an_input"]
+    lines.append(f"expected mIoU {f['expected_miou']:.2f} (neither input: scored 0)" +
+                 (f"; given at least one input (chance {1 - f['outcomes']['none']['probability']:.4f}): {given:.2f}"
+                  if given is not None else ""))
+    return "\n".join(lines)
+
+
+def robustness_chart(results: dict, path: str, title: str) -> None:
+    """mIoU per condition and level, a bar per input each row was scored on."""
+    series = [s for s in SETTING_NAMES if any(s in rs for rs in results.values())]
+    bars = {SETTING_NAMES[s]: [rs[s]["miou"] if s in rs else None for rs in results.values()] for s in series}
+    charts.row_chart(list(results), bars, path, title, "mIoU")
+
+
 def main(argv=None):
-    cfg, _ = parse_config(EvalConfig, argv)
-    mode = check_request(cfg)
+    cfg, given = parse_config(EvalConfig, argv)
+    mode = check_request(cfg, given)
     if mode == "safetensors":
         ckpt = load_checkpoint(cfg.ckpt)
         paths = export_safetensors(ckpt, cfg.export_safetensors)
@@ -658,35 +970,60 @@ def main(argv=None):
     possible, takes = conditions_of(net), f"{cfg.ckpt} takes {' and '.join(net.inputs)} only"
     if mode in ("folder", "image"):
         if input_setting(cfg) not in possible:            # a dedicated model given another input
-            given = SETTINGS[input_setting(cfg)]
-            raise UserError(f"{' and '.join(f'--{m}' for m in given)}: {takes}: give "
-                            f"{' and '.join(f'--{m}' for m in net.inputs)}{' alone' if len(given) > 1 else ''}")
+            shown = SETTINGS[input_setting(cfg)]
+            raise UserError(f"{' and '.join(f'--{m}' for m in shown)}: {takes}: give "
+                            f"{' and '.join(f'--{m}' for m in net.inputs)}{' alone' if len(shown) > 1 else ''}")
         return segment_folder(cfg, net, conv, device) if mode == "folder" else \
             segment_one_image(cfg, net, conv, device)
     if cfg.only and cfg.only not in possible:
         raise UserError(f"--only {cfg.only}: {takes}")
+    failure, tta = failure_of(cfg), tta_of(cfg)
+    if failure and len(possible) < len(SETTINGS):
+        raise UserError(f"--sensor_failure: {takes}: the expectation needs rgb + depth, rgb only and depth only")
     settings = [cfg.only] if cfg.only else possible
     if len(possible) < len(SETTINGS) and not cfg.only:
         print(f"{takes}: skipping {', '.join(s for s in SETTINGS if s not in possible)}")
     if mode == "export":
         return export_onnx(net, conv, cfg.export_onnx, settings)
+    conditions = [Condition("clean", tuple(settings))]
+    if cfg.robustness:
+        conditions, skipped = robustness_conditions(possible, rates_of(cfg), kinds_of(cfg), cfg.seed)
+        if skipped:
+            print(f"{takes}: --robustness skips {', '.join(skipped)}")
     dataset_name, names = conv.dataset, conv.classes
     cues = cfg.cues if cfg.cues >= 0 else ckpt.get("data", {}).get("cues", 0.0) if dataset_name == "synthetic" else 0.0
     dataset = data.build_dataset(dataset_name, cfg.data_root or None, cfg.split, train=False,
                                  image_size=net.cfg.image_size, cues=cues)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers,
                                          collate_fn=data.collate)
-    print(f"evaluating {cfg.ckpt} on {dataset_name} {cfg.split} ({len(dataset)} images): {', '.join(settings)}")
-    results = evaluate(net, loader, net.cfg.num_classes, settings, device)
-    print(format_table(results, names))
+    print(f"evaluating {cfg.ckpt} on {dataset_name} {cfg.split} ({len(dataset)} images): {', '.join(settings)}; "
+          f"{tta}" + (f"; {len(conditions)} conditions (--robustness)" if cfg.robustness else ""))
+    results = evaluate(net, loader, net.cfg.num_classes, conditions, device, tta)
+    clean = results["clean"]
+    print(format_table(clean, names, tta))
     out = {s: {"miou": r["miou"], "macc": r["macc"],
                "per_class_iou": {n: (None if v != v else v) for n, v in zip(names, r["per_class_iou"])}}
-           for s, r in results.items()}
-    out["meta"] = {"ckpt": cfg.ckpt, "dataset": dataset_name, "split": cfg.split, "images": len(dataset)}
+           for s, r in clean.items()}
+    if cfg.robustness:
+        print()
+        print(format_robustness(results, tta, cfg.seed))
+        out["robustness"] = {c: {s: {"miou": r["miou"], "macc": r["macc"]} for s, r in rs.items()}
+                             for c, rs in results.items()}
+    if failure:
+        out["sensor_failure"] = sensor_failure(clean, *failure)
+        print()
+        print(format_failure(out["sensor_failure"], tta))
+    out["meta"] = {"ckpt": cfg.ckpt, "dataset": dataset_name, "split": cfg.split, "images": len(dataset),
+                   "tta": {"flip": tta.flip, "scales": list(tta.scales)},
+                   **({"seed": cfg.seed, "skipped": skipped} if cfg.robustness else {})}
     write_atomic(cfg.out_json, lambda f: f.write(json.dumps(out, indent=2).encode()))
     print(f"wrote {cfg.out_json}")
+    if cfg.robustness:
+        robustness_chart(out["robustness"], cfg.chart, f"{cfg.ckpt} on {dataset_name} {cfg.split}: mIoU per "
+                                                       f"condition ({tta}; seed {cfg.seed})")
+        print(f"wrote {cfg.chart}")
     if cfg.save_vis and cfg.num_vis:
-        paths = save_pictures(net, dataset, cfg.num_vis, cfg.save_vis, dataset_name, device)
+        paths = save_pictures(net, dataset, cfg.num_vis, cfg.save_vis, dataset_name, device, tta)
         print(f"wrote {len(paths)} picture(s) to {cfg.save_vis}")
     return out
 

@@ -35,6 +35,7 @@ import modalities
 from util import ops
 from util.checkpoints import init_encoder, load_checkpoint
 from util.cli import UserError, arg, check_numbers, pick_device, run_cli
+from util.degrade import sample_present      # which inputs each sample shows (D9)
 from util.engine import Loop
 from util.lr_sched import param_groups
 from util.runs import RUN_CONTROL, check_common_flags, check_out_dir, start_run, training_set
@@ -50,7 +51,8 @@ class FinetuneConfig:
     cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (util/rooms.py)")
     pretrained: str = arg("out/pretrain/ckpt.pt", "pre-training checkpoint (ckpt.pt, or an exported .safetensors "
                           "with its .json), or 'none' for the baseline")
-    init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from")
+    init: str = arg("", "ViT-B checkpoint (MultiMAE, MAE or timm) to initialise the encoder from; third-party "
+                        "weights keep their own licences (MultiMAE's and MAE's: CC BY-NC 4.0, non-commercial)")
     config: str = arg("tiny", "model preset (default: the pre-training checkpoint's)", tuple(M.PRESETS))
     epochs: int = arg(6, "epochs (paper: 500); more on --resume extends the run, its cosine recomputed over the "
                        "new total from the current step")
@@ -98,22 +100,6 @@ def validate(cfg: FinetuneConfig) -> None:
         raise UserError(f"--layer_decay must be in (0, 1], got {cfg.layer_decay}")
     if not 0.0 <= cfg.drop_path < 1.0:
         raise UserError(f"--drop_path must be in [0, 1), got {cfg.drop_path}")
-
-
-def sample_present(batch_size: int, num_inputs: int, p_missing: float, generator, device) -> torch.Tensor:
-    """Which of the segmenter's inputs each sample shows: Bool[B, num_inputs] (decision D9
-    of docs/method.md). With probability p_missing a sample misses some of them, each
-    proper non-empty subset equally likely, else it shows all. For (rgb, depth): rgb only
-    with p_missing/2, depth only with p_missing/2, both otherwise (never neither)."""
-    u = torch.rand(batch_size, generator=generator, device=device)
-    present = torch.ones(batch_size, num_inputs, dtype=torch.bool, device=device)
-    subsets = 2 ** num_inputs - 2                 # what a sample may miss: not nothing, not all
-    for j in range(subsets):
-        chosen = (u >= p_missing * j / subsets) & (u < p_missing * (j + 1) / subsets)
-        for k in range(num_inputs):
-            if (j + 1) >> k & 1:                  # bit k of j + 1: input k is missing
-                present[:, k] &= ~chosen
-    return present
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, count: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -132,6 +132,7 @@ setup(
     name="maskmentor",
     version="0.1.0",
     description="MaskMentor: RGB-D semantic segmentation pre-training with a MultiMAE-style ViT",
+    license="MIT",
     python_requires=">=3.10",
     py_modules=MODULES,
     packages=PACKAGES,

@@ -54,7 +54,8 @@ class TrainConfig:
     cues: float = arg(0.0, "synthetic rooms: strength of their cross-modal cues, 0 (none) to 1 (util/rooms.py)")
     config: str = arg("tiny", "model preset and its training defaults", tuple(M.PRESETS))
     init: str = arg("", "weights to start from: a MultiMAE, MAE or timm ViT-B, or a ckpt.pt of train.py "
-                        "(MultiMAE-shaped: its encoder and MIM heads load)")
+                        "(MultiMAE-shaped: its encoder and MIM heads load); third-party weights keep their own "
+                        "licences (MultiMAE's and MAE's: CC BY-NC 4.0, non-commercial)")
     mode: str = arg("sttp", "objective after the warm-up (docs/cli.md: the objectives)", sttp.OBJECTIVES)
     modalities: str = arg(",".join(modalities.DEFAULT), "comma-separated pre-training inputs, rows of "
                           "modalities.MODALITIES (e.g. rgb,depth: no semantic maps)")

@@ -1,5 +1,5 @@
-"""studies/bench.py — how much faster the fused mask_gather op (csrc/) is than the reference, and
-what the paper's training steps cost.
+"""studies/bench.py — how much faster the fused mask_gather op (csrc/) is than the reference,
+what the paper's training steps cost, and what the deployed segmenter costs per input.
 
 Times torch.ops.maskmentor.mask_gather against masking.mask_gather_reference on the same
 inputs, in one run: the forward alone, and forward + backward (the gradient w.r.t. x),
@@ -66,6 +66,16 @@ time minus a step's).
     python studies/bench.py --compile_steps all --steps none --reps 5    # CPU, idle machine
     python studies/bench.py --compile_steps tiny --compile_quick --compile_reps 2 --steps none --reps 2  # a check
 
+With --deploy (a preset or a fine-tuned checkpoint), the segmenter a user deploys, as
+evaluate.py runs it on one image of --deploy_size (padded to the fine-tuning crop, depth
+standardised, forward, argmax): per input condition (rgb + depth, rgb only, depth only) its
+parameters, GFLOPs (torch.utils.flop_counter), median latency and peak tensor memory, on
+the CPU and, when one is visible, on CUDA; the three conditions are timed in turn in each
+repetition, and the table gives each one's GFLOPs and latency over rgb + depth's.
+
+    python studies/bench.py --deploy out/finetune/ckpt.pt --deploy_size 640x480
+    python studies/bench.py --deploy base --deploy_reps 3         # ViT-B at NYU's 640x480
+
 On CPU, torch allocates with malloc. glibc hands blocks this large (a ViT-B gradient is
 22 MB) back to the kernel when they are freed, or not, depending on the process's
 history; a fresh block costs a page fault per 4 KiB on first write (~5 ms per 22 MB on
@@ -82,6 +92,7 @@ import ctypes.util
 import itertools
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -89,6 +100,7 @@ import sys
 import time
 
 import torch
+import torch.utils.flop_counter as flop_counter_lib
 from torch.utils.flop_counter import FlopCounterMode
 
 import masking
@@ -120,6 +132,25 @@ def make_inputs(B, K, N, D, V, dtype, device, seed=0):
     noise = torch.rand(B, K * N, generator=g).to(device)
     grad_visible = torch.randn(B, V, D, generator=g).to(device=device, dtype=dtype)
     return x, noise, num_visible.to(device), grad_visible
+
+
+# torch.utils.flop_counter has formulas for the CUDA attention kernels only. On the CPU,
+# scaled_dot_product_attention runs aten._scaled_dot_product_flash_attention_for_cpu (with or
+# without a mask), which it counts as 0 FLOPs (measured, torch 2.14: a ViT's attention
+# matmuls went missing from every CPU count). These give it, and its backward, the same
+# formulas as the CUDA kernels (4 B H L_q L_k d forward, 2.5 times that backward).
+_ATEN = torch.ops.aten
+CPU_ATTENTION = {
+    _ATEN._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *_, out_shape=None, **__: flop_counter_lib.sdpa_flop_count(q, k, v),
+    _ATEN._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda g, q, k, v, *_, out_shape=None, **__: flop_counter_lib.sdpa_backward_flop_count(g, q, k, v),
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, the CPU attention kernel counted (CPU_ATTENTION)."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
 
 
 def timer(device):
@@ -205,6 +236,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile_reps", type=int, default=5, help="timed steps per --compile_steps measurement")
     ap.add_argument("--compile_quick", action="store_true",
                     help="--compile_steps check in a few minutes: tiny model at batch 2, 32x32, inductor caches kept")
+    ap.add_argument("--deploy", default="",
+                    help="the deployed segmenter's cost per input condition (params, GFLOPs, latency, peak memory; "
+                         "CPU, and CUDA when visible): a preset (tiny/base) or a fine-tuned ckpt.pt; then stops")
+    ap.add_argument("--deploy_size", default="640x480", help="--deploy: the image, WIDTHxHEIGHT (run as evaluate.py "
+                                                             "runs it: padded to the fine-tuning crop)")
+    ap.add_argument("--deploy_reps", type=int, default=10, help="--deploy: timed calls per input condition (median)")
     ap.add_argument("--compile_worker", nargs=3, metavar=("PRESET", "STEP", "MODE"), help=argparse.SUPPRESS)
     return ap
 
@@ -215,6 +252,8 @@ def main():
         return gpu_check()
     if args.compile_worker:
         return compile_worker(*args.compile_worker, args)
+    if args.deploy:
+        return bench_deploy(args)
 
     if not ops.LOADED:
         raise SystemExit(f"studies/bench.py: the fused op is not available: {ops.backend()}")
@@ -544,7 +583,7 @@ def bench_paper_steps(name, device, args):
     cost = {}
     for step_name, B, fn in itertools.chain(pretraining(), finetuning()):
         fn()                      # warm-up: first-touch page faults, oneDNN's kernel choices
-        with FlopCounterMode(display=False) as flops:
+        with flop_counter() as flops:
             fn()
         F = flops.get_total_flops()
         for backend in (("op", "reference") if step_name != "finetune" else ("n/a",)):
@@ -645,6 +684,123 @@ def bench_memory(name, device, args):
                                                           args.threads))
         plain = plain or peak
         print(f"{label:28} {held / 2**30:16.2f} {peak / 2**30:9.2f} {peak / plain:10.2f}x {secs:7.1f}")
+
+
+# -----------------------------------------------------------------------------
+# The deployed segmenter: what one input costs under each input condition
+
+
+def deploy_model(spec: str):
+    """--deploy's segmenter: (net, the fine-tuning crop it pads to, what it is). A preset
+    (tiny, base) is built at its fine-tuning crop with NYU's 40 classes and untrained
+    weights (its cost does not depend on them); anything else is a fine-tuned checkpoint."""
+    import dataclasses
+
+    import data
+    import evaluate
+    import finetune
+    import model as M
+    from util.cli import UserError
+
+    if spec in M.PRESETS:
+        crop = finetune.FINETUNE_PRESETS[spec]["image_size"]
+        torch.manual_seed(0)
+        net = M.Segmenter(dataclasses.replace(M.PRESETS[spec], image_size=crop, num_classes=data.num_classes("nyu")))
+        return net.eval(), crop, f"the {spec} preset (untrained, {net.cfg.num_classes} classes)"
+    if not os.path.isfile(spec):
+        raise SystemExit(f"studies/bench.py: --deploy {spec}: neither a preset ({', '.join(M.PRESETS)}) nor a file")
+    try:
+        net, ckpt = evaluate.load_segmenter(spec, "cpu")
+        conv = evaluate.conventions(ckpt, net, spec)
+    except UserError as e:
+        raise SystemExit(f"studies/bench.py: --deploy {e}") from None
+    return net, conv.image_size, f"{spec} ({conv.dataset}, {net.cfg.num_classes} classes)"
+
+
+def deploy_params(net, setting: str) -> int:
+    """The parameters an input condition runs through: all but the absent inputs' adapters."""
+    import evaluate
+    names = evaluate.SETTINGS[setting]
+    return sum(p.numel() for n, p in net.named_parameters()
+               if not (n.startswith("input_adapters.") and n.split(".")[1] not in names))
+
+
+def deploy_flops(fn) -> int:
+    """FLOPs of one call of fn as flop_counter() counts them: matmuls, convolutions and
+    attention, a multiply-add as 2 (normalisation, activations, resampling not counted)."""
+    with flop_counter() as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def deploy_peak(fn, device) -> int:
+    """Peak bytes of tensors one call of fn holds above what is live when it starts
+    (CUDA: max allocated; CPU: tensor_memory_peak)."""
+    if device.type != "cuda":
+        return tensor_memory_peak(fn)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def parse_size(text: str) -> tuple:
+    """--deploy_size WxH -> (H, W)."""
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m or not all(1 <= int(v) <= 8192 for v in m.groups()):
+        raise SystemExit(f"studies/bench.py: --deploy_size {text}: give WIDTHxHEIGHT in pixels, each 1 to 8192 "
+                         f"(e.g. 640x480)")
+    return int(m.group(2)), int(m.group(1))
+
+
+def bench_deploy(args) -> dict:
+    """--deploy: the segmenter as evaluate.py runs it on one image of --deploy_size (padded to
+    the fine-tuning crop, depth standardised, forward, argmax: evaluate.predict) under rgb +
+    depth, rgb only and depth only: parameters, GFLOPs, median latency, peak memory, on the
+    CPU and on CUDA when one is visible. The three inputs are timed in turn within each
+    repetition (median_times), so the ratios are measured side by side."""
+    import evaluate
+
+    H, W = parse_size(args.deploy_size)
+    if args.deploy_reps < 1:
+        raise SystemExit(f"studies/bench.py: --deploy_reps must be >= 1, got {args.deploy_reps}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net, crop, what = deploy_model(args.deploy)
+    settings = evaluate.conditions_of(net)
+    Hp, Wp = evaluate.padded_size(H, W, crop, net.cfg.patch_size)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    g = torch.Generator().manual_seed(0)
+    image = {"rgb": torch.randn(1, 3, H, W, generator=g), "depth": torch.rand(1, 1, H, W, generator=g) * 5 + 0.5}
+    run_at = (f"run at {Wp}x{Hp} (padded to the {crop} px fine-tuning crop, as evaluate.py runs it)"
+              if (Hp, Wp) != (H, W) else f"run at its size (not below the {crop} px fine-tuning crop: no padding)")
+    print(f"deployed segmenter: {what}; one {W}x{H} image, {run_at}; torch {torch.__version__}, "
+          f"CPU {torch.get_num_threads()} threads"
+          + (f", {torch.cuda.get_device_name(0)}" if len(devices) > 1 else ", no CUDA device")
+          + f"; latency: median of {args.deploy_reps} after 2 warm-up calls, the inputs in turn")
+    head = (f"{'device':6} {'input':6} {'params M':>9} {'GFLOPs':>9} {'latency ms':>11} {'peak MB':>9} "
+            f"{'GFLOPs/rgbd':>12} {'ms/rgbd':>8}")
+    print(head)
+    print("-" * len(head))
+    table = {}
+    for device in devices:
+        net = net.to(device)
+        batch = {m: x.to(device) for m, x in image.items()}
+        fns = [lambda s=s: evaluate.predict(net, batch, [s], crop) for s in settings]
+        times = median_times(fns, device, args.deploy_reps, warmup=2)
+        for s, fn, t in zip(settings, fns, times):
+            table[device.type, s] = {"params": deploy_params(net, s), "flops": deploy_flops(fn), "seconds": t,
+                                     "peak_bytes": deploy_peak(fn, device)}
+        ref = table.get((device.type, "rgbd"))
+        for s in settings:
+            r = table[device.type, s]
+            ratios = (f"{r['flops'] / ref['flops']:12.2f} {r['seconds'] / ref['seconds']:8.2f}" if ref else
+                      f"{'n/a':>12} {'n/a':>8}")
+            print(f"{device.type:6} {s:6} {r['params'] / 1e6:9.3f} {r['flops'] / 1e9:9.3f} {r['seconds'] * 1e3:11.2f} "
+                  f"{r['peak_bytes'] / 2**20:9.1f} {ratios}", flush=True)
+    return table
 
 
 def gpu_check():

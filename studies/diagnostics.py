@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 
@@ -31,101 +30,30 @@ import sttp
 import train
 from studies.report import DIAG_IMAGES, steps_per_batch
 from util import rooms, vis
+from util.degrade import DEGRADATIONS
 from util.checkpoints import load_checkpoint
 
 # -----------------------------------------------------------------------------
-# Degraded inputs (the robustness table). Each takes the batch's depth (metres, 0 = missing)
-# or rgb (in [0, 1]) and a generator, and returns the degraded map. The same generator seed
-# is used for every model, so all checkpoints see exactly the same corrupted images.
+# Degraded inputs (the robustness table): util/degrade.py's degradations, scored by evaluate.py's
+# loop. Each degradation has a generator of its own, seeded 1000 + its position in
+# DEGRADATIONS, so that every checkpoint of the studies sees exactly the same corrupted images.
 
 
-def depth_holes(depth: torch.Tensor, ratio: float, g: torch.Generator) -> torch.Tensor:
-    """Missing depth (0) on `ratio` of each image's pixels, in blobs as a Kinect loses them
-    (dark, shiny or distant surfaces), not salt noise: a coarse random field upsampled and
-    its lowest `ratio` of pixels."""
-    B, _, H, W = depth.shape
-    field = torch.rand(B, 1, max(1, H // 8), max(1, W // 8), generator=g)
-    field = F.interpolate(field, size=(H, W), mode="bilinear", align_corners=False).flatten(1)
-    lowest = field.topk(round(ratio * H * W), dim=1, largest=False).indices   # exactly that many, ties or not
-    holes = torch.zeros_like(field, dtype=torch.bool).scatter_(1, lowest, True)
-    return depth.masked_fill(holes.view(B, 1, H, W), 0.0)
-
-
-def depth_noise(depth: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
-    """Gaussian noise with a standard deviation of `sigma` x depth (it grows with distance);
-    missing pixels stay missing."""
-    noisy = depth * (1 + sigma * torch.randn(depth.shape, generator=g))
-    return torch.where(depth > 0, noisy.clamp_min(0.05), depth)
-
-
-def depth_quantise(depth: torch.Tensor, step: float, g: torch.Generator) -> torch.Tensor:
-    """Depth rounded to multiples of `step` metres (a coarse sensor or a lossy 8-bit export)."""
-    q = (depth / step).round().clamp_min(1) * step
-    return torch.where(depth > 0, q, depth)
-
-
-def rgb_dark(rgb: torch.Tensor, gain: float, g: torch.Generator) -> torch.Tensor:
-    """Under-exposure: intensities times `gain`, then re-quantised to 8 bits (the lost
-    precision is what makes low light hard, not the scale alone)."""
-    return (rgb * gain * 255).round() / 255
-
-
-def rgb_blur(rgb: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
-    """Gaussian blur (defocus / motion) of `sigma` pixels, reflecting at the borders."""
-    r = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-r, r + 1, dtype=rgb.dtype)
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    C = rgb.shape[1]
-    out = F.conv2d(F.pad(rgb, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(F.pad(out, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-
-
-#              name                 modality  function, parameter
-DEGRADATIONS = {"depth holes 10%":  ("depth", depth_holes, 0.10),
-                "depth holes 30%":  ("depth", depth_holes, 0.30),
-                "depth holes 50%":  ("depth", depth_holes, 0.50),
-                "depth noise 5%":   ("depth", depth_noise, 0.05),
-                "depth 0.25 m steps": ("depth", depth_quantise, 0.25),
-                "rgb dark x0.2":    ("rgb", rgb_dark, 0.2),
-                "rgb blur 1.5 px":  ("rgb", rgb_blur, 1.5)}
-
-
-def degrade(batch: dict, name: str, g: torch.Generator) -> dict:
-    """The batch with one modality degraded (rgb is un-normalised for it and back)."""
-    modality, fn, param = DEGRADATIONS[name]
-    out = dict(batch)
-    if modality == "depth":
-        out["depth"] = fn(batch["depth"], param, g)
-    else:
-        mean, std = torch.tensor(data.RGB_MEAN).view(1, 3, 1, 1), torch.tensor(data.RGB_STD).view(1, 3, 1, 1)
-        out["rgb"] = (fn((batch["rgb"] * std + mean).clamp(0, 1), param, g) - mean) / std
-    return out
-
-
-@torch.no_grad()
 def evaluate_conditions(net: M.Segmenter, dataset, batch_size: int, robustness: bool) -> dict:
     """mIoU/mAcc on clean input under the three settings and, with `robustness`, under each
-    degradation with rgb+depth and with the degraded modality alone."""
+    degradation with rgb+depth and with the degraded modality alone (a dedicated model: the
+    settings it has)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=data.collate)
-    C = net.cfg.num_classes
-    conditions = {"clean": evaluate.conditions_of(net)}     # a dedicated model: its own only
+    possible = evaluate.conditions_of(net)                  # a dedicated model: its own only
+    conditions = [evaluate.Condition("clean", tuple(possible))]
     if robustness:
-        conditions.update({name: ("rgbd", mod) for name, (mod, _, _) in DEGRADATIONS.items()})
-    cms = {(c, s): torch.zeros(C, C, dtype=torch.long) for c, ss in conditions.items() for s in ss}
-    for i, (name, settings) in enumerate(conditions.items()):
-        g = torch.Generator().manual_seed(1000 + i)        # the same corruption for every model
-        for batch in loader:
-            if name != "clean":
-                batch = degrade(batch, name, g)
-            for s, pred in evaluate.predict(net, batch, settings).items():
-                cms[name, s] += evaluate.confusion_matrix(pred, batch["semseg"], C)
-    out = {}
-    for (c, s), cm in cms.items():
-        r = evaluate.scores(cm)
-        out.setdefault(c, {})[s] = {"miou": r["miou"], "macc": r["macc"]}
-        if c == "clean":     # for the complementarity check (diagnostics)
-            out[c][s]["per_class_iou"] = r["per_class_iou"]
+        conditions += [evaluate.Condition(name, tuple(s for s in ("rgbd", mod) if s in possible), degradation=name,
+                                          seed=1000 + i)
+                       for i, (name, (mod, _, _)) in enumerate(DEGRADATIONS.items(), start=1)]
+    results = evaluate.evaluate(net, loader, net.cfg.num_classes, conditions, torch.device("cpu"))
+    out = {c: {s: {"miou": r["miou"], "macc": r["macc"]} for s, r in rs.items()} for c, rs in results.items()}
+    for s, r in results["clean"].items():                  # for the complementarity check (diagnostics)
+        out["clean"][s]["per_class_iou"] = r["per_class_iou"]
     return out
 
 

@@ -68,3 +68,17 @@ def test_dot_chart_leaves_out_what_is_missing(tmp_path):
     assert all(pixels_of(img, charts.colour(i), first) > 10 for i in range(3))
     assert pixels_of(img, charts.colour(0), second) > 10
     assert pixels_of(img, charts.colour(1), second) == pixels_of(img, charts.colour(2), second) == 0
+
+
+def test_row_chart_draws_the_bars_each_row_has_as_long_as_their_values(tmp_path):
+    bars = {"rgb + depth": [60.0, None, 30.0], "rgb only": [20.0, None, None], "mixed": [None, 40.0, None]}
+    charts.row_chart(["clean", "random missing 50%", "depth holes 10%"], bars, str(tmp_path / "rows.png"),
+                     "title", "mIoU")
+    img = Image.open(tmp_path / "rows.png").convert("RGB")
+    assert img.size[0] == 900
+    # four bars of one thickness: their areas go as their values; nothing for the Nones
+    legend_box = (0, 0, 900, 60)
+    area = [pixels_of(img, charts.colour(i)) - pixels_of(img, charts.colour(i), legend_box) for i in range(3)]
+    assert area[0] / area[1] == pytest.approx((60 + 30) / 20, rel=0.05)
+    assert area[2] / area[1] == pytest.approx(40 / 20, rel=0.05)
+    assert pixels_of(img, charts.colour(3)) == 0

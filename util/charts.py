@@ -1,6 +1,7 @@
 """util/charts.py — every chart the project draws, with PIL (no plotting library): a run's loss
-curve (engine.Loop writes loss_curve.png) and the results' charts (studies/report.py writes
-results/ablation.png, results/cues/cues.png and results/regime/regime.png).
+curve (engine.Loop writes loss_curve.png), the results' charts (studies/report.py writes
+results/ablation.png, results/cues/cues.png and results/regime/regime.png) and a checkpoint's
+robustness (evaluate.py --robustness writes out/eval/robustness.png).
 
 Each chart is one function that takes numbers and labels and writes a PNG; what they
 share is written once above them: the palette (series i of every chart has colour i), the
@@ -217,4 +218,37 @@ def dot_chart(panels: dict, names: list, path: str) -> None:
                     ax.whisker(x, p[0] - p[1], p[0] + p[1], colour(i), width=2)
                     ax.dot(x, p[0], colour(i))
     legend(d, names, W - 300, 10, dx=90)
+    write_png(path, img)
+
+
+def row_chart(rows: list, bars: dict, path: str, title: str, x_name: str) -> None:
+    """Horizontal bars, a row per entry of `rows` (its label at the left) and in it a bar per
+    series of `bars` ({name: [value or None per row]}; None: no bar, and no room kept for
+    one), each labelled with its value; x from 0 in steps of 10."""
+    left, right, top, legend_h, bar_h, gap = 170, 50, 40, 22, 13, 8
+    shown = [[i for i, values in enumerate(bars.values()) if values[r] is not None] for r in range(len(rows))]
+    W, H = 900, top + legend_h + sum(len(s) * bar_h + gap for s in shown) + 40
+    img, d = canvas(W, H)
+    xmax = max(10.0, math.ceil(max(v for vs in bars.values() for v in vs if v is not None) / 10) * 10)
+    plot_top = top + legend_h
+    ax = Axes(d, left, plot_top, W - right, H - 40, 0.0, 1.0, 0.0, xmax)
+    d.text((8, 10), plain(title), fill="black")
+    legend(d, list(bars), left, top - 6, dx=(W - left - right) / max(1, len(bars)))
+    for i in range(int(xmax // 10) + 1):                     # a grid line and its value every 10
+        x = ax.px(10.0 * i)
+        d.line([(x, plot_top), (x, ax.bottom)], fill=GRID)
+        d.text((x - 6, ax.bottom + 4), f"{10 * i}", fill="black")
+    d.text((ax.right - d.textlength(plain(x_name)), ax.bottom + 20), plain(x_name), fill="black")
+    series = list(bars.values())
+    y = plot_top + gap / 2
+    for r, (row, present) in enumerate(zip(rows, shown)):
+        label = plain(row)
+        d.text((left - 6 - d.textlength(label), y + len(present) * bar_h / 2 - 6), label, fill="black")
+        for i in present:
+            v = series[i][r]
+            d.rectangle([ax.px(0), y, ax.px(v), y + bar_h - 2], fill=colour(i))
+            d.text((ax.px(v) + 3, y), f"{v:.1f}", fill="black")
+            y += bar_h
+        y += gap
+    d.rectangle([ax.left, plot_top, ax.right, ax.bottom], outline="black")
     write_png(path, img)
