@@ -97,6 +97,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -368,6 +369,32 @@ COMPILE_BATCH = {"tiny": None, "base": 4}       # None: the preset's training ba
 COMPILE_STEPS = ("mim", "sttp", "finetune")
 
 
+# kineto's own log lines ("USDT:... profiler_start", and on a machine without a GPU "ERROR:...
+# gpuGetDeviceCount failed"): written by C++ straight to file descriptor 2, they would read as
+# failures in the middle of a table.
+KINETO_LINE = re.compile(r"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def profiled(**kw):
+    """torch.profiler.profile(**kw) with stderr (fd 2) held in a temporary file meanwhile and
+    passed on afterwards, less kineto's log lines: every other line still reaches the user."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            with torch.profiler.profile(**kw) as prof:
+                yield prof
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            sys.stderr.write("".join(line for line in held.read().decode(errors="replace").splitlines(True)
+                                     if not KINETO_LINE.match(line)))
+
+
 def tensor_memory_peak(fn) -> int:
     """CPU: the peak of live tensor bytes during one call of fn, above those live when it
     starts: the running sum of the allocation (+) and free (-) records of a torch.profiler
@@ -375,7 +402,7 @@ def tensor_memory_peak(fn) -> int:
     net each op's allocations against its frees, which would hide the inside of a compiled
     graph). The allocator's view: unlike the resident set it does not depend on what malloc
     keeps, and compiled code is counted like eager (inductor allocates through torch)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profiled(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
@@ -511,7 +538,7 @@ def measure(fn, device, reps):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    with torch.profiler.profile(activities=activities) as prof:
+    with profiled(activities=activities) as prof:
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

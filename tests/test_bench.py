@@ -72,3 +72,16 @@ def test_deploy_names_a_preset_or_a_file(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as e:
         bench.main()
     assert "neither a preset (tiny, base) nor a file" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_profiler_keeps_stderr_less_kinetos_log_lines(capfd):
+    """What C++ or Python writes to stderr while bench profiles reaches the user afterwards;
+    only kineto's own log lines (its start/stop notes, the missing GPU) are dropped."""
+    import os
+    import torch
+    with bench.profiled(activities=[torch.profiler.ProfilerActivity.CPU]):
+        os.write(2, b"USDT:2026-12-07 17:50:10 23368:23368 SyncActivityProfilerHandler.cpp:39] profiler_start\n"
+                    b"a warning of our own\n"
+                    b"ERROR:2026-12-07 17:50:10 23368:23368 DeviceProperties.cpp:56] gpuGetDeviceCount failed\n")
+        torch.ones(3).sum()
+    assert capfd.readouterr().err == "a warning of our own\n"
