@@ -781,9 +781,12 @@ def schedule_verdicts(arm) -> list:
     if have("tw0_ti1", "tw0", "m2im"):
         L.append(f"- The dose: tw0 at one teacher step − M²IM {ci(d((1, 'tw0_ti1'), (-1, 'm2im')))} against "
                  f"{ci(d((1, 'tw0'), (-1, 'm2im')))} at three.")
-    flagged = [v for v in VARIANTS if has_token_loss(v) and have(v, "m2im") and d((1, v), (-1, "m2im"))["clear"]
-               and d((1, v), (-1, "m2im"))["mean"] > 0
-               and not any(x["clear"] and x["mean"] < 0 for x in (d((1, v), (-1, "m2im"), s=s) for s in ("depth", "rgbd")))]
+    flagged = []
+    for v in (v for v in VARIANTS if has_token_loss(v) and have(v, "m2im")):
+        x = {s: d((1, v), (-1, "m2im"), s=s) for s in ("rgb", "depth", "rgbd")}
+        if x["rgb"]["clear"] and x["rgb"]["mean"] > 0 and not any(x[s]["clear"] and x[s]["mean"] < 0
+                                                                   for s in ("depth", "rgbd")):
+            flagged.append(v)
     L.append("- A flag: " + (", ".join(VARIANTS[v][1] for v in flagged) + " is clearly above M²IM on rgb only and "
              "not clearly below it elsewhere: a train.py flag" if flagged else
              "none; no arm with a token loss is clearly above M²IM on rgb only without being clearly below it on "
